@@ -1,0 +1,265 @@
+"""Reading and checking the ``KOALA_*`` settings, once, into one frozen object.
+
+Every rule here runs in ``init_app`` so that a mistake stops the app at start-up with a
+message naming the key, instead of surfacing later as calls that silently go nowhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any, Callable, Optional, Union
+from urllib.parse import urlsplit
+
+from .exceptions import ConfigError
+
+__all__ = ["DEFAULT_API_URL", "KoalaConfig", "Timeout", "load_config"]
+
+DEFAULT_API_URL = "https://api2.getkoala.com"
+MISSING_COOKIE_POLICIES = ("skip", "defer", "mint")
+DISPATCHERS = ("thread", "celery")
+
+#: A timeout in seconds, or a ``(connect, read)`` pair, as requests and urllib3 take it.
+Timeout = Union[float, tuple[float, float]]
+
+# Characters that would change the meaning of the URL the key is spliced into.
+_UNSAFE_KEY = re.compile(r"[/?#%\s\x00-\x1f\x7f]")
+_COOKIE_NAME = re.compile(r"^[!#$&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class KoalaConfig:
+    """The effective settings of one app, after defaults and checks."""
+
+    public_key: Optional[str] = None
+    api_url: str = DEFAULT_API_URL
+    cookie_name: str = "ko_id"
+    enabled: bool = True
+    suppress_send: bool = False
+    sync: bool = False
+    identify_on_login: bool = True
+    identify_on_remember: bool = True
+    timeout: Timeout = 5.0
+    max_workers: int = 4
+    max_queue_size: int = 10_000
+    max_retries: int = 6
+    shutdown_timeout: float = 2.0
+    missing_cookie: str = "skip"
+    defer_max_age: float = 86_400.0
+    cookie_domain: Optional[str] = None
+    sdk_url: Optional[str] = None
+    sdk_settings: Optional[Mapping[str, Any]] = None
+    snippet_identify: bool = True
+    csp_nonce: Optional[Callable[[], Optional[str]]] = None
+    inject_script: bool = False
+    dispatcher: str = "thread"
+    celery_queue: str = "koala"
+    celery_max_retries: int = 200
+
+    @property
+    def sending(self) -> bool:
+        """Whether calls may open a connection at all."""
+        return self.enabled and not self.suppress_send
+
+    @property
+    def endpoint(self) -> str:
+        """The profile batch URL calls are posted to."""
+        return f"{self.api_url}/web/projects/{self.public_key or ''}/batch"
+
+    @property
+    def mode(self) -> str:
+        """One word for how calls end up: disabled, suppressed, sync or the dispatcher."""
+        if not self.enabled:
+            return "disabled"
+        if self.suppress_send:
+            return "suppressed"
+        if self.sync:
+            return "sync"
+        return self.dispatcher
+
+
+def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaConfig:
+    """Build a :class:`KoalaConfig` from a Flask ``app.config``.
+
+    Raises:
+        ConfigError: a key has a value that cannot work; the message names it.
+    """
+    d = KoalaConfig()
+    enabled = _bool(config, "KOALA_ENABLED", d.enabled)
+    suppress = _bool(config, "KOALA_SUPPRESS_SEND", testing)
+    public_key = _public_key(config, required=enabled and not suppress)
+    values = KoalaConfig(
+        public_key=public_key,
+        api_url=_api_url(config),
+        cookie_name=_cookie_name(config),
+        enabled=enabled,
+        suppress_send=suppress,
+        sync=_bool(config, "KOALA_SYNC", d.sync),
+        identify_on_login=_bool(config, "KOALA_IDENTIFY_ON_LOGIN", d.identify_on_login),
+        identify_on_remember=_bool(config, "KOALA_IDENTIFY_ON_REMEMBER", d.identify_on_remember),
+        timeout=_timeout(config),
+        max_workers=_positive_int(config, "KOALA_MAX_WORKERS", d.max_workers),
+        max_queue_size=_positive_int(config, "KOALA_MAX_QUEUE_SIZE", d.max_queue_size),
+        max_retries=_positive_int(config, "KOALA_MAX_RETRIES", d.max_retries),
+        shutdown_timeout=_positive_float(config, "KOALA_SHUTDOWN_TIMEOUT", d.shutdown_timeout),
+        missing_cookie=_choice(
+            config, "KOALA_MISSING_COOKIE", d.missing_cookie, MISSING_COOKIE_POLICIES
+        ),
+        defer_max_age=_seconds(config, "KOALA_DEFER_MAX_AGE", d.defer_max_age),
+        cookie_domain=_optional_str(config, "KOALA_COOKIE_DOMAIN"),
+        sdk_url=_optional_str(config, "KOALA_SDK_URL"),
+        sdk_settings=_optional_mapping(config, "KOALA_SDK_SETTINGS"),
+        snippet_identify=_bool(config, "KOALA_SNIPPET_IDENTIFY", d.snippet_identify),
+        csp_nonce=_optional_callable(config, "KOALA_CSP_NONCE"),
+        inject_script=_bool(config, "KOALA_INJECT_SCRIPT", d.inject_script),
+        dispatcher=_choice(config, "KOALA_DISPATCHER", d.dispatcher, DISPATCHERS),
+        celery_queue=_non_empty_str(config, "KOALA_CELERY_QUEUE", d.celery_queue),
+        celery_max_retries=_positive_int(config, "KOALA_CELERY_MAX_RETRIES", d.celery_max_retries),
+    )
+    return values
+
+
+def _bool(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be True or False, not {value!r}")
+    return value
+
+
+def _public_key(config: Mapping[str, Any], *, required: bool) -> Optional[str]:
+    key = "KOALA_PUBLIC_KEY"
+    value = config.get(key)
+    if value is None or value == "":
+        if required:
+            raise ConfigError(
+                key,
+                "is required while sending is on: set it to your Koala workspace's public key "
+                "(pk_...), or set KOALA_SUPPRESS_SEND = True or KOALA_ENABLED = False",
+            )
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, not {type(value).__name__}")
+    if _UNSAFE_KEY.search(value):
+        raise ConfigError(
+            key, "must be URL-safe: no '/', '?', '#', '%', whitespace or control characters"
+        )
+    return value
+
+
+def _api_url(config: Mapping[str, Any]) -> str:
+    key = "KOALA_API_URL"
+    value = config.get(key, DEFAULT_API_URL)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be an http(s) URL, not {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"must be an http:// or https:// URL with a host, not {value!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(key, "must not carry a query string or fragment")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            key,
+            "plain http:// is only allowed to a loopback host (localhost, 127.0.0.0/8, ::1); "
+            "use https:// for anything else",
+        )
+    return value.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cookie_name(config: Mapping[str, Any]) -> str:
+    key = "KOALA_COOKIE_NAME"
+    value = config.get(key, "ko_id")
+    if not isinstance(value, str) or not _COOKIE_NAME.match(value):
+        raise ConfigError(key, f"must be a valid cookie name, not {value!r}")
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(config: Mapping[str, Any], key: str, default: int) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(key, f"must be a positive whole number, not {value!r}")
+    return value
+
+
+def _positive_float(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if not _number(value) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, f"must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def _seconds(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    return _positive_float({key: value}, key, default)
+
+
+def _timeout(config: Mapping[str, Any]) -> Timeout:
+    key = "KOALA_TIMEOUT"
+    value = config.get(key, KoalaConfig.timeout)
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ConfigError(key, f"must be seconds or a (connect, read) pair, not {value!r}")
+        connect = _positive_float({key: value[0]}, key, 0)
+        read = _positive_float({key: value[1]}, key, 0)
+        return (connect, read)
+    return _positive_float({key: value}, key, 0)
+
+
+def _choice(config: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = config.get(key, default)
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(key, f"must be one of {listed}, not {value!r}")
+    return str(value)
+
+
+def _optional_str(config: Mapping[str, Any], key: str) -> Optional[str]:
+    value = config.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, not {type(value).__name__}")
+    return value
+
+
+def _non_empty_str(config: Mapping[str, Any], key: str, default: str) -> str:
+    value = config.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a non-empty string, not {value!r}")
+    return value
+
+
+def _optional_mapping(config: Mapping[str, Any], key: str) -> Optional[Mapping[str, Any]]:
+    value = config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a dict, not {type(value).__name__}")
+    return dict(value)
+
+
+def _optional_callable(config: Mapping[str, Any], key: str) -> Optional[Callable[[], Any]]:
+    value = config.get(key)
+    if value is None:
+        return None
+    if not callable(value):
+        raise ConfigError(key, f"must be a callable returning the request's nonce, not {value!r}")
+    return value  # type: ignore[no-any-return]

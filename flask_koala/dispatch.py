@@ -1,0 +1,385 @@
+"""Getting accepted calls from the request thread to Koala.
+
+A dispatcher takes a :class:`~flask_koala.payload.Call` with :meth:`Dispatcher.submit`,
+which never blocks and never raises, and sees it to its end. Three live here:
+
+- :class:`ThreadDispatcher`, the default: a bounded queue drained by daemon threads.
+- :class:`SyncDispatcher`: delivers on the calling thread (``KOALA_SYNC``).
+- :class:`SuppressedDispatcher`: records and goes no further (``KOALA_SUPPRESS_SEND``).
+
+The thread engine starts its workers on the first call in each process, rebuilds itself in
+a forked child (``os.register_at_fork`` and a pid check), and flushes for a bounded time at
+interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from typing import Optional, Protocol
+
+from .delivery import Delivery, PauseGate
+from .ledger import Ledger
+from .payload import MAX_ENTRIES, Call
+from .transport import Transport, TransportFactory
+
+__all__ = [
+    "Dispatcher",
+    "PersonQueue",
+    "SuppressedDispatcher",
+    "SyncDispatcher",
+    "ThreadDispatcher",
+]
+
+logger = logging.getLogger("flask_koala")
+
+_THREAD_PREFIX = "flask-koala"
+_LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers still live
+_JOIN_GRACE = 1.0  # how long shutdown waits for a worker to leave a request in flight
+
+
+class Dispatcher(Protocol):
+    """Sees accepted calls to their end."""
+
+    def submit(self, call: Call) -> bool:
+        """Take the call; ``False`` when it was dropped instead. Never blocks or raises."""
+        ...
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every call taken so far has ended; ``True`` when none is left."""
+        ...
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Flush, then stop for good; later calls are dropped. Idempotent."""
+        ...
+
+
+class SuppressedDispatcher:
+    """Sending suppressed: each call is recorded (``call_accepted``) and ends there."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def submit(self, call: Call) -> bool:
+        self._ledger.suppressed(call)
+        return True
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        return True
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        return True
+
+
+class SyncDispatcher:
+    """Delivers on the calling thread, retries included: for tests and scripts."""
+
+    def __init__(self, delivery: Delivery, transport_factory: TransportFactory) -> None:
+        self._delivery = delivery
+        self._transport_factory = transport_factory
+        self._local = threading.local()
+        self._closed = False
+        _track(self)
+
+    def submit(self, call: Call) -> bool:
+        ledger = self._delivery.ledger
+        if self._closed:
+            ledger.dropped([call], "shutdown", accepted=False)
+            return False
+        ledger.accepted(call)
+        ledger.announce(call)
+        transport: Optional[Transport] = getattr(self._local, "transport", None)
+        if transport is None:
+            transport = self._local.transport = self._transport_factory()
+        try:
+            self._delivery.send([call], transport)
+        except Exception:
+            logger.exception("flask-koala: delivering a call failed unexpectedly")
+            ledger.failed([call], "internal_error")
+        return True
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        return True
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        self._closed = True
+        transport = getattr(self._local, "transport", None)
+        if transport is not None:
+            transport.close()
+            del self._local.transport
+        return True
+
+    def _after_fork(self) -> None:
+        # The parent's connections must not be shared with it.
+        self._local = threading.local()
+        self._delivery.ledger.reset()
+
+
+class PersonQueue:
+    """A FIFO of calls, grouped by person so that one request can carry several.
+
+    Calls about the same person waiting together come out as one batch (at most 30 of
+    each kind); the batch takes the place of the person's first call. Not thread-safe:
+    the dispatcher holds its lock around every use.
+    """
+
+    def __init__(self) -> None:
+        self._people: OrderedDict[tuple[Optional[str], Optional[str]], list[Call]] = OrderedDict()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, call: Call) -> None:
+        """Add a call at the back (or beside the same person's calls)."""
+        calls = self._people.get(call.person)
+        if calls is None:
+            self._people[call.person] = [call]
+        else:
+            calls.append(call)
+        self._size += 1
+
+    def take(self) -> list[Call]:
+        """Remove and return the oldest person's calls, at most 30 of each kind."""
+        person, calls = self._people.popitem(last=False)
+        batch, rest = _split(calls)
+        if rest:
+            self._people[person] = rest
+            self._people.move_to_end(person, last=False)
+        self._size -= len(batch)
+        return batch
+
+    def clear(self) -> list[Call]:
+        """Remove and return everything."""
+        calls = [call for group in self._people.values() for call in group]
+        self._people.clear()
+        self._size = 0
+        return calls
+
+
+def _split(calls: list[Call]) -> tuple[list[Call], list[Call]]:
+    if len(calls) <= MAX_ENTRIES:
+        return calls, []
+    batch: list[Call] = []
+    rest: list[Call] = []
+    counts = {"identify": 0, "track": 0}
+    for call in calls:
+        if counts[call.kind] < MAX_ENTRIES:
+            counts[call.kind] += 1
+            batch.append(call)
+        else:
+            rest.append(call)
+    return batch, rest
+
+
+class ThreadDispatcher:
+    """A bounded in-memory queue drained by daemon threads named ``flask-koala-<n>``.
+
+    Args:
+        delivery: sends a batch with retries and reports its end.
+        transport_factory: makes one transport (one keep-alive connection pool) per worker.
+        max_workers: threads started on the first accepted call in each process.
+        max_queue_size: calls waiting beyond this are dropped, never blocked on.
+        shutdown_timeout: how long the exit hook flushes before it gives up.
+    """
+
+    def __init__(
+        self,
+        delivery: Delivery,
+        transport_factory: TransportFactory,
+        *,
+        max_workers: int,
+        max_queue_size: int,
+        shutdown_timeout: float,
+    ) -> None:
+        self._delivery = delivery
+        self._ledger = delivery.ledger
+        self._transport_factory = transport_factory
+        self._max_workers = max_workers
+        self._max_queue_size = max_queue_size
+        self.shutdown_timeout = shutdown_timeout
+        self._closed = False
+        self._reset()
+        _track(self)
+
+    def _reset(self) -> None:
+        """Fresh queue, locks, threads: at construction and in a forked child."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._queue = PersonQueue()
+        self._unfinished = 0  # calls queued or being delivered
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._delivery.stop = threading.Event()
+        self._delivery.gate = PauseGate()
+
+    def _after_fork(self) -> None:
+        # The parent still holds (and will send) what was queued; the child starts empty.
+        self._reset()
+        self._ledger.reset()
+
+    # -- the request thread ---------------------------------------------------------------
+
+    def submit(self, call: Call) -> bool:
+        if self._pid != os.getpid():  # forked without our hook having run
+            self._after_fork()
+        with self._lock:
+            if self._closed or self._stopping:
+                accepted, reason = False, "shutdown"
+            elif len(self._queue) >= self._max_queue_size:
+                accepted, reason = False, "queue_full"
+            else:
+                accepted, reason = True, ""
+                self._ledger.accepted(call)
+                self._queue.put(call)
+                self._unfinished += 1
+                if not self._threads:
+                    self._start_workers()
+                self._not_empty.notify()
+        if accepted:
+            self._ledger.announce(call)
+        else:
+            self._ledger.dropped([call], reason, accepted=False)
+        return accepted
+
+    def _start_workers(self) -> None:
+        for n in range(1, self._max_workers + 1):
+            thread = threading.Thread(target=self._work, name=f"{_THREAD_PREFIX}-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    # -- the workers ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        transport: Optional[Transport] = None
+        try:
+            transport = self._transport_factory()
+            while True:
+                batch = self._take()
+                if batch is None:
+                    return
+                try:
+                    self._delivery.send(batch, transport)
+                except Exception:
+                    logger.exception("flask-koala: delivering a call failed unexpectedly")
+                    self._ledger.failed(batch, "internal_error")
+                finally:
+                    self._done(len(batch))
+        except Exception:
+            logger.exception("flask-koala: a delivery thread stopped unexpectedly")
+        finally:
+            if transport is not None:
+                transport.close()
+
+    def _take(self) -> Optional[list[Call]]:
+        with self._lock:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._not_empty.wait()
+            return self._queue.take()
+
+    def _done(self, count: int) -> None:
+        with self._lock:
+            self._unfinished -= count
+            if self._unfinished <= 0:
+                self._idle.notify_all()
+
+    # -- waiting and stopping ------------------------------------------------------------
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        if self._pid != os.getpid():
+            self._after_fork()
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        with self._lock:
+            while self._unfinished > 0:
+                if not any(t.is_alive() for t in self._threads):
+                    # Never started, or killed: nothing will ever finish what is left.
+                    return False
+                wait = _LIVENESS_CHECK
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return False
+                self._idle.wait(wait)
+            return True
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        if self._pid != os.getpid():
+            self._after_fork()
+        with self._lock:
+            if self._closed:
+                return self._unfinished == 0
+        start = time.monotonic()
+        flushed = self.flush(timeout)
+        with self._lock:
+            self._closed = True
+            self._stopping = True
+            left = self._queue.clear()
+            self._unfinished -= len(left)
+            self._not_empty.notify_all()
+            threads = list(self._threads)
+        # Workers mid-retry give up now; one in a request leaves it within its timeout.
+        self._delivery.stop.set()
+        if left:
+            self._ledger.dropped(left, "shutdown", accepted=True)
+        grace = _JOIN_GRACE
+        if timeout is not None:
+            grace += max(0.0, timeout - (time.monotonic() - start))
+        end = time.monotonic() + grace if timeout is not None else None
+        for thread in threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return flushed
+
+    @property
+    def pending(self) -> int:
+        """Calls queued or being delivered in this process."""
+        with self._lock:
+            return self._unfinished if self._pid == os.getpid() else 0
+
+
+# -- process lifecycle ---------------------------------------------------------------------
+
+_live: weakref.WeakSet[ThreadDispatcher | SyncDispatcher] = weakref.WeakSet()
+
+
+def _track(dispatcher: ThreadDispatcher | SyncDispatcher) -> None:
+    _live.add(dispatcher)
+
+
+def _after_fork_in_child() -> None:
+    for dispatcher in list(_live):
+        dispatcher._after_fork()
+
+
+def _shutdown_at_exit() -> None:
+    """Give queued calls a bounded last chance, then let the daemon threads die quietly."""
+    for engine in [d for d in list(_live) if isinstance(d, ThreadDispatcher)]:
+        try:
+            if engine.flush(engine.shutdown_timeout):
+                engine.shutdown(0)
+                continue
+            left = engine.pending
+            engine.shutdown(0)
+            # Only where the app listens: at exit, logging's last-resort handler would
+            # print to stderr, and an exit must stay quiet.
+            if logger.hasHandlers():
+                logger.warning(
+                    "flask-koala: exiting with %d call(s) not delivered after %.1fs",
+                    left,
+                    engine.shutdown_timeout,
+                )
+        except Exception:
+            pass  # at exit there is nobody left to tell
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_shutdown_at_exit)

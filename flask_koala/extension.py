@@ -1,0 +1,443 @@
+"""The Flask glue: settings, Flask-Login's signals, and the request-side half of a call.
+
+Work done here, on the request thread, is limited to reading the cookie, validating,
+copying plain values and handing a :class:`~flask_koala.payload.Call` to the app's
+dispatcher. Everything that can be slow or fail happens off-thread, and nothing here lets
+an exception reach the login.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Optional, TypeVar
+
+from flask import Flask, current_app, g, has_app_context, has_request_context, request
+from flask_login import user_loaded_from_cookie, user_logged_in
+
+from . import signals
+from .config import KoalaConfig, load_config
+from .cookies import parse_profile_id
+from .delivery import Delivery
+from .dispatch import Dispatcher, SuppressedDispatcher, SyncDispatcher, ThreadDispatcher
+from .ledger import Ledger
+from .payload import Call, clean_email, clean_event, clean_traits, fits
+from .retry import RetryPolicy
+from .transport import HTTPTransport, TransportFactory
+
+__all__ = ["Koala"]
+
+logger = logging.getLogger("flask_koala")
+
+IdentityLoader = Callable[[Any], Optional[Mapping[str, Any]]]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_EXTENSION_KEY = "koala"
+
+
+def default_identity_loader(user: Any) -> Optional[dict[str, Any]]:
+    """``{"email": user.email}`` when the user has a non-empty ``email``, else ``None``."""
+    email = getattr(user, "email", None)
+    if not email:
+        return None
+    return {"email": email}
+
+
+class _KoalaState:
+    """What one app needs: its settings, its ledger and its dispatcher."""
+
+    __slots__ = ("__weakref__", "app_ref", "config", "dispatcher", "extension", "ledger")
+
+    def __init__(
+        self,
+        extension: Koala,
+        app: Flask,
+        config: KoalaConfig,
+        transport_factory: TransportFactory,
+    ) -> None:
+        self.extension = extension
+        self.config = config
+        self.app_ref = weakref.ref(app)
+        self.ledger = Ledger(self.app_ref)
+        self.dispatcher = _make_dispatcher(config, self.ledger, transport_factory)
+
+
+def _make_dispatcher(
+    config: KoalaConfig, ledger: Ledger, transport_factory: TransportFactory
+) -> Optional[Dispatcher]:
+    if config.mode == "disabled":
+        return None
+    if config.mode == "suppressed":
+        return SuppressedDispatcher(ledger)
+    delivery = Delivery(
+        config.endpoint,
+        timeout=config.timeout,
+        policy=RetryPolicy(attempts=config.max_retries),
+        ledger=ledger,
+    )
+    if config.mode == "sync":
+        return SyncDispatcher(delivery, transport_factory)
+    return ThreadDispatcher(
+        delivery,
+        transport_factory,
+        max_workers=config.max_workers,
+        max_queue_size=config.max_queue_size,
+        shutdown_timeout=config.shutdown_timeout,
+    )
+
+
+class Koala:
+    """Tells Koala who the visitor behind the ``ko_id`` cookie is, at every login.
+
+    ``Koala(app)``, or ``Koala()`` then ``init_app(app)`` for app factories; one instance
+    may serve several apps, each with its own settings, queue and counters in
+    ``app.extensions["koala"]``.
+
+    Args:
+        app: initialise this app right away.
+        transport_factory: makes the object that posts to Koala, one per delivery thread;
+            tests may hand in their own. Defaults to keep-alive HTTP.
+    """
+
+    def __init__(
+        self,
+        app: Optional[Flask] = None,
+        *,
+        transport_factory: Optional[TransportFactory] = None,
+    ) -> None:
+        self._identity_loader: IdentityLoader = default_identity_loader
+        self._transport_factory: TransportFactory = transport_factory or HTTPTransport
+        if app is not None:
+            self.init_app(app)
+
+    # -- setting up ----------------------------------------------------------------------
+
+    def init_app(self, app: Flask) -> None:
+        """Read and check the ``KOALA_*`` settings and subscribe to Flask-Login's signals.
+
+        Starts no thread and opens no connection: the workers start with the first call.
+
+        Raises:
+            ConfigError: a setting cannot work; the message names the key.
+            RuntimeError: the app was initialised already.
+        """
+        if _EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                f"flask-koala is already initialised on app {app.name!r}; call init_app once "
+                "per app (Koala(app) already calls it)."
+            )
+        config = load_config(app.config, testing=app.testing)
+        app.extensions[_EXTENSION_KEY] = _KoalaState(self, app, config, self._transport_factory)
+        # Module-level receivers with sender=app: blinker holds receivers weakly, and a
+        # closure made here would silently stop firing once collected.
+        if config.identify_on_login:
+            user_logged_in.connect(_on_user_logged_in, sender=app)
+        if config.identify_on_remember:
+            user_loaded_from_cookie.connect(_on_user_loaded_from_cookie, sender=app)
+
+    def identity_loader(self, loader: F) -> F:
+        """Register ``loader(user) -> dict | None``: the traits to send for a user.
+
+        The dict must hold ``"email"``; ``None`` means "do not identify this user". The
+        default sends ``{"email": user.email}``.
+        """
+        self._identity_loader = loader
+        return loader
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def identify(
+        self,
+        email: str,
+        traits: Optional[Mapping[str, Any]] = None,
+        *,
+        profile_id: Optional[str] = None,
+    ) -> bool:
+        """Accept one identify call for delivery.
+
+        Args:
+            email: who the visitor is.
+            traits: more about them; ``"email"`` in it is replaced by ``email``.
+            profile_id: the Koala visitor id; defaults to the current request's cookie.
+
+        Returns:
+            ``True`` when the call was accepted, ``False`` when it was skipped or dropped
+            (the reason is counted in :attr:`stats` and logged at DEBUG).
+        """
+        state = self._state()
+        try:
+            return self._identify(state, email, traits, profile_id)
+        except Exception:
+            logger.exception("flask-koala: identify failed unexpectedly")
+            return False
+
+    def track(
+        self,
+        event: str,
+        properties: Optional[Mapping[str, Any]] = None,
+        *,
+        email: Optional[str] = None,
+        profile_id: Optional[str] = None,
+    ) -> bool:
+        """Accept one server-side custom event for delivery.
+
+        Args:
+            event: the event name, a non-empty string.
+            properties: about the event; checked like traits.
+            email: defaults to the logged-in user's, through the identity loader.
+            profile_id: defaults to the current request's cookie.
+
+        Returns:
+            ``True`` when accepted, ``False`` when skipped or dropped.
+        """
+        state = self._state()
+        try:
+            return self._track(state, event, properties, email, profile_id)
+        except Exception:
+            logger.exception("flask-koala: track failed unexpectedly")
+            return False
+
+    def profile_id(self) -> Optional[str]:
+        """The current request's validated Koala visitor id, or ``None``."""
+        state = self._state()
+        if not has_request_context():
+            return None
+        return parse_profile_id(request.cookies.get(state.config.cookie_name))
+
+    # -- delivery ------------------------------------------------------------------------
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every call accepted so far was sent or finally failed.
+
+        Returns:
+            ``True`` when nothing is left pending; ``False`` when the timeout ran out first,
+            or no worker is alive to finish the rest.
+        """
+        dispatcher = self._state().dispatcher
+        return True if dispatcher is None else dispatcher.flush(timeout)
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Flush, stop the delivery threads and close connections; later calls are dropped.
+
+        Idempotent. Returns whether everything was delivered before the stop.
+        """
+        dispatcher = self._state().dispatcher
+        return True if dispatcher is None else dispatcher.shutdown(timeout)
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        """Read-only counters of the current app: ``queued``, ``sent``, ``failed``,
+        ``dropped``, ``skipped``, ``retried``, ``suppressed``, ``pending``, and one
+        ``<outcome>.<reason>`` entry per reason seen (``skipped.no_cookie``, ...)."""
+        return self._state().ledger.snapshot()
+
+    @property
+    def config(self) -> KoalaConfig:
+        """The current app's effective settings."""
+        return self._state().config
+
+    @contextlib.contextmanager
+    def record_calls(self) -> Iterator[list[dict[str, Any]]]:
+        """Collect the body of every call the current app accepts inside the block.
+
+        Works with sending suppressed and with sending on; each body is a dict exactly as
+        it would be sent (a call alone, before any merging with others about the same
+        person).
+        """
+        app = self._state().app_ref()
+        calls: list[dict[str, Any]] = []
+
+        def record(sender: object, **extra: Any) -> None:
+            calls.append(extra["body"])
+
+        with signals.call_accepted.connected_to(record, sender=app):
+            yield calls
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _state(self) -> _KoalaState:
+        if not has_app_context():
+            raise RuntimeError(
+                "flask-koala needs an application context: call it inside a request, a CLI "
+                "command, or `with app.app_context():`."
+            )
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        state = app.extensions.get(_EXTENSION_KEY)
+        if state is None:
+            raise RuntimeError(
+                f"flask-koala is not initialised on app {app.name!r}: call "
+                "koala.init_app(app) (or Koala(app)) in your app factory."
+            )
+        if state.extension is not self:
+            raise RuntimeError(
+                f"app {app.name!r} was initialised by another Koala instance; use that one."
+            )
+        return state  # type: ignore[no-any-return]
+
+    def _identify_user(self, state: _KoalaState, user: Any) -> bool:
+        """Identify a Flask-Login user through the identity loader."""
+        if not state.config.enabled:
+            state.ledger.skipped("disabled")
+            return False
+        try:
+            traits = self._identity_loader(user)
+        except Exception:
+            logger.exception("flask-koala: the identity loader raised; this login is skipped")
+            state.ledger.skipped("loader_error")
+            return False
+        if traits is None:
+            is_default = self._identity_loader is default_identity_loader
+            state.ledger.skipped("no_email" if is_default else "excluded")
+            return False
+        if not isinstance(traits, Mapping):
+            state.ledger.skipped("bad_traits")
+            return False
+        email = traits.get("email")
+        if not email:
+            state.ledger.skipped("no_email")
+            return False
+        return self._identify(state, email, traits, None)
+
+    def _identify(
+        self,
+        state: _KoalaState,
+        email: object,
+        traits: Optional[Mapping[str, Any]],
+        profile_id: Optional[str],
+    ) -> bool:
+        ledger = state.ledger
+        if state.dispatcher is None:
+            ledger.skipped("disabled")
+            return False
+        resolved, reason = self._resolve_profile_id(state, profile_id)
+        if resolved is None:
+            ledger.skipped(reason)
+            return False
+        clean = clean_email(email)
+        if clean is None:
+            ledger.skipped("bad_email", profile_id=resolved)
+            return False
+        plain, size = clean_traits(traits)
+        if plain is None:
+            ledger.skipped("bad_traits", email=clean, profile_id=resolved)
+            return False
+        if _already_identified(resolved, clean):
+            ledger.skipped("duplicate", email=clean, profile_id=resolved)
+            return False
+        plain["email"] = clean
+        call = Call.identify(profile_id=resolved, email=clean, traits=plain)
+        if not fits(call, size + len(clean)):
+            ledger.skipped("too_large", email=clean, profile_id=resolved)
+            return False
+        return state.dispatcher.submit(call)
+
+    def _track(
+        self,
+        state: _KoalaState,
+        event: object,
+        properties: Optional[Mapping[str, Any]],
+        email: Optional[str],
+        profile_id: Optional[str],
+    ) -> bool:
+        ledger = state.ledger
+        if state.dispatcher is None:
+            ledger.skipped("disabled", kind="track")
+            return False
+        name = clean_event(event)
+        if name is None:
+            ledger.skipped("bad_event", kind="track")
+            return False
+        resolved, reason = self._resolve_profile_id(state, profile_id)
+        if resolved is None:
+            ledger.skipped(reason, kind="track")
+            return False
+        if email is None:
+            email = self._current_user_email()
+        clean: Optional[str] = None
+        if email is not None:
+            clean = clean_email(email)
+            if clean is None:
+                ledger.skipped("bad_email", kind="track", profile_id=resolved)
+                return False
+        plain, size = clean_traits(properties)
+        if plain is None:
+            ledger.skipped("bad_properties", kind="track", email=clean, profile_id=resolved)
+            return False
+        call = Call.track(profile_id=resolved, email=clean, event=name, properties=plain)
+        if not fits(call, size + len(name)):
+            ledger.skipped("too_large", kind="track", email=clean, profile_id=resolved)
+            return False
+        return state.dispatcher.submit(call)
+
+    def _resolve_profile_id(
+        self, state: _KoalaState, explicit: Optional[str]
+    ) -> tuple[Optional[str], str]:
+        """The visitor id to send with, or ``None`` and the skip reason."""
+        if explicit is not None:
+            parsed = parse_profile_id(explicit)
+            return (parsed, "bad_cookie") if parsed is None else (parsed, "")
+        if not has_request_context():
+            return None, "no_cookie"
+        raw = request.cookies.get(state.config.cookie_name)
+        if raw is None or raw == "":
+            return None, "no_cookie"
+        parsed = parse_profile_id(raw)
+        return (parsed, "bad_cookie") if parsed is None else (parsed, "")
+
+    def _current_user_email(self) -> Optional[str]:
+        """The logged-in user's email through the identity loader, if any."""
+        if not has_request_context():
+            return None
+        from flask_login import current_user
+
+        if not getattr(current_user, "is_authenticated", False):
+            return None
+        try:
+            traits = self._identity_loader(current_user)
+        except Exception:
+            logger.exception("flask-koala: the identity loader raised")
+            return None
+        if not isinstance(traits, Mapping):
+            return None
+        email = traits.get("email")
+        return email if isinstance(email, str) else None
+
+
+def _already_identified(profile_id: str, email: str) -> bool:
+    """At most one identify per (visitor, email) per request; records this one."""
+    if not has_request_context():
+        return False
+    seen: Optional[set[tuple[str, str]]] = g.get("_koala_identified")
+    if seen is None:
+        seen = g._koala_identified = set()
+    key = (profile_id, email)
+    if key in seen:
+        return True
+    seen.add(key)
+    return False
+
+
+def _state_of(app: Any) -> Optional[_KoalaState]:
+    extensions = getattr(app, "extensions", None)
+    return None if extensions is None else extensions.get(_EXTENSION_KEY)
+
+
+def _on_user_logged_in(sender: Any, user: Any = None, **extra: Any) -> None:
+    """Flask-Login's ``user_logged_in``: identify the user who just logged in."""
+    _identify_signalled(sender, user)
+
+
+def _on_user_loaded_from_cookie(sender: Any, user: Any = None, **extra: Any) -> None:
+    """Flask-Login's ``user_loaded_from_cookie``: a remember-me login is a login too."""
+    _identify_signalled(sender, user)
+
+
+def _identify_signalled(app: Any, user: Any) -> None:
+    try:
+        state = _state_of(app)
+        if state is not None:
+            state.extension._identify_user(state, user)
+    except Exception:
+        logger.exception("flask-koala: identifying a login failed; the login goes on")

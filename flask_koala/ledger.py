@@ -1,0 +1,228 @@
+"""Where every call ends: counted, logged at the right level, and signalled.
+
+A call ends in exactly one of *sent*, *failed*, *dropped*, *skipped* (or, with sending
+suppressed, *suppressed*). The :class:`Ledger` is the one place that records that end, so
+the counters, the log lines and the signals cannot disagree.
+
+Log lines never carry an email, a cookie value or a key; the warnings that can repeat
+(drops, failures) are rate-limited so an outage cannot flood the host's logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Optional
+
+from . import signals
+from .payload import Call, build_body
+
+__all__ = ["OUTCOMES", "Ledger"]
+
+logger = logging.getLogger("flask_koala")
+
+#: Counters every ledger reports, even at zero.
+OUTCOMES = ("queued", "sent", "failed", "dropped", "skipped", "retried", "suppressed", "pending")
+
+_WARN_INTERVAL = 60.0
+_EMAILISH = re.compile(r"[^\s@\"'<>]+@[^\s@\"'<>]+")
+
+
+def redact(text: str, limit: int = 200) -> str:
+    """Shorten text that came from outside and mask anything that looks like an email."""
+    text = "".join(ch if ch.isprintable() else " " for ch in text[: limit * 2])
+    text = _EMAILISH.sub("***@***", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Throttle:
+    """Lets one log line per key through per interval and counts the ones it held back."""
+
+    def __init__(self, clock: Callable[[], float], interval: float = _WARN_INTERVAL) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._last: dict[object, float] = {}
+        self._held: Counter[object] = Counter()
+
+    def allow(self, key: object, count: int = 1) -> Optional[int]:
+        """Return how many events this line reports (itself plus held back), or ``None``."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._held[key] += count
+            return None
+        self._last[key] = now
+        return count + self._held.pop(key, 0)
+
+
+class Ledger:
+    """Counts, logs and signals how calls end, for one app.
+
+    Args:
+        sender: returns the object signals are sent from (the Flask app), or ``None`` once
+            it is gone; the ledger itself never keeps the app alive.
+        clock: monotonic clock for rate limiting; tests hand in a fake one.
+    """
+
+    def __init__(
+        self,
+        sender: Callable[[], Optional[object]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sender = sender
+        self._clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        """Start from zero with fresh locks, as a forked child must."""
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._throttle = _Throttle(self._clock)
+
+    def snapshot(self) -> MappingProxyType[str, int]:
+        """A read-only copy of the counters."""
+        with self._lock:
+            counts = dict.fromkeys(OUTCOMES, 0)
+            counts.update(self._counts)
+        return MappingProxyType(counts)
+
+    # -- how calls end -------------------------------------------------------------------
+
+    def accepted(self, call: Call) -> None:
+        """A call was taken for delivery; it is pending until it ends.
+
+        Only counts, so a dispatcher may call it under its own lock; :meth:`announce`
+        sends the signal once that lock is released.
+        """
+        with self._lock:
+            self._counts["queued"] += 1
+            self._counts["pending"] += 1
+
+    def announce(self, call: Call) -> None:
+        """Send ``call_accepted`` with the body the call would be sent as."""
+        if signals.call_accepted.receivers:
+            self._signal(signals.call_accepted, call, body=build_body([call]))
+
+    def suppressed(self, call: Call) -> None:
+        """Sending is suppressed: the call was recorded and goes no further."""
+        with self._lock:
+            self._counts["suppressed"] += 1
+        self.announce(call)
+        logger.debug("flask-koala: %s %s recorded, sending suppressed", call.kind, call.message_id)
+
+    def skipped(
+        self,
+        reason: str,
+        *,
+        kind: str = "identify",
+        email: Optional[str] = None,
+        profile_id: Optional[str] = None,
+    ) -> None:
+        """A call was not made; ``reason`` says why."""
+        self._count("skipped", reason, 1)
+        logger.debug("flask-koala: %s skipped (%s)", kind, reason)
+        sender = self._sender()
+        if sender is not None and signals.call_skipped.receivers:
+            self._send(
+                signals.call_skipped,
+                sender,
+                message_id=None,
+                kind=kind,
+                email=email,
+                profile_id=profile_id,
+                reason=reason,
+                status=None,
+                error=None,
+            )
+
+    def dropped(self, calls: Sequence[Call], reason: str, *, accepted: bool) -> None:
+        """Calls were given up without an attempt: a full queue, shutdown."""
+        self._count("dropped", reason, len(calls), pending=len(calls) if accepted else 0)
+        with self._lock:
+            reported = self._throttle.allow(("dropped", reason), len(calls))
+        if reported is not None:
+            logger.warning(
+                "flask-koala: dropped %d call(s) (%s) since the last report; see koala.stats",
+                reported,
+                reason,
+            )
+        for call in calls:
+            self._signal(signals.call_dropped, call, reason=reason)
+
+    def sent(self, calls: Sequence[Call], status: int) -> None:
+        """Koala accepted the calls."""
+        self._count("sent", None, len(calls), pending=len(calls))
+        logger.debug("flask-koala: delivered %d call(s), HTTP %d", len(calls), status)
+        for call in calls:
+            self._signal(signals.call_sent, call, status=status)
+
+    def failed(
+        self,
+        calls: Sequence[Call],
+        reason: str,
+        *,
+        status: Optional[int] = None,
+        error: Optional[str] = None,
+    ) -> None:
+        """The calls will not be delivered; one WARNING per distinct cause per minute."""
+        error = redact(error) if error else None
+        self._count("failed", reason, len(calls), pending=len(calls))
+        with self._lock:
+            reported = self._throttle.allow(("failed", reason, status, error), len(calls))
+        if reported is not None:
+            answer = f"HTTP {status}" if status is not None else "no answer"
+            logger.warning(
+                "flask-koala: %d call(s) failed (%s): Koala answered %s: %s",
+                reported,
+                reason,
+                answer,
+                error or "(no error text)",
+            )
+        for call in calls:
+            self._signal(signals.call_failed, call, reason=reason, status=status, error=error)
+
+    def retried(self, calls: Sequence[Call], reason: str, wait: float) -> None:
+        """The calls will be tried again after ``wait`` seconds."""
+        self._count("retried", reason, len(calls))
+        logger.debug("flask-koala: retrying %d call(s) in %.2fs (%s)", len(calls), wait, reason)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _count(self, outcome: str, reason: Optional[str], n: int, *, pending: int = 0) -> None:
+        with self._lock:
+            self._counts[outcome] += n
+            if reason is not None:
+                self._counts[f"{outcome}.{reason}"] += n
+            if pending:
+                self._counts["pending"] -= pending
+
+    def _signal(self, signal: Any, call: Call, **extra: Any) -> None:
+        if not signal.receivers:
+            return
+        sender = self._sender()
+        if sender is None:
+            return
+        kwargs: dict[str, Any] = {
+            "message_id": call.message_id,
+            "kind": call.kind,
+            "email": call.email,
+            "profile_id": call.profile_id,
+            "reason": None,
+            "status": None,
+            "error": None,
+        }
+        kwargs.update(extra)
+        self._send(signal, sender, **kwargs)
+
+    @staticmethod
+    def _send(signal: Any, sender: object, **kwargs: Any) -> None:
+        try:
+            signal.send(sender, **kwargs)
+        except Exception:
+            logger.exception("flask-koala: a receiver of the %s signal raised", signal.name)

@@ -1,0 +1,259 @@
+"""One call to Koala as plain values, the checks it passes first, and the body it becomes.
+
+Everything that reaches Koala passes through here: emails and traits are untrusted input
+(a user's profile, an ORM row), so each check answers with a skip reason instead of raising.
+The request thread only validates and copies; :func:`build_body` and JSON encoding run in
+the worker.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Optional
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_ENTRIES",
+    "Call",
+    "build_body",
+    "clean_email",
+    "clean_event",
+    "clean_traits",
+    "encode_body",
+    "format_sent_at",
+]
+
+logger = logging.getLogger("flask_koala")
+
+#: Koala takes at most this many entries in each of ``identifies``, ``events``, ``page_views``.
+MAX_ENTRIES = 30
+#: A single call whose body would be larger than this is skipped as ``too_large``.
+MAX_BODY_BYTES = 32 * 1024
+_MAX_EMAIL = 254
+_MAX_EVENT = 255
+_MAX_DEPTH = 8
+# Room for the envelope around the traits: ids, timestamps, keys, punctuation.
+_ENVELOPE_BYTES = 512
+_BAD_EMAIL_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+class Call(NamedTuple):
+    """One identify or track, reduced to plain values that are safe to hand to a thread."""
+
+    kind: str  # "identify" or "track"
+    message_id: str
+    profile_id: Optional[str]
+    email: Optional[str]
+    timestamp: float  # when it happened (time.time()), not when it is sent
+    traits: Optional[dict[str, Any]] = None
+    event: Optional[str] = None
+    properties: Optional[dict[str, Any]] = None
+
+    @property
+    def person(self) -> tuple[Optional[str], Optional[str]]:
+        """Calls with the same person may share one request; others never do."""
+        return (self.profile_id, self.email)
+
+    @classmethod
+    def identify(cls, *, profile_id: Optional[str], email: str, traits: dict[str, Any]) -> Call:
+        """A new identify call, stamped now, with a fresh ``message_id``."""
+        return cls("identify", str(uuid.uuid4()), profile_id, email, time.time(), traits)
+
+    @classmethod
+    def track(
+        cls,
+        *,
+        profile_id: Optional[str],
+        email: Optional[str],
+        event: str,
+        properties: dict[str, Any],
+    ) -> Call:
+        """A new track call, stamped now, with a fresh ``message_id``."""
+        return cls(
+            "track", str(uuid.uuid4()), profile_id, email, time.time(), None, event, properties
+        )
+
+
+def clean_email(value: object) -> Optional[str]:
+    """Return the email stripped, or ``None`` when it is not a plausible address."""
+    if not isinstance(value, str):
+        return None
+    email = value.strip()
+    if not email or len(email) > _MAX_EMAIL or _BAD_EMAIL_CHARS.search(email):
+        return None
+    local, at, domain = email.partition("@")
+    if not at or not local or not domain or "@" in domain:
+        return None
+    return email
+
+
+def clean_event(value: object) -> Optional[str]:
+    """Return the event name stripped, or ``None`` for an empty, over-long or non-string one."""
+    if not isinstance(value, str):
+        return None
+    event = value.strip()
+    if not event or len(event) > _MAX_EVENT or not event.isprintable():
+        return None
+    return event
+
+
+class _Drop:
+    """Marks a value JSON cannot carry; its key is left out."""
+
+
+_DROP = _Drop()
+
+
+def clean_traits(value: object) -> tuple[Optional[dict[str, Any]], int]:
+    """Copy traits into plain JSON values.
+
+    Returns:
+        ``(traits, size)``: ``traits`` is ``None`` when ``value`` is not a mapping with
+        string keys; ``size`` bounds the encoded size from above (exact when it matters).
+        Datetimes and dates become ISO strings, ``Decimal`` and ``UUID`` strings. A value
+        JSON cannot encode drops that one key, logged at DEBUG.
+    """
+    if value is None:
+        return {}, 2
+    if not isinstance(value, Mapping):
+        return None, 0
+    size = [2]
+    try:
+        traits = _plain_mapping(value, 0, size, top=True)
+    except (RecursionError, RuntimeError, TypeError, ValueError):
+        # A mapping that changes while we read it, or a pathological __iter__.
+        return None, 0
+    if traits is None:
+        return None, 0
+    return traits, size[0]
+
+
+def _plain_mapping(
+    value: Mapping[Any, Any], depth: int, size: list[int], *, top: bool = False
+) -> Optional[dict[str, Any]]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            if top:
+                logger.debug("flask-koala: dropped a trait with a non-string key")
+            continue
+        plain = _plain(item, depth + 1, size)
+        if plain is _DROP:
+            logger.debug("flask-koala: dropped trait %r: JSON cannot encode it", key)
+            continue
+        size[0] += 6 * len(key) + 4
+        out[key] = plain
+    return out
+
+
+def _plain(value: Any, depth: int, size: list[int]) -> Any:
+    # Upper bounds: a str's JSON form is at most 6 bytes a character (\u00XX escapes).
+    if value is None or isinstance(value, bool):
+        size[0] += 5
+        return value
+    if isinstance(value, str):
+        size[0] += 6 * len(value) + 2
+        return value
+    if isinstance(value, int):
+        text = str(value) if abs(value) < 10**30 else None
+        if text is None:
+            return _DROP
+        size[0] += len(text)
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return _DROP
+        size[0] += 25
+        return value
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        size[0] += 40
+        return value.isoformat()
+    if isinstance(value, _dt.time):
+        size[0] += 30
+        return value.isoformat()
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        text = str(value)
+        size[0] += len(text) + 2
+        return text
+    if depth >= _MAX_DEPTH:
+        return _DROP
+    if isinstance(value, Mapping):
+        size[0] += 2
+        return _plain_mapping(value, depth, size)
+    if isinstance(value, (list, tuple)):
+        items = []
+        size[0] += 2
+        for item in value:
+            plain = _plain(item, depth + 1, size)
+            if plain is _DROP:
+                return _DROP
+            size[0] += 1
+            items.append(plain)
+        return items
+    return _DROP
+
+
+def fits(call: Call, size_bound: int) -> bool:
+    """Whether the body of this single call stays within :data:`MAX_BODY_BYTES`.
+
+    The cheap bound from :func:`clean_traits` settles nearly every call; only a call near
+    the limit pays for an exact encoding.
+    """
+    if size_bound + _ENVELOPE_BYTES <= MAX_BODY_BYTES:
+        return True
+    return len(encode_body(build_body([call]))) <= MAX_BODY_BYTES
+
+
+def format_sent_at(timestamp: float) -> str:
+    """ISO-8601 UTC with milliseconds and ``Z``, as Koala's ``sent_at`` wants it."""
+    millis = int(timestamp * 1000)
+    seconds, ms = divmod(millis, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+def entry(call: Call) -> dict[str, Any]:
+    """The ``identifies[]`` or ``events[]`` entry for one call."""
+    if call.kind == "identify":
+        return {
+            "type": "identify",
+            "message_id": call.message_id,
+            "sent_at": format_sent_at(call.timestamp),
+            "traits": call.traits,
+        }
+    return {
+        "type": "track",
+        "event": call.event,
+        "properties": call.properties,
+        "message_id": call.message_id,
+        "sent_at": format_sent_at(call.timestamp),
+    }
+
+
+def build_body(calls: Sequence[Call]) -> dict[str, Any]:
+    """The request body for calls about one person (at most 30 of each kind)."""
+    first = calls[0]
+    body: dict[str, Any] = {}
+    if first.profile_id is not None:
+        body["profile_id"] = first.profile_id
+    if first.email is not None:
+        body["email"] = first.email
+    identifies = [entry(c) for c in calls if c.kind == "identify"]
+    events = [entry(c) for c in calls if c.kind == "track"]
+    if identifies:
+        body["identifies"] = identifies
+    if events:
+        body["events"] = events
+    return body
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
