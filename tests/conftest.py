@@ -1,0 +1,88 @@
+"""Fixtures: a loopback Koala receiver, a Flask-Login app wired to it, and two guards.
+
+The guards make the suite strict where production code is lenient: flask-koala logs and
+swallows every exception around user code and the network, so a test fails when such a
+log line appears unexpectedly, and when a delivery thread outlives its test.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+
+from flask_koala import Koala
+from flask_koala.receiver import KoalaReceiver
+
+from .support import PROFILE_ID, build_app
+
+
+@pytest.fixture
+def receiver() -> Iterator[KoalaReceiver]:
+    with KoalaReceiver() as r:
+        yield r
+
+
+@pytest.fixture
+def make_app(receiver: KoalaReceiver) -> Iterator[Callable[..., Flask]]:
+    """Build apps aimed at the receiver; every one is shut down after the test."""
+    apps: list[Flask] = []
+
+    def make(config: dict[str, Any] | None = None, koala: Koala | None = None) -> Flask:
+        merged = {"KOALA_API_URL": receiver.url, **(config or {})}
+        app = build_app(merged, koala)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        state = app.extensions["koala"]
+        with app.app_context():
+            state.extension.shutdown(timeout=5)
+
+
+@pytest.fixture
+def koala() -> Koala:
+    return Koala()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask], koala: Koala) -> Flask:
+    return make_app(koala=koala)
+
+
+@pytest.fixture
+def client(app: Flask) -> Any:
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_errors(caplog: pytest.LogCaptureFixture, request: Any) -> Iterator[None]:
+    """Fail a test in which flask-koala logged an error it did not expect."""
+    caplog.set_level(logging.DEBUG, logger="flask_koala")
+    yield
+    if request.node.get_closest_marker("allow_errors"):
+        return
+    errors = [
+        r
+        for r in caplog.get_records("call")
+        if r.name == "flask_koala" and r.levelno >= logging.ERROR
+    ]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """No flask-koala delivery thread may outlive the test that started it."""
+    yield
+    for thread in threading.enumerate():
+        if thread.name.startswith("flask-koala-"):
+            thread.join(2)
+    leaked = [t.name for t in threading.enumerate() if t.name.startswith("flask-koala-")]
+    assert not leaked, f"delivery threads left running: {leaked}"

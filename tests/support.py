@@ -1,0 +1,64 @@
+"""A test app with a real Flask-Login login view, and the values tests share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, jsonify, request
+from flask_login import LoginManager, UserMixin, login_user, logout_user
+
+from flask_koala import Koala
+
+PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
+OTHER_PROFILE_ID = "9b2c1e6a-1d3f-4c55-8e7a-0f1e2d3c4b5a"
+
+
+class User(UserMixin):
+    """A Flask-Login user; ``email`` may be anything, as it may in a real app."""
+
+    def __init__(self, user_id: str, email: Any = None, **extra: Any) -> None:
+        self.id = user_id
+        self.email = email
+        for key, value in extra.items():
+            setattr(self, key, value)
+
+
+USERS = {
+    "jane": User("jane", "jane@example.com", name="Jane Doe"),
+    "noemail": User("noemail", None),
+    "bademail": User("bademail", "not an email"),
+}
+
+
+def build_app(config: dict[str, Any] | None = None, koala: Koala | None = None) -> Flask:
+    """A small app whose ``/login`` view calls ``login_user`` as a real app does."""
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY="test-secret",
+        TESTING=True,
+        KOALA_PUBLIC_KEY="pk_test",
+        KOALA_SUPPRESS_SEND=False,
+    )
+    app.config.update(config or {})
+    login_manager = LoginManager(app)
+
+    @login_manager.user_loader
+    def load_user(user_id: str) -> User | None:
+        return USERS.get(user_id)
+
+    @app.post("/login/<user_id>")
+    def login(user_id: str) -> Any:
+        login_user(USERS[user_id], remember=request.args.get("remember") == "1")
+        return jsonify(ok=True)
+
+    @app.post("/logout")
+    def logout() -> Any:
+        logout_user()
+        return jsonify(ok=True)
+
+    @app.get("/page")
+    def page() -> Any:
+        return jsonify(ok=True)
+
+    (koala or Koala()).init_app(app)
+    return app

@@ -1,0 +1,587 @@
+"""The loopback Koala: contract checks, recording, fault injection and a clean stop."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import requests
+
+from flask_koala.receiver import KoalaReceiver, ReceivedCall, check_body
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+PROFILE_ID = "0f8e9c1a-2b3c-4d5e-8f90-a1b2c3d4e5f6"
+EMAIL = "ada@example.com"
+SENT_AT = "2026-11-28T12:00:00.123Z"
+BATCH = "/web/projects/pk_test/batch"
+HEADERS = {"Content-Type": "application/json", "User-Agent": "flask-koala/test"}
+NO_USER_AGENT = {"Content-Type": "application/json"}
+SUSPENDED = {"error": "Koala ingest suspended"}
+
+
+def identify(**changes: Any) -> dict[str, Any]:
+    entry = {
+        "type": "identify",
+        "sent_at": SENT_AT,
+        "traits": {"email": EMAIL},
+        "message_id": "11111111-1111-4111-8111-111111111111",
+    }
+    entry.update(changes)
+    return entry
+
+
+def track(**changes: Any) -> dict[str, Any]:
+    entry = {
+        "type": "track",
+        "event": "Logged in",
+        "properties": {},
+        "sent_at": SENT_AT,
+        "message_id": "22222222-2222-4222-8222-222222222222",
+    }
+    entry.update(changes)
+    return entry
+
+
+def make_body(**changes: Any) -> dict[str, Any]:
+    body = {
+        "profile_id": PROFILE_ID,
+        "email": EMAIL,
+        "identifies": [identify()],
+        "events": [track()],
+    }
+    body.update(changes)
+    return body
+
+
+def post(
+    koala: KoalaReceiver,
+    body: object = None,
+    *,
+    path: str = BATCH,
+    data: bytes | None = None,
+    headers: dict[str, Any] | None = None,
+) -> requests.Response:
+    if data is None:
+        data = json.dumps(make_body() if body is None else body).encode()
+    return requests.post(
+        koala.url + path, data=data, headers={**HEADERS, **(headers or {})}, timeout=5
+    )
+
+
+def assert_rejected(response: requests.Response, koala: KoalaReceiver, fragment: str) -> None:
+    assert response.status_code == 400
+    assert fragment in response.json()["error"]
+    assert koala.bodies == []
+    assert any(fragment in violation for violation in koala.violations)
+
+
+def receiver_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("koala-receiver")]
+
+
+@pytest.fixture
+def koala() -> Iterator[KoalaReceiver]:
+    with KoalaReceiver() as receiver:
+        yield receiver
+
+
+# --------------------------------------------------------------------------- valid calls
+
+
+def test_valid_body_is_answered_200_and_delivered(koala: KoalaReceiver) -> None:
+    response = post(koala)
+
+    assert response.status_code == 200
+    assert response.json() == {}
+    assert response.headers["Content-Type"] == "application/json"
+    assert koala.bodies == [make_body()]
+    assert koala.violations == []
+
+
+def test_call_records_request_details(koala: KoalaReceiver) -> None:
+    post(koala)
+
+    [call] = koala.calls
+    assert call.method == "POST"
+    assert call.path == BATCH
+    assert call.public_key == "pk_test"
+    assert call.headers["user-agent"] == "flask-koala/test"
+    assert json.loads(call.raw) == make_body()
+    assert call.body == make_body()
+    assert call.status == 200
+    assert call.violations == ()
+    assert call.received_at <= time.monotonic()
+
+
+def test_charset_suffix_on_content_type_is_accepted(koala: KoalaReceiver) -> None:
+    response = post(koala, headers={"Content-Type": "application/json; charset=utf-8"})
+
+    assert response.status_code == 200
+    assert koala.violations == []
+
+
+def test_email_only_body_is_valid(koala: KoalaReceiver) -> None:
+    body = make_body()
+    del body["profile_id"]
+
+    assert post(koala, body).status_code == 200
+
+
+def test_accounts_endpoint_only_needs_a_json_object(koala: KoalaReceiver) -> None:
+    response = post(koala, {"domain": "example.com"}, path="/web/projects/pk_test/accounts/batch")
+
+    assert response.status_code == 200
+    assert koala.calls[0].public_key == "pk_test"
+
+
+def test_accounts_endpoint_rejects_a_non_object(koala: KoalaReceiver) -> None:
+    response = post(koala, ["example.com"], path="/web/projects/pk_test/accounts/batch")
+
+    assert_rejected(response, koala, "must be a JSON object")
+
+
+def test_message_ids_lists_identify_then_track_ids_in_order(koala: KoalaReceiver) -> None:
+    post(koala)
+    post(koala, make_body(identifies=[identify(message_id="33333333-3333-4333-8333-333333333333")]))
+
+    assert koala.message_ids() == [
+        "11111111-1111-4111-8111-111111111111",
+        "22222222-2222-4222-8222-222222222222",
+        "33333333-3333-4333-8333-333333333333",
+        "22222222-2222-4222-8222-222222222222",
+    ]
+
+
+def test_calls_is_a_snapshot(koala: KoalaReceiver) -> None:
+    post(koala)
+    koala.calls.clear()
+
+    assert len(koala.calls) == 1
+
+
+def test_keep_alive_serves_two_requests_on_one_connection(koala: KoalaReceiver) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", koala.port, timeout=5)
+    try:
+        statuses = []
+        sockets = []
+        for _ in range(2):
+            conn.request("POST", BATCH, body=json.dumps(make_body()), headers=HEADERS)
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+            sockets.append(conn.sock)
+    finally:
+        conn.close()
+
+    assert statuses == [200, 200]
+    assert sockets[0] is sockets[1]
+    assert len(koala.bodies) == 2
+
+
+# --------------------------------------------------------------------------- violations
+
+
+def test_unknown_path_is_answered_404(koala: KoalaReceiver) -> None:
+    response = post(koala, path="/v1/batch")
+
+    assert response.status_code == 404
+    assert "not a Koala endpoint" in response.json()["error"]
+    assert koala.violations == [f"POST /v1/batch: {response.json()['error']}"]
+    assert koala.bodies == []
+
+
+def test_get_on_the_batch_path_is_answered_405(koala: KoalaReceiver) -> None:
+    response = requests.get(koala.url + BATCH, timeout=5)
+
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+    assert len(koala.violations) == 1
+
+
+def test_query_string_is_a_violation(koala: KoalaReceiver) -> None:
+    assert_rejected(post(koala, path=BATCH + "?x=1"), koala, "query string")
+
+
+def test_url_unsafe_public_key_is_a_violation(koala: KoalaReceiver) -> None:
+    assert_rejected(post(koala, path="/web/projects/pk%20x/batch"), koala, "not URL-safe")
+
+
+def test_missing_user_agent_is_a_violation(koala: KoalaReceiver) -> None:
+    # http.client, because requests (urllib3) fills in a User-Agent of its own.
+    conn = http.client.HTTPConnection("127.0.0.1", koala.port, timeout=5)
+    try:
+        conn.request("POST", BATCH, body=json.dumps(make_body()), headers=NO_USER_AGENT)
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        conn.close()
+
+    assert response.status == 400
+    assert "User-Agent" in answer["error"]
+    assert koala.bodies == []
+
+
+def test_wrong_content_type_is_a_violation(koala: KoalaReceiver) -> None:
+    response = post(koala, headers={"Content-Type": "text/plain"})
+
+    assert_rejected(response, koala, "Content-Type is 'text/plain'")
+
+
+def test_non_json_body_is_a_violation(koala: KoalaReceiver) -> None:
+    response = post(koala, data=b"profile_id=abc")
+
+    assert_rejected(response, koala, "not valid JSON")
+    assert koala.calls[0].body is None
+
+
+def test_nan_is_not_json(koala: KoalaReceiver) -> None:
+    response = post(koala, data=b'{"profile_id": NaN}')
+
+    assert_rejected(response, koala, "NaN is not valid JSON")
+
+
+def test_non_utf8_body_is_a_violation(koala: KoalaReceiver) -> None:
+    assert_rejected(post(koala, data=b'{"email": "\xff@x"}'), koala, "not valid UTF-8")
+
+
+def test_uppercase_profile_id_is_a_violation(koala: KoalaReceiver) -> None:
+    response = post(koala, make_body(profile_id=PROFILE_ID.upper()))
+
+    assert_rejected(response, koala, "profile_id must be a canonical lowercase UUID")
+
+
+def test_body_without_profile_id_or_email_is_a_violation(koala: KoalaReceiver) -> None:
+    body = make_body(identifies=[identify(traits={})])
+    del body["profile_id"], body["email"]
+
+    assert_rejected(post(koala, body), koala, "neither profile_id nor email")
+
+
+def test_more_than_30_entries_is_a_violation(koala: KoalaReceiver) -> None:
+    events = [track(message_id=str(uuid.uuid4())) for _ in range(31)]
+
+    assert_rejected(post(koala, make_body(events=events)), koala, "events has 31 entries")
+
+
+def test_sent_at_without_milliseconds_is_a_violation(koala: KoalaReceiver) -> None:
+    body = make_body(identifies=[identify(sent_at="2026-11-28T12:00:00Z")])
+
+    assert_rejected(post(koala, body), koala, "identifies[0].sent_at must be ISO-8601")
+
+
+def test_traits_email_must_match_top_level_email(koala: KoalaReceiver) -> None:
+    body = make_body(identifies=[identify(traits={"email": "eve@example.com"})])
+
+    assert_rejected(post(koala, body), koala, "traits.email must equal the top-level email")
+
+
+def test_track_without_message_id_is_a_violation(koala: KoalaReceiver) -> None:
+    entry = track()
+    del entry["message_id"]
+
+    assert_rejected(
+        post(koala, make_body(events=[entry])), koala, "events[0].message_id is missing"
+    )
+
+
+def test_unknown_top_level_key_is_a_violation(koala: KoalaReceiver) -> None:
+    assert_rejected(post(koala, make_body(userId="42")), koala, "unexpected top-level key")
+
+
+def test_answer_names_the_first_violation(koala: KoalaReceiver) -> None:
+    body = make_body(
+        profile_id="nope", email="nope", identifies=[identify(traits={"email": "nope"})]
+    )
+    response = post(koala, body)
+
+    assert response.json() == {"error": koala.calls[0].violations[0]}
+    assert len(koala.calls[0].violations) == 2
+
+
+# --------------------------------------------------------------------------- check_body
+
+
+def test_check_body_accepts_a_valid_body() -> None:
+    assert check_body(make_body()) == []
+
+
+def test_check_body_rejects_a_non_object() -> None:
+    assert check_body([make_body()]) == ["body must be a JSON object, got an array"]
+
+
+def test_check_body_rejects_a_body_without_calls() -> None:
+    violations = check_body({"profile_id": PROFILE_ID, "identifies": []})
+
+    assert violations == [
+        "body carries no calls: identifies, events and page_views are absent or empty"
+    ]
+
+
+def test_check_body_rejects_an_impossible_date() -> None:
+    violations = check_body(make_body(identifies=[identify(sent_at="2026-13-01T00:00:00.000Z")]))
+
+    assert violations == [
+        "identifies[0].sent_at is not a real date and time: '2026-13-01T00:00:00.000Z'"
+    ]
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_respond_with_answers_statuses_in_order_then_normally(koala: KoalaReceiver) -> None:
+    koala.respond_with(503, 429)
+    koala.respond_with(500)
+
+    statuses = [post(koala).status_code for _ in range(4)]
+
+    assert statuses == [503, 429, 500, 200]
+    assert len(koala.bodies) == 1
+
+
+def test_respond_with_default_error_body(koala: KoalaReceiver) -> None:
+    koala.respond_with(502)
+
+    assert post(koala).json() == {"error": "injected 502"}
+
+
+def test_respond_with_sends_retry_after(koala: KoalaReceiver) -> None:
+    koala.respond_with(429, retry_after=7)
+    koala.respond_with(503, retry_after="Wed, 21 Oct 2026 07:28:00 GMT")
+
+    assert post(koala).headers["Retry-After"] == "7"
+    assert post(koala).headers["Retry-After"] == "Wed, 21 Oct 2026 07:28:00 GMT"
+
+
+def test_respond_with_custom_body(koala: KoalaReceiver) -> None:
+    koala.respond_with(500, body="<html>Bad gateway</html>")
+
+    response = post(koala)
+
+    assert response.text == "<html>Bad gateway</html>"
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+
+
+def test_injected_2xx_counts_as_delivered(koala: KoalaReceiver) -> None:
+    koala.respond_with(202)
+
+    assert post(koala).status_code == 202
+    assert koala.bodies == [make_body()]
+
+
+def test_respond_with_rejects_a_non_final_status(koala: KoalaReceiver) -> None:
+    with pytest.raises(ValueError, match="200 to 599"):
+        koala.respond_with(100)
+
+
+def test_outage_then_recovery(koala: KoalaReceiver) -> None:
+    koala.outage(0.2)
+
+    during = post(koala)
+    time.sleep(0.25)
+    after = post(koala)
+
+    assert during.status_code == 503
+    assert after.status_code == 200
+    assert len(koala.bodies) == 1
+
+
+def test_suspend_answers_what_koala_answers_today(koala: KoalaReceiver) -> None:
+    koala.suspend()
+
+    response = post(koala)
+
+    assert response.status_code == 400
+    assert response.json() == SUSPENDED
+    assert koala.bodies == []
+    assert koala.violations == []
+
+
+def test_resume_restores_service(koala: KoalaReceiver) -> None:
+    koala.suspend()
+    koala.resume()
+
+    assert post(koala).status_code == 200
+
+
+def test_delay_holds_the_answer(koala: KoalaReceiver) -> None:
+    koala.delay(0.05)
+
+    started = time.monotonic()
+    response = post(koala)
+
+    assert response.status_code == 200
+    assert time.monotonic() - started >= 0.05
+
+
+def test_drop_connections_then_normal_service(koala: KoalaReceiver) -> None:
+    koala.drop_connections(1)
+
+    with pytest.raises(requests.ConnectionError):
+        post(koala)
+    response = post(koala)
+
+    assert response.status_code == 200
+    assert [call.status for call in koala.calls] == [None, 200]
+    assert len(koala.bodies) == 1
+
+
+def test_drop_connections_closes_without_an_answer(koala: KoalaReceiver) -> None:
+    koala.drop_connections()
+    conn = http.client.HTTPConnection("127.0.0.1", koala.port, timeout=5)
+    try:
+        conn.request("POST", BATCH, body=json.dumps(make_body()), headers=HEADERS)
+        with pytest.raises(http.client.RemoteDisconnected):
+            conn.getresponse()
+    finally:
+        conn.close()
+
+
+def test_reset_forgets_calls_and_faults(koala: KoalaReceiver) -> None:
+    post(koala, path="/nope")
+    koala.respond_with(500)
+    koala.suspend()
+
+    koala.reset()
+
+    assert (koala.calls, koala.bodies, koala.violations) == ([], [], [])
+    assert post(koala).status_code == 200
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def test_wait_for_blocks_until_delivered(koala: KoalaReceiver) -> None:
+    sender = threading.Thread(target=post, args=(koala,))
+    sender.start()
+    try:
+        assert koala.wait_for(1)
+    finally:
+        sender.join()
+
+
+def test_wait_for_returns_false_on_timeout(koala: KoalaReceiver) -> None:
+    koala.suspend()
+    post(koala)
+
+    assert koala.wait_for(1, timeout=0.05) is False
+
+
+def test_wait_for_calls_counts_undelivered_calls(koala: KoalaReceiver) -> None:
+    koala.suspend()
+    post(koala)
+
+    assert koala.wait_for_calls(1, timeout=0.05)
+
+
+# --------------------------------------------------------------------------- on_call
+
+
+def test_on_call_sees_each_answered_call() -> None:
+    seen: list[ReceivedCall] = []
+    with KoalaReceiver(on_call=seen.append) as koala:
+        post(koala)
+    # stop() joined the connection thread, so the callback has run.
+
+    assert [call.status for call in seen] == [200]
+
+
+def test_on_call_failure_is_logged_and_service_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    def explode(call: ReceivedCall) -> None:
+        raise RuntimeError("printer on fire")
+
+    with KoalaReceiver(on_call=explode) as koala:
+        first, second = post(koala), post(koala)
+
+    assert (first.status_code, second.status_code) == (200, 200)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert "on_call" in errors[0].getMessage()
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_url_names_the_bound_port(koala: KoalaReceiver) -> None:
+    assert koala.port > 0
+    assert koala.url == f"http://127.0.0.1:{koala.port}"
+
+
+def test_port_before_start_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="start"):
+        _ = KoalaReceiver().port
+
+
+def test_start_twice_is_an_error(koala: KoalaReceiver) -> None:
+    with pytest.raises(RuntimeError, match="already running"):
+        koala.start()
+
+
+def test_serving_thread_is_named_koala_receiver(koala: KoalaReceiver) -> None:
+    assert "koala-receiver" in receiver_threads()
+
+
+def test_stop_is_idempotent_and_leaves_no_threads() -> None:
+    koala = KoalaReceiver().start()
+    post(koala)
+
+    koala.stop()
+    koala.stop()
+
+    assert receiver_threads() == []
+
+
+def test_stop_closes_idle_keep_alive_connections() -> None:
+    koala = KoalaReceiver().start()
+    conn = http.client.HTTPConnection("127.0.0.1", koala.port, timeout=5)
+    try:
+        conn.request("POST", BATCH, body=json.dumps(make_body()), headers=HEADERS)
+        conn.getresponse().read()
+        assert any(name.startswith("koala-receiver-conn") for name in receiver_threads())
+
+        koala.stop()
+
+        assert receiver_threads() == []
+    finally:
+        conn.close()
+
+
+def test_stop_cuts_a_delayed_request_short() -> None:
+    koala = KoalaReceiver().start()
+    koala.delay(60)
+    errors: list[Exception] = []
+
+    def send() -> None:
+        try:
+            post(koala)
+        except requests.RequestException as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.2)  # let the request reach the receiver and start waiting out the delay
+
+    started = time.monotonic()
+    koala.stop()
+    stopped_in = time.monotonic() - started
+    sender.join()
+
+    assert stopped_in < 30  # far below the 60 s delay: the wait was interrupted
+    assert len(errors) == 1
+    assert receiver_threads() == []
+
+
+def test_receiver_can_start_again_after_stop() -> None:
+    koala = KoalaReceiver()
+    with koala:
+        post(koala)
+    with koala:
+        assert post(koala).status_code == 200
+    assert len(koala.calls) == 2
