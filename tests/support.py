@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, jsonify, request
-from flask_login import LoginManager, UserMixin, login_user, logout_user
+from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 
 from flask_koala import Koala
 
@@ -56,9 +56,9 @@ def build_app(config: dict[str, Any] | None = None, koala: Koala | None = None) 
         logout_user()
         return jsonify(ok=True)
 
-    @app.get("/page")
-    def page() -> Any:
-        return jsonify(ok=True)
+    @app.get("/whoami")
+    def whoami() -> Any:
+        return jsonify(user=getattr(current_user, "id", None))
 
     (koala or Koala()).init_app(app)
     return app

@@ -1,0 +1,137 @@
+"""init_app fails fast, naming the key to fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_koala import ConfigError, Koala
+from flask_koala.config import DEFAULT_API_URL, load_config
+
+
+def init(**config: Any) -> Flask:
+    app = Flask(__name__)
+    app.config.update(config)
+    Koala(app)
+    return app
+
+
+def test_defaults() -> None:
+    config = load_config({"KOALA_PUBLIC_KEY": "pk_live"})
+    assert config.api_url == DEFAULT_API_URL
+    assert config.cookie_name == "ko_id"
+    assert config.enabled is True
+    assert config.suppress_send is False
+    assert config.max_queue_size == 10_000
+    assert config.shutdown_timeout == 2.0
+    assert config.endpoint == f"{DEFAULT_API_URL}/web/projects/pk_live/batch"
+
+
+def test_suppress_send_defaults_to_testing() -> None:
+    assert load_config({}, testing=True).suppress_send is True
+    assert load_config({"KOALA_PUBLIC_KEY": "pk"}, testing=False).suppress_send is False
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_public_key_required_while_sending(value: Any) -> None:
+    with pytest.raises(ConfigError, match="KOALA_PUBLIC_KEY"):
+        init(KOALA_PUBLIC_KEY=value)
+
+
+def test_public_key_not_required_when_disabled() -> None:
+    init(KOALA_ENABLED=False)
+
+
+def test_public_key_not_required_when_suppressed() -> None:
+    init(KOALA_SUPPRESS_SEND=True)
+
+
+@pytest.mark.parametrize("key", ["pk/x", "pk?x", "pk#x", "pk%2F", "pk x", "pk\tx", "pk\x00"])
+def test_public_key_must_be_url_safe(key: str) -> None:
+    with pytest.raises(ConfigError, match="KOALA_PUBLIC_KEY"):
+        init(KOALA_PUBLIC_KEY=key)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com", "example.com", "http://example.com", "http://10.0.0.1", "https://"],
+)
+def test_api_url_rejected(url: str) -> None:
+    with pytest.raises(ConfigError, match="KOALA_API_URL"):
+        init(KOALA_PUBLIC_KEY="pk", KOALA_API_URL=url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://koala.example.com",
+        "http://localhost:8787",
+        "http://127.0.0.1:8787",
+        "http://127.1.2.3",
+        "http://[::1]:8787",
+    ],
+)
+def test_api_url_accepted(url: str) -> None:
+    app = init(KOALA_PUBLIC_KEY="pk", KOALA_API_URL=url + "/")
+    assert app.extensions["koala"].config.api_url == url
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "KOALA_TIMEOUT",
+        "KOALA_MAX_WORKERS",
+        "KOALA_MAX_QUEUE_SIZE",
+        "KOALA_MAX_RETRIES",
+        "KOALA_SHUTDOWN_TIMEOUT",
+    ],
+)
+@pytest.mark.parametrize("value", [0, -1, "3", True])
+def test_numeric_settings_must_be_positive(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=key):
+        init(KOALA_PUBLIC_KEY="pk", **{key: value})
+
+
+def test_timeout_pair_accepted() -> None:
+    app = init(KOALA_PUBLIC_KEY="pk", KOALA_TIMEOUT=(1, 2.5))
+    assert app.extensions["koala"].config.timeout == (1.0, 2.5)
+
+
+@pytest.mark.parametrize("value", [(1,), (1, 0), (1, 2, 3)])
+def test_timeout_pair_rejected(value: Any) -> None:
+    with pytest.raises(ConfigError, match="KOALA_TIMEOUT"):
+        init(KOALA_PUBLIC_KEY="pk", KOALA_TIMEOUT=value)
+
+
+def test_boolean_setting_must_be_bool() -> None:
+    with pytest.raises(ConfigError, match="KOALA_ENABLED"):
+        init(KOALA_PUBLIC_KEY="pk", KOALA_ENABLED="no")
+
+
+def test_missing_cookie_policy_lists_choices() -> None:
+    with pytest.raises(ConfigError, match=r"KOALA_MISSING_COOKIE.*'skip', 'defer', 'mint'"):
+        init(KOALA_PUBLIC_KEY="pk", KOALA_MISSING_COOKIE="ignore")
+
+
+def test_init_twice_is_refused() -> None:
+    app = init(KOALA_PUBLIC_KEY="pk")
+    with pytest.raises(RuntimeError, match="already initialised"):
+        Koala().init_app(app)
+
+
+def test_config_error_is_value_and_runtime_error() -> None:
+    error = ConfigError("KOALA_X", "bad")
+    assert isinstance(error, ValueError)
+    assert isinstance(error, RuntimeError)
+    assert str(error).startswith("KOALA_X")
+
+
+def test_init_app_starts_no_thread() -> None:
+    import threading
+
+    before = {t.name for t in threading.enumerate()}
+    init(KOALA_PUBLIC_KEY="pk", KOALA_API_URL="http://127.0.0.1:9")
+    after = {t.name for t in threading.enumerate()}
+    assert after == before

@@ -1,0 +1,211 @@
+"""The public API of Koala: identify, stats, flush, signals, app factories."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+
+from flask_koala import Koala, signals
+from flask_koala.receiver import KoalaReceiver
+
+from .support import OTHER_PROFILE_ID, PROFILE_ID
+
+
+def test_identify_accepts_and_delivers(app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
+    with app.app_context():
+        assert koala.identify("jane@example.com", {"plan": "pro"}, profile_id=PROFILE_ID)
+        assert koala.flush(5)
+    body = receiver.bodies[0]
+    assert body["identifies"][0]["traits"] == {"plan": "pro", "email": "jane@example.com"}
+
+
+def test_identify_email_wins_over_traits_email(
+    app: Flask, koala: Koala, receiver: KoalaReceiver
+) -> None:
+    with app.app_context():
+        koala.identify("jane@example.com", {"email": "other@example.com"}, profile_id=PROFILE_ID)
+        koala.flush(5)
+    assert receiver.bodies[0]["identifies"][0]["traits"]["email"] == "jane@example.com"
+
+
+def test_identify_reads_cookie_of_current_request(
+    app: Flask, koala: Koala, receiver: KoalaReceiver
+) -> None:
+    with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
+        assert koala.identify("jane@example.com")
+        koala.flush(5)
+    assert receiver.bodies[0]["profile_id"] == PROFILE_ID
+
+
+def test_identify_without_request_or_profile_id_is_skipped(app: Flask, koala: Koala) -> None:
+    with app.app_context():
+        assert koala.identify("jane@example.com") is False
+        assert koala.stats["skipped.no_cookie"] == 1
+
+
+def test_identify_with_bad_profile_id_is_skipped(app: Flask, koala: Koala) -> None:
+    with app.app_context():
+        assert koala.identify("jane@example.com", profile_id="nope") is False
+        assert koala.stats["skipped.bad_cookie"] == 1
+
+
+def test_outside_app_context_raises_with_advice(koala: Koala, app: Flask) -> None:
+    with pytest.raises(RuntimeError, match="application context"):
+        koala.identify("jane@example.com", profile_id=PROFILE_ID)
+
+
+def test_app_never_initialised_raises_with_advice(koala: Koala) -> None:
+    with Flask("other").app_context(), pytest.raises(RuntimeError, match="init_app"):
+        _ = koala.stats
+
+
+def test_stats_have_every_counter(app: Flask, koala: Koala) -> None:
+    with app.app_context():
+        stats = koala.stats
+    for key in ("queued", "sent", "failed", "dropped", "skipped", "retried"):
+        assert stats[key] == 0
+
+
+def test_stats_are_read_only(app: Flask, koala: Koala) -> None:
+    with app.app_context():
+        stats = koala.stats
+    with pytest.raises(TypeError):
+        stats["sent"] = 5  # type: ignore[index]
+
+
+def test_login_counts_queued_and_sent(app: Flask, koala: Koala, client: Any) -> None:
+    client.post("/login/jane")
+    with app.app_context():
+        koala.flush(5)
+        assert koala.stats["queued"] == 1
+        assert koala.stats["sent"] == 1
+        assert koala.stats["pending"] == 0
+
+
+def test_sent_signal_carries_message_id_and_status(
+    app: Flask, koala: Koala, client: Any, receiver: KoalaReceiver
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def on_sent(sender: Flask, **extra: Any) -> None:
+        seen.append(extra)
+
+    with signals.call_sent.connected_to(on_sent, sender=app):
+        client.post("/login/jane")
+        with app.app_context():
+            koala.flush(5)
+    assert len(seen) == 1
+    assert seen[0]["status"] == 200
+    assert seen[0]["message_id"] == receiver.message_ids()[0]
+    assert seen[0]["kind"] == "identify"
+
+
+def test_remember_me_restore_identifies_once(
+    app: Flask, koala: Koala, receiver: KoalaReceiver
+) -> None:
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    client.post("/login/jane?remember=1")
+    remember = client.get_cookie("remember_token")
+    assert remember is not None
+    fresh = app.test_client()
+    fresh.set_cookie("ko_id", PROFILE_ID)
+    fresh.set_cookie("remember_token", remember.value)
+    fresh.get("/whoami")
+    fresh.get("/whoami")
+    with app.app_context():
+        koala.flush(5)
+    assert len(receiver.bodies) == 2  # the password login, then one remember-me restore
+
+
+def test_logged_in_session_request_does_not_identify(
+    app: Flask, koala: Koala, client: Any, receiver: KoalaReceiver
+) -> None:
+    client.post("/login/jane")
+    client.get("/whoami")
+    client.get("/whoami")
+    with app.app_context():
+        koala.flush(5)
+    assert len(receiver.bodies) == 1
+
+
+def test_remember_off_ignores_cookie_restore(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_IDENTIFY_ON_REMEMBER": False})
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    client.post("/login/jane?remember=1")
+    remember = client.get_cookie("remember_token")
+    assert remember is not None
+    fresh = app.test_client()
+    fresh.set_cookie("ko_id", PROFILE_ID)
+    fresh.set_cookie("remember_token", remember.value)
+    fresh.get("/whoami")
+    with app.app_context():
+        app.extensions["koala"].extension.flush(5)
+    assert len(receiver.bodies) == 1
+
+
+def test_two_apps_deliver_to_their_own_key(make_app: Callable[..., Flask]) -> None:
+    koala = Koala()
+    with KoalaReceiver() as other:
+        first = make_app({"KOALA_PUBLIC_KEY": "pk_first"}, koala=koala)
+        second = make_app({"KOALA_PUBLIC_KEY": "pk_second", "KOALA_API_URL": other.url}, koala)
+        for app, profile in ((first, PROFILE_ID), (second, OTHER_PROFILE_ID)):
+            client = app.test_client()
+            client.set_cookie("ko_id", profile)
+            client.post("/login/jane")
+            with app.app_context():
+                assert koala.flush(5)
+        with second.app_context():
+            assert koala.stats["sent"] == 1
+        assert [c.public_key for c in other.calls] == ["pk_second"]
+    with first.app_context():
+        assert koala.stats["sent"] == 1
+
+
+def test_one_koala_serves_two_apps_with_separate_stats(make_app: Callable[..., Flask]) -> None:
+    koala = Koala()
+    first = make_app(koala=koala)
+    second = make_app({"KOALA_ENABLED": False}, koala=koala)
+    with first.app_context():
+        koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        koala.flush(5)
+        assert koala.stats["sent"] == 1
+    with second.app_context():
+        assert koala.stats["sent"] == 0
+
+
+def test_extension_keeps_no_app(app: Flask, koala: Koala) -> None:
+    assert not any(isinstance(v, Flask) for v in vars(koala).values())
+
+
+def test_suppressed_records_and_opens_no_connection(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_SUPPRESS_SEND": True}, koala=koala)
+    with app.app_context(), koala.record_calls() as calls:
+        assert koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        assert koala.flush(1)
+        assert koala.stats["suppressed"] == 1
+    assert calls[0]["email"] == "jane@example.com"
+    assert receiver.calls == []
+
+
+def test_record_calls_in_sending_mode(app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
+    with app.app_context(), koala.record_calls() as calls:
+        koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        koala.flush(5)
+    assert calls == receiver.bodies
+
+
+def test_sync_delivers_before_returning(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_SYNC": True}, koala=koala)
+    with app.app_context():
+        assert koala.identify("jane@example.com", profile_id=PROFILE_ID)
+    assert len(receiver.bodies) == 1

@@ -1,0 +1,135 @@
+"""Every skip has its reason, and the login's response is unchanged by it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+
+from flask_koala import Koala, signals
+from flask_koala.receiver import KoalaReceiver
+
+from .support import PROFILE_ID
+
+
+def login(app: Flask, user: str = "jane", cookie: str | None = PROFILE_ID) -> Any:
+    client = app.test_client()
+    if cookie is not None:
+        client.set_cookie("ko_id", cookie)
+    return client.post(f"/login/{user}")
+
+
+def stats(app: Flask) -> dict[str, int]:
+    with app.app_context():
+        koala: Koala = app.extensions["koala"].extension
+        koala.flush(5)
+        return dict(koala.stats)
+
+
+@pytest.mark.parametrize(
+    ("user", "cookie", "reason"),
+    [
+        ("jane", None, "no_cookie"),
+        ("jane", "", "no_cookie"),
+        ("jane", "not-a-uuid", "bad_cookie"),
+        ("jane", "x" * 4000, "bad_cookie"),
+        ("noemail", PROFILE_ID, "no_email"),
+        ("bademail", PROFILE_ID, "bad_email"),
+    ],
+)
+def test_skip_reason_counted_and_login_unchanged(
+    make_app: Callable[..., Flask],
+    receiver: KoalaReceiver,
+    user: str,
+    cookie: str | None,
+    reason: str,
+) -> None:
+    app = make_app()
+    response = login(app, user, cookie)
+    assert response.status_code == 200
+    assert response.get_json() == {"ok": True}
+    counts = stats(app)
+    assert counts["skipped"] == 1
+    assert counts[f"skipped.{reason}"] == 1
+    assert receiver.calls == []
+
+
+def test_skip_is_signalled(make_app: Callable[..., Flask]) -> None:
+    app = make_app()
+    seen: list[dict[str, Any]] = []
+
+    def on_skip(sender: Flask, **extra: Any) -> None:
+        seen.append(extra)
+
+    with signals.call_skipped.connected_to(on_skip, sender=app):
+        login(app, cookie=None)
+    assert [s["reason"] for s in seen] == ["no_cookie"]
+
+
+def test_skip_logs_reason_at_debug_without_pii(
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+    login(app, cookie="not-a-uuid")
+    messages = [r.getMessage() for r in caplog.records if r.name == "flask_koala"]
+    assert any("bad_cookie" in m for m in messages)
+    assert not any("jane@example.com" in m or "not-a-uuid" in m for m in messages)
+
+
+def test_too_large_traits_are_skipped(make_app: Callable[..., Flask], koala: Koala) -> None:
+    koala.identity_loader(lambda user: {"email": user.email, "bio": "x" * 40_000})
+    app = make_app(koala=koala)
+    assert login(app).status_code == 200
+    assert stats(app)["skipped.too_large"] == 1
+
+
+def test_loader_returning_non_mapping_is_bad_traits(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    koala.identity_loader(lambda user: ["jane@example.com"])
+    app = make_app(koala=koala)
+    login(app)
+    assert stats(app)["skipped.bad_traits"] == 1
+
+
+def test_loader_returning_none_excludes_the_user(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    koala.identity_loader(lambda user: None)
+    app = make_app(koala=koala)
+    login(app)
+    assert stats(app)["skipped.excluded"] == 1
+
+
+@pytest.mark.allow_errors
+def test_loader_that_raises_does_not_break_the_login(
+    make_app: Callable[..., Flask], koala: Koala, caplog: pytest.LogCaptureFixture
+) -> None:
+    @koala.identity_loader
+    def broken(user: Any) -> dict[str, Any]:
+        raise LookupError("database is down")
+
+    app = make_app(koala=koala)
+    response = login(app)
+    assert response.status_code == 200
+    assert stats(app)["skipped.loader_error"] == 1
+    assert any("identity loader raised" in r.getMessage() for r in caplog.records)
+
+
+def test_disabled_skips_without_threads(make_app: Callable[..., Flask]) -> None:
+    app = make_app({"KOALA_ENABLED": False})
+    assert login(app).status_code == 200
+    assert stats(app)["skipped.disabled"] == 1
+
+
+def test_disabled_identify_returns_false(make_app: Callable[..., Flask], koala: Koala) -> None:
+    app = make_app({"KOALA_ENABLED": False}, koala=koala)
+    with app.app_context():
+        assert koala.identify("jane@example.com", profile_id=PROFILE_ID) is False
+
+
+def test_identify_on_login_off(make_app: Callable[..., Flask], receiver: KoalaReceiver) -> None:
+    app = make_app({"KOALA_IDENTIFY_ON_LOGIN": False})
+    login(app)
+    assert stats(app)["queued"] == 0
