@@ -41,6 +41,7 @@ logger = logging.getLogger("flask_koala")
 _THREAD_PREFIX = "flask-koala"
 _LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers still live
 _JOIN_GRACE = 1.0  # how long shutdown waits for a worker to leave a request in flight
+_EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
 
 
 class Dispatcher(Protocol):
@@ -317,8 +318,16 @@ class ThreadDispatcher:
         with self._lock:
             if self._closed:
                 return self._unfinished == 0
-        start = time.monotonic()
         flushed = self.flush(timeout)
+        self._stop(join_timeout=None if timeout is None else _JOIN_GRACE)
+        return flushed
+
+    def _stop(self, join_timeout: Optional[float]) -> None:
+        """Stop for good: drop what is still queued, end waits, let the workers leave.
+
+        A worker inside a request leaves once it ends (``KOALA_TIMEOUT`` at most);
+        ``join_timeout`` bounds how long to wait for that, ``None`` waits.
+        """
         with self._lock:
             self._closed = True
             self._stopping = True
@@ -326,17 +335,12 @@ class ThreadDispatcher:
             self._unfinished -= len(left)
             self._not_empty.notify_all()
             threads = list(self._threads)
-        # Workers mid-retry give up now; one in a request leaves it within its timeout.
         self._delivery.stop.set()
         if left:
             self._ledger.dropped(left, "shutdown", accepted=True)
-        grace = _JOIN_GRACE
-        if timeout is not None:
-            grace += max(0.0, timeout - (time.monotonic() - start))
-        end = time.monotonic() + grace if timeout is not None else None
+        end = None if join_timeout is None else time.monotonic() + join_timeout
         for thread in threads:
             thread.join(None if end is None else max(0.0, end - time.monotonic()))
-        return flushed
 
     @property
     def pending(self) -> int:
@@ -360,17 +364,24 @@ def _after_fork_in_child() -> None:
 
 
 def _shutdown_at_exit() -> None:
-    """Give queued calls a bounded last chance, then let the daemon threads die quietly."""
-    for engine in [d for d in list(_live) if isinstance(d, ThreadDispatcher)]:
+    """Give queued calls a bounded last chance, then let the daemon threads die quietly.
+
+    All engines share one deadline, the longest ``KOALA_SHUTDOWN_TIMEOUT`` among them, so
+    several apps in one process do not add up their waits.
+    """
+    engines = [d for d in list(_live) if isinstance(d, ThreadDispatcher) and not d._closed]
+    if not engines:
+        return
+    deadline = time.monotonic() + max(e.shutdown_timeout for e in engines)
+    for engine in engines:
         try:
-            if engine.flush(engine.shutdown_timeout):
-                engine.shutdown(0)
-                continue
-            left = engine.pending
-            engine.shutdown(0)
+            budget = min(engine.shutdown_timeout, max(0.0, deadline - time.monotonic()))
+            left = 0 if engine.flush(budget) else engine.pending
+            engine._ledger.quiet = True
+            engine._stop(join_timeout=_EXIT_JOIN)
             # Only where the app listens: at exit, logging's last-resort handler would
             # print to stderr, and an exit must stay quiet.
-            if logger.hasHandlers():
+            if left and logger.hasHandlers():
                 logger.warning(
                     "flask-koala: exiting with %d call(s) not delivered after %.1fs",
                     left,

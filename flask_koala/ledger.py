@@ -77,6 +77,9 @@ class Ledger:
     ) -> None:
         self._sender = sender
         self._clock = clock
+        #: Set at interpreter exit: outcomes are still counted and signalled, but the one
+        #: summary line of the exit hook replaces the per-outcome warnings.
+        self.quiet = False
         self.reset()
 
     def reset(self) -> None:
@@ -146,7 +149,7 @@ class Ledger:
         self._count("dropped", reason, len(calls), pending=len(calls) if accepted else 0)
         with self._lock:
             reported = self._throttle.allow(("dropped", reason), len(calls))
-        if reported is not None:
+        if reported is not None and not self.quiet:
             logger.warning(
                 "flask-koala: dropped %d call(s) (%s) since the last report; see koala.stats",
                 reported,
@@ -175,15 +178,12 @@ class Ledger:
         self._count("failed", reason, len(calls), pending=len(calls))
         with self._lock:
             reported = self._throttle.allow(("failed", reason, status, error), len(calls))
-        if reported is not None:
-            answer = f"HTTP {status}" if status is not None else "no answer"
-            logger.warning(
-                "flask-koala: %d call(s) failed (%s): Koala answered %s: %s",
-                reported,
-                reason,
-                answer,
-                error or "(no error text)",
-            )
+        if reported is not None and not self.quiet:
+            if status is not None:
+                answer = f"Koala answered HTTP {status}: {error or '(no error text)'}"
+            else:
+                answer = f"no answer from Koala ({error or 'no detail'})"
+            logger.warning("flask-koala: %d call(s) failed (%s): %s", reported, reason, answer)
         for call in calls:
             self._signal(signals.call_failed, call, reason=reason, status=status, error=error)
 

@@ -186,6 +186,19 @@ def test_keep_alive_serves_two_requests_on_one_connection(koala: KoalaReceiver) 
     assert len(koala.bodies) == 2
 
 
+def test_chunked_body_is_read(koala: KoalaReceiver) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", koala.port, timeout=5)
+    try:
+        chunks = iter([json.dumps(make_body()).encode()])
+        conn.request("POST", BATCH, body=chunks, headers=HEADERS, encode_chunked=True)
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+
+    assert status == 200
+    assert koala.bodies == [make_body()]
+
+
 # --------------------------------------------------------------------------- violations
 
 

@@ -1,0 +1,207 @@
+"""Delivery against the loopback receiver when Koala misbehaves."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+
+from flask_koala import Koala
+from flask_koala.receiver import KoalaReceiver
+
+from .support import PROFILE_ID
+
+
+def person(n: int) -> str:
+    return f"3f2504e0-4f89-41d3-9a0c-{n:012d}"
+
+
+def identify_many(app: Flask, count: int) -> list[str]:
+    """Accept ``count`` identifies about distinct people; return their message ids."""
+    koala: Koala = app.extensions["koala"].extension
+    ids: list[str] = []
+    with app.app_context(), koala.record_calls() as bodies:
+        for n in range(count):
+            assert koala.identify(f"user{n}@example.com", profile_id=person(n))
+    for body in bodies:
+        ids.extend(entry["message_id"] for entry in body["identifies"])
+    return ids
+
+
+def stats(app: Flask) -> dict[str, int]:
+    with app.app_context():
+        return dict(app.extensions["koala"].extension.stats)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def flush(app: Flask, timeout: float) -> bool:
+    with app.app_context():
+        return app.extensions["koala"].extension.flush(timeout)
+
+
+def test_outage_then_recovery_delivers_each_call_once(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app()
+    receiver.outage(2.0, status=503)
+    ids = identify_many(app, 20)
+    assert flush(app, 60)
+    assert sorted(receiver.message_ids()) == sorted(ids)
+    assert stats(app)["sent"] == 20
+    assert stats(app)["retried"] > 0
+
+
+def test_retry_keeps_the_message_id(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app()
+    receiver.respond_with(503)
+    (message_id,) = identify_many(app, 1)
+    assert flush(app, 30)
+    sent_ids = [c.body["identifies"][0]["message_id"] for c in receiver.calls]
+    assert sent_ids == [message_id, message_id]
+
+
+def test_retry_after_holds_every_worker_back(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_MAX_WORKERS": 4})
+    receiver.respond_with(429, retry_after=1)
+    identify_many(app, 1)
+    assert wait_until(lambda: stats(app)["retried"] == 1)  # the 429 was read
+    identify_many(app, 3)  # other people, other workers: they must wait too
+    assert flush(app, 30)
+    first, *later = receiver.calls
+    assert first.status == 429
+    assert len(later) == 4
+    assert all(call.received_at - first.received_at >= 1.0 for call in later)
+
+
+def test_suspended_ingest_fails_once_with_koalas_text(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+    receiver.suspend()
+    identify_many(app, 3)
+    assert flush(app, 30)
+    assert len(receiver.calls) == 3  # exactly one attempt per call
+    counts = stats(app)
+    assert counts["failed"] == 3
+    assert counts["failed.http_400"] == 3
+    assert counts["retried"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once per distinct status and text per minute
+    assert "400" in warnings[0]
+    assert "Koala ingest suspended" in warnings[0]
+
+
+def test_failure_is_signalled_with_status_and_error(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    from flask_koala import signals
+
+    app = make_app()
+    receiver.suspend()
+    seen: list[dict[str, Any]] = []
+    with signals.call_failed.connected_to(lambda s, **kw: seen.append(kw), sender=app):
+        identify_many(app, 1)
+        flush(app, 30)
+    assert seen[0]["status"] == 400
+    assert seen[0]["reason"] == "http_400"
+    assert seen[0]["error"] == "Koala ingest suspended"
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+def test_other_4xx_is_final(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver, status: int
+) -> None:
+    app = make_app()
+    receiver.respond_with(status)
+    identify_many(app, 1)
+    assert flush(app, 30)
+    assert len(receiver.calls) == 1
+    assert stats(app)["failed"] == 1
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_retryable_statuses_are_retried(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver, status: int
+) -> None:
+    app = make_app()
+    receiver.respond_with(status, retry_after=0)
+    identify_many(app, 1)
+    assert flush(app, 30)
+    assert [c.status for c in receiver.calls] == [status, 200]
+
+
+def test_connection_reset_is_retried(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app()
+    receiver.drop_connections(1)
+    identify_many(app, 1)
+    assert flush(app, 30)
+    assert len(receiver.bodies) == 1
+    assert stats(app)["retried.connection_error"] == 1
+
+
+def test_receiver_hanging_past_the_timeout_is_retried(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_TIMEOUT": 0.3})
+    receiver.delay(2.0)
+    identify_many(app, 1)
+    assert receiver.wait_for_calls(1, timeout=5)
+    receiver.delay(0)
+    assert flush(app, 30)
+    assert stats(app)["retried.timeout"] >= 1
+    assert stats(app)["sent"] == 1
+
+
+def test_retries_exhausted_is_a_failure(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_MAX_RETRIES": 2})
+    receiver.respond_with(503, 503, 503, retry_after=0)
+    identify_many(app, 1)
+    assert flush(app, 30)
+    assert len(receiver.calls) == 3
+    counts = stats(app)
+    assert counts["failed.retries_exhausted"] == 1
+    assert counts["retried"] == 2
+
+
+def test_nothing_reaches_koala_when_the_queue_is_full(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_MAX_QUEUE_SIZE": 5, "KOALA_MAX_WORKERS": 1, "KOALA_TIMEOUT": 0.5})
+    receiver.delay(5.0)
+    client = app.test_client()
+    for n in range(40):
+        client.set_cookie("ko_id", person(n))
+        assert client.post("/login/jane").status_code == 200
+        client.post("/logout")
+    counts = stats(app)
+    assert counts["queued"] + counts["dropped"] == 40
+    assert counts["dropped.queue_full"] >= 40 - 5 - 1
+    assert counts["pending"] <= 5 + 1  # bounded: the queue plus the call in flight
+    receiver.reset()
+
+
+def test_login_through_the_engine_reaches_receiver(
+    app: Flask, client: Any, receiver: KoalaReceiver
+) -> None:
+    client.post("/login/jane")
+    assert flush(app, 10)
+    assert receiver.bodies[0]["profile_id"] == PROFILE_ID

@@ -1,0 +1,366 @@
+"""The thread engine through its seams: a transport the test controls, a fake clock."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
+
+import pytest
+
+from flask_koala.config import Timeout
+from flask_koala.delivery import Delivery
+from flask_koala.dispatch import PersonQueue, SyncDispatcher, ThreadDispatcher
+from flask_koala.ledger import Ledger
+from flask_koala.payload import Call
+from flask_koala.retry import RetryPolicy
+from flask_koala.transport import Response
+
+PROFILE = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
+
+
+def person(n: int) -> str:
+    return f"3f2504e0-4f89-41d3-9a0c-{n:012d}"
+
+
+def identify(profile_id: str = PROFILE, email: str = "jane@example.com") -> Call:
+    return Call.identify(profile_id=profile_id, email=email, traits={"email": email})
+
+
+class GatedTransport:
+    """Answers 200, but only once the test opens the gate; records every body."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.bodies: list[bytes] = []
+        self.closed = 0
+        self._lock = threading.Lock()
+
+    def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
+        self.gate.wait(10)
+        with self._lock:
+            self.bodies.append(body)
+        return Response(200, "{}")
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed += 1
+
+
+@pytest.fixture
+def transport() -> GatedTransport:
+    return GatedTransport()
+
+
+@pytest.fixture
+def ledger() -> Ledger:
+    return Ledger(lambda: None)
+
+
+@pytest.fixture
+def make_engine(
+    transport: GatedTransport, ledger: Ledger
+) -> Iterator[Callable[..., ThreadDispatcher]]:
+    engines: list[ThreadDispatcher] = []
+
+    def make(**options: Any) -> ThreadDispatcher:
+        delivery = Delivery(
+            "http://127.0.0.1:9/web/projects/pk/batch",
+            timeout=1.0,
+            policy=RetryPolicy(attempts=2, wait_initial=0.01),
+            ledger=ledger,
+        )
+        settings = {"max_workers": 2, "max_queue_size": 100, "shutdown_timeout": 1.0}
+        settings.update(options)
+        engine = ThreadDispatcher(delivery, lambda: transport, **settings)
+        engines.append(engine)
+        return engine
+
+    yield make
+    transport.gate.set()
+    for engine in engines:
+        engine.shutdown(5)
+
+
+def koala_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("flask-koala-"))
+
+
+# -- PersonQueue ---------------------------------------------------------------------------
+
+
+def test_queue_is_fifo_across_people() -> None:
+    queue = PersonQueue()
+    first, second = identify(person(1)), identify(person(2))
+    queue.put(first)
+    queue.put(second)
+    assert queue.take() == [first]
+    assert queue.take() == [second]
+
+
+def test_queue_groups_calls_about_one_person() -> None:
+    queue = PersonQueue()
+    a1, b1, a2 = identify(person(1)), identify(person(2)), identify(person(1))
+    for call in (a1, b1, a2):
+        queue.put(call)
+    assert queue.take() == [a1, a2]
+    assert len(queue) == 1
+
+
+def test_queue_never_groups_different_emails_of_one_visitor() -> None:
+    queue = PersonQueue()
+    queue.put(identify(email="jane@example.com"))
+    queue.put(identify(email="john@example.com"))
+    assert len(queue.take()) == 1
+
+
+def test_queue_batches_at_most_30_of_a_kind() -> None:
+    queue = PersonQueue()
+    for _ in range(45):
+        queue.put(identify())
+    assert len(queue.take()) == 30
+    assert len(queue.take()) == 15
+    assert len(queue) == 0
+
+
+# -- lazy start, threads -------------------------------------------------------------------
+
+
+def test_no_thread_before_the_first_call(make_engine: Callable[..., ThreadDispatcher]) -> None:
+    make_engine()
+    assert koala_threads() == []
+
+
+def test_first_call_starts_named_daemon_workers(
+    make_engine: Callable[..., ThreadDispatcher],
+) -> None:
+    engine = make_engine(max_workers=3)
+    engine.submit(identify())
+    names = koala_threads()
+    assert names == ["flask-koala-1", "flask-koala-2", "flask-koala-3"]
+    assert all(t.daemon for t in threading.enumerate() if t.name in names)
+    assert engine.flush(5)
+
+
+def test_each_worker_owns_one_transport(
+    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport
+) -> None:
+    engine = make_engine(max_workers=2)
+    engine.submit(identify())
+    engine.shutdown(5)
+    assert transport.closed == 2
+
+
+def test_shutdown_leaves_no_thread(make_engine: Callable[..., ThreadDispatcher]) -> None:
+    engine = make_engine()
+    engine.submit(identify())
+    assert engine.shutdown(5)
+    assert koala_threads() == []
+
+
+# -- full queue ----------------------------------------------------------------------------
+
+
+def test_full_queue_drops_without_blocking(
+    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport, ledger: Ledger
+) -> None:
+    transport.gate.clear()
+    engine = make_engine(max_workers=1, max_queue_size=3)
+    results = [engine.submit(identify(person(n))) for n in range(10)]
+    # One call is in the worker's hands, three wait, the rest are dropped.
+    assert results.count(False) >= 6
+    assert ledger.snapshot()["dropped.queue_full"] == results.count(False)
+
+
+def test_drops_warn_at_most_once_a_minute_with_count(
+    transport: GatedTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    ledger = Ledger(lambda: None, clock=lambda: now[0])
+    delivery = Delivery("http://127.0.0.1:9/x", timeout=1.0, policy=RetryPolicy(), ledger=ledger)
+    engine = ThreadDispatcher(
+        delivery, lambda: transport, max_workers=1, max_queue_size=1, shutdown_timeout=1
+    )
+    transport.gate.clear()
+    try:
+        for n in range(5):
+            engine.submit(identify(person(n)))
+        now[0] = 61.0
+        engine.submit(identify(person(99)))
+    finally:
+        transport.gate.set()
+        engine.shutdown(5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "dropped 1 call(s) (queue_full)" in warnings[0]
+    dropped = ledger.snapshot()["dropped.queue_full"]
+    assert f"dropped {dropped - 1} call(s)" in warnings[1]
+
+
+def test_drop_is_signalled(make_engine: Callable[..., ThreadDispatcher]) -> None:
+    from flask_koala import signals
+
+    sender = object()
+    ledger = Ledger(lambda: sender)
+    delivery = Delivery("http://127.0.0.1:9/x", timeout=1.0, policy=RetryPolicy(), ledger=ledger)
+    engine = ThreadDispatcher(
+        delivery, GatedTransport, max_workers=1, max_queue_size=1, shutdown_timeout=1
+    )
+    engine.shutdown(0)
+    seen: list[str] = []
+    with signals.call_dropped.connected_to(lambda s, **kw: seen.append(kw["reason"]), sender):
+        assert engine.submit(identify()) is False
+    assert seen == ["shutdown"]
+
+
+# -- flush and shutdown --------------------------------------------------------------------
+
+
+def test_flush_without_calls_is_true(make_engine: Callable[..., ThreadDispatcher]) -> None:
+    assert make_engine().flush(0.1)
+
+
+def test_flush_is_bounded_and_reports_what_remains(
+    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport
+) -> None:
+    transport.gate.clear()
+    engine = make_engine()
+    engine.submit(identify())
+    assert engine.flush(0.2) is False
+    assert engine.pending == 1
+    transport.gate.set()
+    assert engine.flush(5)
+
+
+def test_flush_does_not_hang_when_workers_are_dead(
+    make_engine: Callable[..., ThreadDispatcher], ledger: Ledger
+) -> None:
+    engine = make_engine()
+    # As after a fork without our hook, or threads killed: work left, nobody to do it.
+    engine._unfinished = 1
+    assert engine.flush(None) is False
+
+
+def test_shutdown_is_idempotent(make_engine: Callable[..., ThreadDispatcher]) -> None:
+    engine = make_engine()
+    engine.submit(identify())
+    assert engine.shutdown(5)
+    assert engine.shutdown(5)
+
+
+def test_calls_after_shutdown_are_dropped_with_reason(
+    make_engine: Callable[..., ThreadDispatcher], ledger: Ledger
+) -> None:
+    engine = make_engine()
+    engine.shutdown(1)
+    assert engine.submit(identify()) is False
+    assert ledger.snapshot()["dropped.shutdown"] == 1
+
+
+def test_shutdown_timeout_drops_what_is_left(
+    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport, ledger: Ledger
+) -> None:
+    transport.gate.clear()
+    engine = make_engine(max_workers=1)
+    for n in range(3):
+        engine.submit(identify(person(n)))
+    assert engine.shutdown(0.1) is False
+    transport.gate.set()
+    for thread in threading.enumerate():
+        if thread.name.startswith("flask-koala-"):
+            thread.join(5)
+    counts = ledger.snapshot()
+    assert counts["dropped.shutdown"] == 2
+    assert counts["sent"] == 1
+    assert counts["pending"] == 0
+
+
+def test_every_accepted_call_ends_exactly_once(
+    make_engine: Callable[..., ThreadDispatcher], ledger: Ledger
+) -> None:
+    engine = make_engine(max_workers=4, max_queue_size=1000)
+    for n in range(200):
+        engine.submit(identify(person(n % 50)))
+    assert engine.flush(10)
+    counts = ledger.snapshot()
+    assert counts["queued"] == 200
+    assert counts["sent"] == 200
+    assert counts["pending"] == 0
+
+
+def test_same_person_waiting_together_share_a_request(
+    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport
+) -> None:
+    transport.gate.clear()
+    engine = make_engine(max_workers=1)
+    engine.submit(identify(person(1)))  # taken by the worker, held at the gate
+    for _ in range(3):
+        engine.submit(identify(person(2)))
+    transport.gate.set()
+    assert engine.flush(5)
+    assert len(transport.bodies) == 2
+    assert transport.bodies[1].count(b'"type":"identify"') == 3
+
+
+# -- sync ----------------------------------------------------------------------------------
+
+
+def test_sync_dispatcher_sends_on_the_calling_thread(
+    transport: GatedTransport, ledger: Ledger
+) -> None:
+    delivery = Delivery("http://127.0.0.1:9/x", timeout=1.0, policy=RetryPolicy(), ledger=ledger)
+    sync = SyncDispatcher(delivery, lambda: transport)
+    assert sync.submit(identify())
+    assert len(transport.bodies) == 1
+    assert ledger.snapshot()["sent"] == 1
+    assert koala_threads() == []
+    sync.shutdown()
+    assert transport.closed == 1
+
+
+# -- fork ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_a_fresh_engine(
+    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport, ledger: Ledger
+) -> None:
+    transport.gate.clear()
+    engine = make_engine(max_workers=1)
+    for n in range(3):
+        engine.submit(identify(person(n)))  # the parent's, held at the gate
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about forking with threads running: that is the point here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            inherited = engine.pending
+            transport.gate.set()
+            transport.bodies.clear()
+            engine.submit(identify(person(9)))
+            delivered = engine.flush(5)
+            names = koala_threads()
+            report = f"{inherited},{delivered},{len(transport.bodies)},{ledger.snapshot()['sent']}"
+            report += f",{len(names)}"
+            os.write(write, report.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        report = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    inherited, delivered, bodies, sent, threads = report.split(",")
+    # The child starts empty (the parent sends its own calls), with its own live worker.
+    assert (inherited, delivered, bodies, sent, threads) == ("0", "True", "1", "1", "1")
+    transport.gate.set()
+    assert engine.flush(5)
+    assert ledger.snapshot()["sent"] == 3

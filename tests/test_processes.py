@@ -1,0 +1,157 @@
+"""The engine in real processes: gunicorn with --preload, and a plain interpreter exit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from flask_koala.receiver import KoalaReceiver
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def env_for(api_url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["KOALA_API_URL"] = api_url
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+def person(n: int) -> str:
+    return f"3f2504e0-4f89-41d3-9a0c-{n:012d}"
+
+
+@pytest.fixture
+def gunicorn(receiver: KoalaReceiver) -> Iterator[str]:
+    binary = shutil.which("gunicorn", path=str(Path(sys.executable).parent))
+    if binary is None:
+        pytest.skip("gunicorn is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--preload",
+            "--workers",
+            "2",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "5",
+            "tests.process_app:app",
+        ],
+        cwd=ROOT,
+        env=env_for(receiver.url, KOALA_TEST_WARM_UP="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 0, stderr.decode()
+
+
+def test_gunicorn_preload_workers_deliver_logins(gunicorn: str, receiver: KoalaReceiver) -> None:
+    with requests.Session() as http:
+        for n in range(20):
+            # A fresh connection each time, so both workers get logins.
+            response = http.post(
+                f"{gunicorn}/login/jane",
+                cookies={"ko_id": person(n)},
+                headers={"Connection": "close"},
+                timeout=10,
+            )
+            assert response.status_code == 200
+    assert receiver.wait_for(21, timeout=20)  # 20 logins and the master's warm-up call
+    profiles = {body["profile_id"] for body in receiver.bodies}
+    assert {person(n) for n in range(20)} <= profiles
+    assert len(receiver.bodies) == 21  # no worker re-sent the master's call
+    assert receiver.violations == []
+
+
+def run_script(api_url: str, count: int, shutdown_timeout: str) -> tuple[float, str]:
+    """Run the script; return seconds from 'accepted' to exit, and its stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.process_app", str(count)],
+        cwd=ROOT,
+        env=env_for(api_url, KOALA_SHUTDOWN_TIMEOUT=shutdown_timeout),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "accepted"
+    accepted = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+    elapsed = time.monotonic() - accepted
+    assert proc.returncode == 0, stderr
+    return elapsed, stderr
+
+
+def test_exit_without_flush_delivers_everything(receiver: KoalaReceiver) -> None:
+    _, stderr = run_script(receiver.url, 50, "5")
+    assert len(receiver.bodies) == 50
+    assert stderr == ""
+
+
+def test_exit_with_koala_down_is_bounded_and_quiet() -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    elapsed, stderr = run_script(down, 10, "1")
+    assert elapsed <= 1 + 1
+    assert stderr == ""
+
+
+def test_exit_with_koala_hanging_is_bounded() -> None:
+    with KoalaReceiver() as hanging:
+        hanging.delay(30)
+        elapsed, stderr = run_script(hanging.url, 10, "1")
+    assert elapsed <= 1 + 1
+    assert stderr == ""
+
+
+def test_exit_warns_once_with_the_number_left_where_logging_is_set_up() -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    code = (
+        "import logging, sys; logging.basicConfig(stream=sys.stdout, format='%(message)s');"
+        "from tests.process_app import main; main(10)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env_for(down, KOALA_SHUTDOWN_TIMEOUT="0.5"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("flask-koala")]
+    assert lines == ["flask-koala: exiting with 10 call(s) not delivered after 0.5s"]
