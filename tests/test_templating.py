@@ -4,13 +4,15 @@ and the optional insertion into HTML pages."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import re
 from typing import Any, Callable
 
 import pytest
-from flask import Flask, Response, g, jsonify, render_template_string, request
+from flask import Flask, Response, g, jsonify, render_template_string, request, send_file, session
+from flask_login import login_required, logout_user
 
 from flask_koala import Koala
 from flask_koala.templating import RESET_KEY
@@ -18,6 +20,7 @@ from flask_koala.templating import RESET_KEY
 PAGE = "<!doctype html><html><head>{{ koala_script() }}</head><body><p>hi</p></body></html>"
 BARE = "<!doctype html><html><head></head><body><p>hi</p></body></html>"
 SDK = "https://cdn.getkoala.com/v1/pk_test/sdk.js"
+TALISMAN_PAGE = "<head>{{ koala_script(nonce=csp_nonce()) }}</head>"
 
 MakePage = Callable[..., Flask]
 
@@ -187,6 +190,21 @@ def test_logout_while_anonymous_needs_no_reset(page_client: Any) -> None:
         assert RESET_KEY not in session
 
 
+def test_logout_view_that_empties_the_session_first(page_app: Flask) -> None:
+    # The README's advice for views that clear the whole session: clear, then log out.
+    @page_app.post("/logout-all")
+    @login_required
+    def logout_all() -> Any:
+        session.clear()
+        logout_user()
+        return jsonify(ok=True)
+
+    client = page_app.test_client()
+    client.post("/login/jane")
+    client.post("/logout-all")
+    assert "ko.reset(" in page(client)
+
+
 def test_pending_reset_survives_non_html_responses(page_client: Any) -> None:
     page_client.post("/login/jane")
     page_client.post("/logout")
@@ -303,9 +321,12 @@ def test_talisman_nonce_matches_the_policy(make_page_app: MakePage) -> None:
         },
         content_security_policy_nonce_in=["script-src"],
     )
-    response = app.test_client().get("/page")
-    (nonce,) = re.findall(r"'nonce-([^']+)'", response.headers["Content-Security-Policy"])
-    assert f'<script data-flask-koala nonce="{nonce}">' in response.get_data(as_text=True)
+    app.add_url_rule("/explicit", "explicit", lambda: render_template_string(TALISMAN_PAGE))
+    client = app.test_client()
+    for path in ("/page", "/explicit"):
+        response = client.get(path)
+        (nonce,) = re.findall(r"'nonce-([^']+)'", response.headers["Content-Security-Policy"])
+        assert f'<script data-flask-koala nonce="{nonce}">' in response.get_data(as_text=True)
 
 
 # -- insertion into pages ------------------------------------------------------------------
@@ -360,6 +381,15 @@ def test_inject_consumes_the_reset_once(inject_app: Flask) -> None:
 @pytest.mark.parametrize("path", ["/json", "/text", "/stream", "/no-body"])
 def test_inject_leaves_other_responses_alone(inject_app: Flask, path: str) -> None:
     assert "data-flask-koala" not in inject_app.test_client().get(path).get_data(as_text=True)
+
+
+def test_inject_leaves_files_alone(inject_app: Flask) -> None:
+    inject_app.add_url_rule(
+        "/file",
+        "file",
+        lambda: send_file(io.BytesIO(b"<body></body>"), mimetype="text/html"),
+    )
+    assert inject_app.test_client().get("/file").get_data() == b"<body></body>"
 
 
 def test_inject_off_by_default(page_app: Flask) -> None:
