@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ Timeout = Union[float, tuple[float, float]]
 
 # Characters that would change the meaning of the URL the key is spliced into.
 _UNSAFE_KEY = re.compile(r"[/?#%\s\x00-\x1f\x7f]")
+_URL_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 _COOKIE_NAME = re.compile(r"^[!#$&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
@@ -111,8 +113,8 @@ def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaCon
         ),
         defer_max_age=_seconds(config, "KOALA_DEFER_MAX_AGE", d.defer_max_age),
         cookie_domain=_optional_str(config, "KOALA_COOKIE_DOMAIN"),
-        sdk_url=_optional_str(config, "KOALA_SDK_URL"),
-        sdk_settings=_optional_mapping(config, "KOALA_SDK_SETTINGS"),
+        sdk_url=_sdk_url(config),
+        sdk_settings=_sdk_settings(config),
         snippet_identify=_bool(config, "KOALA_SNIPPET_IDENTIFY", d.snippet_identify),
         csp_nonce=_optional_callable(config, "KOALA_CSP_NONCE"),
         inject_script=_bool(config, "KOALA_INJECT_SCRIPT", d.inject_script),
@@ -167,6 +169,45 @@ def _api_url(config: Mapping[str, Any]) -> str:
             "use https:// for anything else",
         )
     return value.rstrip("/")
+
+
+def _sdk_url(config: Mapping[str, Any]) -> Optional[str]:
+    key = "KOALA_SDK_URL"
+    value = _optional_str(config, key)
+    if value is None:
+        return None
+    if _URL_UNSAFE.search(value):
+        raise ConfigError(key, "must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if host is None or parts.scheme not in ("http", "https"):
+        raise ConfigError(key, f"must be an http:// or https:// URL with a host, not {value!r}")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ConfigError(
+            key,
+            "plain http:// is only allowed to a loopback host (localhost, 127.0.0.0/8, ::1); "
+            "browsers block an http:// script on an https:// page, so use https://",
+        )
+    return value
+
+
+def _sdk_settings(config: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    key = "KOALA_SDK_SETTINGS"
+    value = _optional_mapping(config, key)
+    if value is None:
+        return None
+    try:
+        # A deep copy through JSON: what the page gets is fixed now, whatever happens to
+        # the dict in app.config later.
+        copy: dict[str, Any] = json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ConfigError(
+            key, f"must hold only JSON values (dicts, lists, strings, numbers, bools): {exc}"
+        ) from None
+    return copy
 
 
 def _is_loopback(host: str) -> bool:

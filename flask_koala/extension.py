@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, TypeVar
 from flask import Flask, current_app, g, has_app_context, has_request_context, request
 from flask_login import user_loaded_from_cookie, user_logged_in
 
-from . import signals
+from . import signals, templating
 from .config import KoalaConfig, load_config
 from .cookies import parse_profile_id
 from .delivery import Delivery
@@ -136,6 +136,7 @@ class Koala:
             user_logged_in.connect(_on_user_logged_in, sender=app)
         if config.identify_on_remember:
             user_loaded_from_cookie.connect(_on_user_loaded_from_cookie, sender=app)
+        templating.init_app(app, config)
 
     def identity_loader(self, loader: F) -> F:
         """Register ``loader(user) -> dict | None``: the traits to send for a user.

@@ -135,3 +135,56 @@ def test_init_app_starts_no_thread() -> None:
     init(KOALA_PUBLIC_KEY="pk", KOALA_API_URL="http://127.0.0.1:9")
     after = {t.name for t in threading.enumerate()}
     assert after == before
+
+
+# -- browser snippet ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://cdn.getkoala.com/v1/pk/sdk.js",
+        "https://koala.example.com/sdk.js",
+        "http://127.0.0.1:8000/sdk.js",
+        "http://localhost/sdk.js",
+        "http://[::1]:5000/sdk.js",
+    ],
+)
+def test_sdk_url_accepted(url: str) -> None:
+    assert load_config({"KOALA_SDK_URL": url}, testing=True).sdk_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://cdn.example.com/sdk.js",
+        "//cdn.example.com/sdk.js",
+        "javascript:alert(1)",
+        "https://",
+        "https://[::1",
+        "https://cdn.example.com/sdk.js\n",
+        "https://cdn.example.com/s dk.js",
+    ],
+)
+def test_sdk_url_rejected(url: str) -> None:
+    with pytest.raises(ConfigError, match="KOALA_SDK_URL"):
+        load_config({"KOALA_SDK_URL": url}, testing=True)
+
+
+def test_sdk_url_defaults_to_none() -> None:
+    assert load_config({}, testing=True).sdk_url is None
+
+
+@pytest.mark.parametrize(
+    "settings", [{"x": float("nan")}, {"x": {1, 2}}, {"x": object()}, "host=x", ["host"]]
+)
+def test_sdk_settings_must_be_a_json_dict(settings: Any) -> None:
+    with pytest.raises(ConfigError, match="KOALA_SDK_SETTINGS"):
+        load_config({"KOALA_SDK_SETTINGS": settings}, testing=True)
+
+
+def test_sdk_settings_are_copied() -> None:
+    settings: dict[str, Any] = {"sdk_settings": {"autocapture": False}}
+    config = load_config({"KOALA_SDK_SETTINGS": settings}, testing=True)
+    settings["sdk_settings"]["autocapture"] = True
+    assert config.sdk_settings == {"sdk_settings": {"autocapture": False}}

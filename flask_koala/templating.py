@@ -1,0 +1,190 @@
+"""The Flask side of the browser pixel: ``koala_script()`` in templates, the reset after a
+logout, and the optional insertion of the snippet into HTML pages.
+
+The markup itself and its escaping live in :mod:`flask_koala.snippet`; this module only
+gathers the request's values for it. Nothing here may break a page: a failure is logged and
+the page is served without the snippet.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
+
+from flask import Flask, Response, current_app, has_app_context, has_request_context, session
+from flask_login import current_user, user_logged_out
+from markupsafe import Markup
+
+from .payload import clean_email, clean_traits
+from .snippet import MARKER, default_sdk_url, render_snippet
+
+if TYPE_CHECKING:
+    from .config import KoalaConfig
+
+__all__ = ["init_app", "koala_script"]
+
+logger = logging.getLogger("flask_koala")
+
+#: Session key of the "reset the browser's identity on the next page" flag.
+RESET_KEY = "_koala_reset"
+
+_MARKER_BYTES = MARKER.encode("ascii")
+_UTF8 = ("utf-8", "utf8")
+# Apps already told, at DEBUG, that they have no public key to load the pixel with.
+_told_no_key: weakref.WeakSet[Flask] = weakref.WeakSet()
+
+
+def init_app(app: Flask, config: KoalaConfig) -> None:
+    """Register ``koala_script``, the logout receiver and, if asked, the insertion hook."""
+    app.add_template_global(koala_script, "koala_script")
+    # A module-level receiver with sender=app: blinker holds receivers weakly.
+    user_logged_out.connect(_on_user_logged_out, sender=app)
+    if config.inject_script:
+        app.after_request(_insert_snippet)
+
+
+def koala_script(nonce: Optional[str] = None) -> Markup:
+    """Koala's pixel for this page, and ``ko.identify`` for the logged-in user.
+
+    Put ``{{ koala_script() }}`` in the base template, in ``<head>`` or before ``</body>``.
+    Renders nothing when flask-koala is disabled (``KOALA_ENABLED = False``) or has no
+    public key and no ``KOALA_SDK_URL`` to load the SDK from.
+
+    Args:
+        nonce: the CSP nonce for the script tags; defaults to ``KOALA_CSP_NONCE()``. An
+            empty string means "no nonce".
+    """
+    try:
+        return _render(nonce)
+    except Exception:
+        logger.exception("flask-koala: rendering the browser snippet failed; page served without")
+        return Markup("")
+
+
+def _render(nonce: Optional[str]) -> Markup:
+    if not has_app_context():
+        return Markup("")
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    state = app.extensions.get("koala")
+    if state is None:
+        return Markup("")
+    config: KoalaConfig = state.config
+    if not config.enabled:
+        return Markup("")
+    if config.sdk_url is not None:
+        sdk_url = config.sdk_url
+    elif config.public_key is not None:
+        sdk_url = default_sdk_url(config.public_key)
+    else:
+        if app not in _told_no_key:
+            _told_no_key.add(app)
+            logger.debug(
+                "flask-koala: koala_script() renders nothing: no KOALA_PUBLIC_KEY or "
+                "KOALA_SDK_URL to load Koala's pixel from"
+            )
+        return Markup("")
+    email, traits = _identity(state.extension) if config.snippet_identify else (None, None)
+    return render_snippet(
+        sdk_url,
+        settings=config.sdk_settings,
+        email=email,
+        traits=traits,
+        reset=_take_reset(),
+        nonce=_nonce(config, nonce),
+    )
+
+
+def _identity(extension: Any) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """The logged-in user's email and traits, through the same identity loader as logins."""
+    if not has_request_context() or not getattr(current_user, "is_authenticated", False):
+        return None, None
+    try:
+        found = extension._identity_loader(current_user._get_current_object())
+    except Exception:
+        logger.exception("flask-koala: the identity loader raised; page served without identify")
+        return None, None
+    if not isinstance(found, Mapping):
+        return None, None
+    email = clean_email(found.get("email"))
+    if email is None:
+        logger.debug("flask-koala: no usable email for the logged-in user; no ko.identify")
+        return None, None
+    traits, _ = clean_traits(found)
+    if traits is None:
+        return None, None
+    # The email is identify's first argument; repeating it in the traits adds nothing.
+    traits.pop("email", None)
+    return email, traits
+
+
+def _take_reset() -> bool:
+    """Whether a logout happened since the last page; clears the flag when it did."""
+    if not has_request_context() or not session.get(RESET_KEY):
+        return False
+    session.pop(RESET_KEY, None)
+    return True
+
+
+def _nonce(config: KoalaConfig, explicit: Optional[str]) -> Optional[str]:
+    if explicit is not None:
+        return str(explicit) or None
+    if config.csp_nonce is None:
+        return None
+    try:
+        value = config.csp_nonce()
+    except Exception:
+        logger.exception("flask-koala: KOALA_CSP_NONCE raised; snippet rendered without a nonce")
+        return None
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        logger.warning(
+            "flask-koala: KOALA_CSP_NONCE returned a %s, not a str; snippet rendered without "
+            "a nonce",
+            type(value).__name__,
+        )
+        return None
+    return value
+
+
+def _on_user_logged_out(sender: Any, user: Any = None, **extra: Any) -> None:
+    """Flask-Login's ``user_logged_out``: the next page tells the pixel to forget the user."""
+    try:
+        if not getattr(user, "is_authenticated", False):
+            return
+        state = sender.extensions.get("koala")
+        if state is None or not state.config.enabled:
+            return
+        session[RESET_KEY] = True
+    except Exception:
+        logger.exception("flask-koala: could not note the logout for the browser; logout goes on")
+
+
+def _insert_snippet(response: Response) -> Response:
+    """``KOALA_INJECT_SCRIPT``: put the snippet before ``</body>`` of HTML pages without it."""
+    try:
+        _insert(response)
+    except Exception:
+        logger.exception("flask-koala: inserting the browser snippet failed; page served as is")
+    return response
+
+
+def _insert(response: Response) -> None:
+    if response.mimetype != "text/html" or response.direct_passthrough or response.is_streamed:
+        return
+    if response.status_code in (204, 304) or "Content-Encoding" in response.headers:
+        return
+    if response.mimetype_params.get("charset", "utf-8").lower() not in _UTF8:
+        return
+    body = response.get_data()
+    if _MARKER_BYTES in body:
+        return
+    at = body.lower().rfind(b"</body")
+    if at < 0:
+        return
+    snippet = koala_script()
+    if not snippet:
+        return
+    response.set_data(body[:at] + str(snippet).encode("utf-8") + b"\n" + body[at:])
