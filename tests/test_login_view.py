@@ -138,7 +138,7 @@ def test_bare_form_identifies_a_request_loader_login(
 ) -> None:
     app = make_app(koala=koala)
 
-    @app.login_manager.request_loader  # type: ignore[attr-defined]
+    @app.login_manager.request_loader  # type: ignore[attr-defined,untyped-decorator]
     def from_token(req: Any) -> User | None:
         # Flask-Login sends no user_logged_in for this kind of login.
         return USERS.get(req.headers.get("X-Token", ""))
