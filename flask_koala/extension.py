@@ -159,7 +159,8 @@ class Koala:
                                              # user (through the identity loader), an email,
                                              # a traits dict with "email", or None
 
-        Plain and ``async def`` views alike; the name and docstring are kept. The view's
+        Plain and ``async def`` views alike (``get_user`` itself is a plain function); the
+        name and docstring are kept. The view's
         return value is made a response with ``flask.make_response`` to read its status.
         An exception in the view propagates and nothing is sent; anything failing inside
         flask-koala afterwards is logged and the response goes out unchanged. A view that
