@@ -14,10 +14,10 @@ import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, TypeVar
 
-from flask import Flask, current_app, g, has_app_context, has_request_context, request
+from flask import Flask, current_app, has_app_context, has_request_context, request
 from flask_login import user_loaded_from_cookie, user_logged_in
 
-from . import signals, templating
+from . import login_view, missing_cookie, signals, templating
 from .config import KoalaConfig, load_config
 from .cookies import parse_profile_id
 from .delivery import Delivery
@@ -35,6 +35,7 @@ IdentityLoader = Callable[[Any], Optional[Mapping[str, Any]]]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _EXTENSION_KEY = "koala"
+_IDENTIFIED_KEY = "flask_koala.identified"
 
 
 def default_identity_loader(user: Any) -> Optional[dict[str, Any]]:
@@ -136,6 +137,7 @@ class Koala:
             user_logged_in.connect(_on_user_logged_in, sender=app)
         if config.identify_on_remember:
             user_loaded_from_cookie.connect(_on_user_loaded_from_cookie, sender=app)
+        missing_cookie.init_app(app, config)
         templating.init_app(app, config)
 
     def identity_loader(self, loader: F) -> F:
@@ -146,6 +148,26 @@ class Koala:
         """
         self._identity_loader = loader
         return loader
+
+    def identify_login(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        """Identify whoever a view logged in, once it has returned a response below 400.
+
+        For login views that Flask-Login's signal misses: OAuth and SSO callbacks that never
+        call ``login_user``, logins through a request loader. Two forms::
+
+            @koala.identify_login            # flask_login.current_user, if authenticated
+            @koala.identify_login(get_user)  # get_user() in the request context returns a
+                                             # user (through the identity loader), an email,
+                                             # a traits dict with "email", or None
+
+        Plain and ``async def`` views alike (``get_user`` itself is a plain function); the
+        name and docstring are kept. The view's
+        return value is made a response with ``flask.make_response`` to read its status.
+        An exception in the view propagates and nothing is sent; anything failing inside
+        flask-koala afterwards is logged and the response goes out unchanged. A view that
+        also calls ``login_user`` sends one identify, not two.
+        """
+        return login_view.identify_login(self, func)
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -164,8 +186,9 @@ class Koala:
             profile_id: the Koala visitor id; defaults to the current request's cookie.
 
         Returns:
-            ``True`` when the call was accepted, ``False`` when it was skipped or dropped
-            (the reason is counted in :attr:`stats` and logged at DEBUG).
+            ``True`` when the call was accepted (or, with ``KOALA_MISSING_COOKIE = "defer"``,
+            parked in the session until the visitor has a cookie), ``False`` when it was
+            skipped or dropped (the reason is counted in :attr:`stats` and logged at DEBUG).
         """
         state = self._state()
         try:
@@ -201,11 +224,16 @@ class Koala:
             return False
 
     def profile_id(self) -> Optional[str]:
-        """The current request's validated Koala visitor id, or ``None``."""
-        state = self._state()
+        """The current request's validated Koala visitor id, or ``None``.
+
+        For apps that route through Segment (which reads ``traits.profile_id`` on identify
+        and ``properties.profile_id`` on track) or RudderStack (the trait
+        ``ko_profile_id``). The id minted for this request under ``KOALA_MISSING_COOKIE =
+        "mint"`` counts; outside a request there is none.
+        """
         if not has_request_context():
             return None
-        return parse_profile_id(request.cookies.get(state.config.cookie_name))
+        return self._resolve_profile_id(self._state(), None)[0]
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -313,9 +341,12 @@ class Koala:
             ledger.skipped("disabled")
             return False
         resolved, reason = self._resolve_profile_id(state, profile_id)
+        policy = None
         if resolved is None:
-            ledger.skipped(reason)
-            return False
+            if profile_id is not None or not missing_cookie.applies(state.config, reason):
+                ledger.skipped(reason)
+                return False
+            policy = state.config.missing_cookie
         clean = clean_email(email)
         if clean is None:
             ledger.skipped("bad_email", profile_id=resolved)
@@ -324,6 +355,10 @@ class Koala:
         if plain is None:
             ledger.skipped("bad_traits", email=clean, profile_id=resolved)
             return False
+        if policy == "defer":
+            return missing_cookie.defer(state, clean, plain)
+        if resolved is None:  # "mint"
+            resolved = missing_cookie.mint(state.config)
         if _already_identified(resolved, clean):
             ledger.skipped("duplicate", email=clean, profile_id=resolved)
             return False
@@ -382,14 +417,17 @@ class Koala:
         if not has_request_context():
             return None, "no_cookie"
         raw = request.cookies.get(state.config.cookie_name)
-        if raw is None or raw == "":
-            return None, "no_cookie"
         parsed = parse_profile_id(raw)
-        return (parsed, "bad_cookie") if parsed is None else (parsed, "")
+        if parsed is None:
+            # A visitor id minted earlier in this request stands in for the cookie.
+            parsed = missing_cookie.minted_profile_id()
+        if parsed is not None:
+            return parsed, ""
+        return None, "no_cookie" if raw is None or raw == "" else "bad_cookie"
 
     def _current_user_email(self) -> Optional[str]:
         """The logged-in user's email through the identity loader, if any."""
-        if not has_request_context():
+        if not has_request_context() or getattr(current_app, "login_manager", None) is None:
             return None
         from flask_login import current_user
 
@@ -410,9 +448,11 @@ def _already_identified(profile_id: str, email: str) -> bool:
     """At most one identify per (visitor, email) per request; records this one."""
     if not has_request_context():
         return False
-    seen: Optional[set[tuple[str, str]]] = g.get("_koala_identified")
+    # In the WSGI environ, not ``g``: ``g`` belongs to the app context, which several
+    # requests share when one was pushed around them.
+    seen: Optional[set[tuple[str, str]]] = request.environ.get(_IDENTIFIED_KEY)
     if seen is None:
-        seen = g._koala_identified = set()
+        seen = request.environ[_IDENTIFIED_KEY] = set()
     key = (profile_id, email)
     if key in seen:
         return True

@@ -26,8 +26,20 @@ __all__ = ["OUTCOMES", "Ledger"]
 
 logger = logging.getLogger("flask_koala")
 
-#: Counters every ledger reports, even at zero.
-OUTCOMES = ("queued", "sent", "failed", "dropped", "skipped", "retried", "suppressed", "pending")
+#: Counters every ledger reports, even at zero. ``deferred`` is not an end: it counts
+#: identifies parked in a session until a ``ko_id`` shows up (``KOALA_MISSING_COOKIE =
+#: "defer"``); each later ends as a queued call or a ``skipped.defer_*``.
+OUTCOMES = (
+    "queued",
+    "sent",
+    "failed",
+    "dropped",
+    "skipped",
+    "retried",
+    "suppressed",
+    "pending",
+    "deferred",
+)
 
 _WARN_INTERVAL = 60.0
 _EMAILISH = re.compile(r"[^\s@\"'<>]+@[^\s@\"'<>]+")
@@ -143,6 +155,11 @@ class Ledger:
                 status=None,
                 error=None,
             )
+
+    def deferred(self, reason: Optional[str] = None) -> None:
+        """An identify waits in the visitor's session for a ``ko_id``; not an end yet."""
+        self._count("deferred", reason, 1)
+        logger.debug("flask-koala: identify deferred until the visitor has a cookie")
 
     def dropped(self, calls: Sequence[Call], reason: str, *, accepted: bool) -> None:
         """Calls were given up without an attempt: a full queue, shutdown."""

@@ -117,7 +117,8 @@ def test_remember_me_restore_identifies_once(
     fresh.get("/whoami")
     with app.app_context():
         koala.flush(5)
-    # The password login, then one remember-me restore (they may share a request).
+    # The password login, then one remember-me restore; count calls, not requests, since
+    # calls about one person waiting together share a request.
     assert len(receiver.message_ids()) == 2
 
 

@@ -1,0 +1,332 @@
+"""What a login without a usable ``ko_id`` cookie does: ``KOALA_MISSING_COOKIE``.
+
+``"skip"`` (the default) is what Koala's identify guide says, and needs nothing here. The
+other two policies cover logins that land before Koala's pixel has run, which SSO and OAuth
+callbacks often do:
+
+``"defer"``
+    The identify is parked in the Flask session (plain values only: email, a few traits,
+    when, a message id) and sent on the first later request of that session that carries a
+    valid ``ko_id``, with its original ``sent_at``. It is forgotten after
+    ``KOALA_DEFER_MAX_AGE`` or on logout. Counted as ``deferred`` when parked; each one later
+    ends as a queued call, or as ``skipped.defer_expired``, ``skipped.defer_cancelled``
+    (logout), ``skipped.defer_overflow`` (more than :data:`MAX_DEFERRED` in one session) or
+    ``skipped.defer_invalid`` (an entry this version cannot read). One the browser never
+    brings back ends uncounted, with its session.
+
+``"mint"``
+    As Koala's server-side reference does: a new UUID v4 becomes the visitor id, is set as
+    the cookie on the response (readable by the pixel, so not HttpOnly) and the identify is
+    sent with it. Later calls in the same request, and :meth:`Koala.profile_id`, use it too.
+
+Only the request thread runs here; nothing leaves the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
+
+from flask import Flask, Response, after_this_request, current_app, has_request_context, request
+from flask import session as flask_session
+from flask.sessions import SecureCookieSessionInterface
+from flask_login import user_logged_out
+
+from .config import KoalaConfig
+from .cookies import mint_profile_id, parse_profile_id
+from .exceptions import ConfigError
+from .payload import Call, clean_email, clean_traits, fits
+
+if TYPE_CHECKING:
+    from .extension import _KoalaState
+
+__all__ = [
+    "COOKIE_MAX_AGE",
+    "MAX_DEFERRED",
+    "MAX_DEFERRED_TRAITS_BYTES",
+    "SESSION_KEY",
+    "applies",
+    "defer",
+    "init_app",
+    "mint",
+    "minted_profile_id",
+    "send_deferred",
+]
+
+logger = logging.getLogger("flask_koala")
+
+#: Where deferred identifies wait in the Flask session.
+SESSION_KEY = "_koala_deferred"
+#: At most this many deferred identifies per session; the oldest beyond it is skipped.
+MAX_DEFERRED = 3
+#: Traits (besides the email) kept with a deferred identify only up to this JSON size, so
+#: a cookie session stays well under the browsers' 4 KB; larger ones wait without them.
+MAX_DEFERRED_TRAITS_BYTES = 256
+#: A minted ``ko_id`` lives one year.
+COOKIE_MAX_AGE = 365 * 24 * 60 * 60
+
+# Per request, in the WSGI environ rather than ``g``: ``g`` belongs to the app context,
+# which several requests share when one was pushed around them.
+_MINTED_KEY = "flask_koala.minted_profile_id"
+# The reasons a request's cookie is unusable; an explicit bad profile_id is never "missing".
+_UNUSABLE = frozenset({"no_cookie", "bad_cookie"})
+
+
+def init_app(app: Flask, config: KoalaConfig) -> None:
+    """Hook the ``"defer"`` policy into the app: send on a later request, forget on logout.
+
+    Raises:
+        ConfigError: ``"defer"`` with Flask's cookie session but no ``SECRET_KEY``.
+    """
+    if config.missing_cookie != "defer" or config.mode == "disabled":
+        return
+    interface = app.session_interface
+    if isinstance(interface, SecureCookieSessionInterface) and not app.secret_key:
+        raise ConfigError(
+            "KOALA_MISSING_COOKIE",
+            "'defer' keeps the pending identify in the Flask session, which needs SECRET_KEY: "
+            "set it before init_app, or use 'skip' or 'mint'",
+        )
+    app.before_request(send_deferred)
+    # Module-level receiver with sender=app: blinker holds receivers weakly.
+    user_logged_out.connect(_on_user_logged_out, sender=app)
+
+
+def applies(config: KoalaConfig, reason: str) -> bool:
+    """Whether a policy other than ``"skip"`` takes over a call skipped for ``reason``."""
+    return config.missing_cookie != "skip" and reason in _UNUSABLE and has_request_context()
+
+
+# -- mint --------------------------------------------------------------------------------
+
+
+def minted_profile_id() -> Optional[str]:
+    """The visitor id minted earlier in this request, if any."""
+    if not has_request_context():
+        return None
+    minted: Optional[str] = request.environ.get(_MINTED_KEY)
+    return minted
+
+
+def mint(config: KoalaConfig) -> str:
+    """Mint a visitor id for this request and set it as the cookie on its response.
+
+    At most once per request: later calls get the same id. The cookie is set through
+    ``after_this_request``, so it reaches the response whether the login happened in the
+    view (Flask-Login's signal) or after it (``@identify_login``).
+    """
+    existing = minted_profile_id()
+    if existing is not None:
+        return existing
+    profile_id = mint_profile_id()
+    request.environ[_MINTED_KEY] = profile_id
+    cookie = _MintedCookie(
+        name=config.cookie_name,
+        value=profile_id,
+        domain=config.cookie_domain,
+        secure=request.is_secure,
+    )
+    after_this_request(cookie.set_on)
+    logger.debug("flask-koala: minted a visitor id for a login without one")
+    return profile_id
+
+
+@dataclasses.dataclass(frozen=True)
+class _MintedCookie:
+    """The ``ko_id`` to set: plain values, read on the request thread."""
+
+    name: str
+    value: str
+    domain: Optional[str]
+    secure: bool
+
+    def set_on(self, response: Response) -> Response:
+        try:
+            response.set_cookie(
+                self.name,
+                self.value,
+                max_age=COOKIE_MAX_AGE,
+                path="/",
+                domain=self.domain,
+                secure=self.secure,
+                httponly=False,  # Koala's pixel must read it
+                samesite="Lax",
+            )
+        except Exception:
+            logger.exception("flask-koala: setting the minted cookie failed; the response goes on")
+        return response
+
+
+# -- defer -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deferred:
+    """One identify waiting in a session, as read back from it."""
+
+    email: str
+    traits: dict[str, Any]
+    at: float
+    message_id: str
+
+    def to_session(self) -> dict[str, Any]:
+        return {"email": self.email, "traits": self.traits, "at": self.at, "id": self.message_id}
+
+
+def defer(state: _KoalaState, email: str, traits: dict[str, Any]) -> bool:
+    """Park an identify (already checked) in the session until a ``ko_id`` arrives.
+
+    Returns:
+        ``True`` when it was parked; ``False`` when it was skipped instead: the same email
+        already waits (``duplicate``) or the app has no usable session (``no_session``).
+    """
+    ledger = state.ledger
+    pending, invalid = _read(flask_session.get(SESSION_KEY))
+    if any(entry.email == email for entry in pending):
+        ledger.skipped("duplicate", email=email)
+        return False
+    extra = {key: value for key, value in traits.items() if key != "email"}
+    trimmed = bool(extra) and len(_encode(extra)) > MAX_DEFERRED_TRAITS_BYTES
+    if trimmed:
+        extra = {}
+    pending.append(_Deferred(email, extra, time.time(), str(uuid.uuid4())))
+    overflow, pending = pending[:-MAX_DEFERRED], pending[-MAX_DEFERRED:]
+    try:
+        flask_session[SESSION_KEY] = [entry.to_session() for entry in pending]
+    except RuntimeError:  # Flask's NullSession: no SECRET_KEY after all
+        ledger.skipped("no_session", email=email)
+        return False
+    ledger.deferred("without_traits" if trimmed else None)
+    for _ in range(invalid):
+        ledger.skipped("defer_invalid")
+    for entry in overflow:
+        ledger.skipped("defer_overflow", email=entry.email)
+    return True
+
+
+def send_deferred() -> None:
+    """``before_request``: send what waits in this session once the visitor has a cookie.
+
+    Also forgets entries older than ``KOALA_DEFER_MAX_AGE`` on any request of the session,
+    cookie or not. Never raises into the request.
+    """
+    try:
+        # Touching the session adds ``Vary: Cookie`` to the response; a request without a
+        # session cookie cannot have anything waiting, so it is left alone.
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        if app.session_interface.get_cookie_name(app) not in request.cookies:
+            return
+        if SESSION_KEY not in flask_session:
+            return
+        state = app.extensions.get("koala")
+        if state is not None:
+            _send_deferred(state)
+    except Exception:
+        logger.exception("flask-koala: sending deferred identifies failed; the request goes on")
+
+
+def _send_deferred(state: _KoalaState) -> None:
+    ledger = state.ledger
+    config = state.config
+    pending, invalid = _read(flask_session.get(SESSION_KEY))
+    for _ in range(invalid):
+        ledger.skipped("defer_invalid")
+    now = time.time()
+    fresh = []
+    for entry in pending:
+        if now - entry.at > config.defer_max_age:
+            ledger.skipped("defer_expired", email=entry.email)
+        else:
+            fresh.append(entry)
+    profile_id = parse_profile_id(request.cookies.get(config.cookie_name))
+    if profile_id is not None or not fresh:
+        flask_session.pop(SESSION_KEY, None)
+    elif len(fresh) != len(pending) or invalid:
+        flask_session[SESSION_KEY] = [entry.to_session() for entry in fresh]
+    if profile_id is None:
+        return
+    for entry in fresh:
+        _submit(state, entry, profile_id)
+
+
+def _submit(state: _KoalaState, entry: _Deferred, profile_id: str) -> None:
+    from .extension import _already_identified  # the extension imports this module
+
+    ledger = state.ledger
+    if state.dispatcher is None:
+        ledger.skipped("disabled", email=entry.email, profile_id=profile_id)
+        return
+    if _already_identified(profile_id, entry.email):
+        ledger.skipped("duplicate", email=entry.email, profile_id=profile_id)
+        return
+    traits = dict(entry.traits)
+    traits["email"] = entry.email
+    # The login's own time and id: sent_at is when it happened, not when it went out.
+    call = Call("identify", entry.message_id, profile_id, entry.email, entry.at, traits)
+    if not fits(call, len(_encode(traits))):
+        ledger.skipped("too_large", email=entry.email, profile_id=profile_id)
+        return
+    state.dispatcher.submit(call)
+
+
+def _on_user_logged_out(sender: Any, user: Any = None, **extra: Any) -> None:
+    """Flask-Login's ``user_logged_out``: what waits for this browser is forgotten."""
+    try:
+        if not has_request_context() or SESSION_KEY not in flask_session:
+            return
+        raw = flask_session.pop(SESSION_KEY, None)
+        state = sender.extensions.get("koala")
+        if state is None:
+            return
+        pending, invalid = _read(raw)
+        for _ in range(invalid):
+            state.ledger.skipped("defer_invalid")
+        for entry in pending:
+            state.ledger.skipped("defer_cancelled", email=entry.email)
+    except Exception:
+        logger.exception("flask-koala: forgetting deferred identifies failed; logout goes on")
+
+
+def _read(raw: object) -> tuple[list[_Deferred], int]:
+    """The entries of a session value, and how many could not be read.
+
+    The session is the app's own (signed, or server-side), but it outlives deployments, so
+    every field is checked again rather than trusted.
+    """
+    if raw is None:
+        return [], 0
+    if not isinstance(raw, list):
+        return [], 1
+    entries: list[_Deferred] = []
+    invalid = 0
+    for item in raw:
+        entry = _entry(item)
+        if entry is None:
+            invalid += 1
+        else:
+            entries.append(entry)
+    return entries, invalid
+
+
+def _entry(item: object) -> Optional[_Deferred]:
+    if not isinstance(item, Mapping):
+        return None
+    email = clean_email(item.get("email"))
+    traits, _ = clean_traits(item.get("traits"))
+    at = item.get("at")
+    message_id = item.get("id")
+    if email is None or traits is None or parse_profile_id(message_id) is None:
+        return None  # (a message id is a canonical UUID, as a visitor id is)
+    if not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at):
+        return None
+    return _Deferred(email, traits, float(at), str(message_id))
+
+
+def _encode(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,150 @@
+"""Every code block of ``docs/readme/login-flows.md`` runs, and does what the text says."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+
+from flask_koala import Koala
+from flask_koala.receiver import KoalaReceiver
+
+from .support import PROFILE_ID, USERS, User
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "readme" / "login-flows.md"
+
+
+def blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+
+
+class FakeProvider:
+    """What the callback block calls ``provider``: a code exchange without network."""
+
+    @staticmethod
+    def exchange(code: str) -> dict[str, str] | None:
+        return {"email": "sam@example.com", "name": "Sam"} if code == "good" else None
+
+
+class Recorder(types.ModuleType):
+    """Stands in for ``segment.analytics`` or ``rudderstack.analytics``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.calls: list[tuple[Any, ...]] = []
+
+    def identify(self, user_id: str, traits: dict[str, Any]) -> None:
+        self.calls.append(("identify", user_id, traits))
+
+    def track(self, user_id: str, event: str, properties: dict[str, Any]) -> None:
+        self.calls.append(("track", user_id, event, properties))
+
+
+@pytest.fixture
+def cdps(monkeypatch: pytest.MonkeyPatch) -> dict[str, Recorder]:
+    recorders = {}
+    for package in ("segment", "rudderstack"):
+        parent = types.ModuleType(package)
+        recorder = Recorder(f"{package}.analytics")
+        parent.analytics = recorder  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, package, parent)
+        monkeypatch.setitem(sys.modules, f"{package}.analytics", recorder)
+        recorders[package] = recorder
+    return recorders
+
+
+@pytest.fixture
+def doc_app(make_app: Callable[..., Flask], koala: Koala, cdps: dict[str, Recorder]) -> Flask:
+    app = make_app(koala=koala)
+
+    @app.login_manager.request_loader  # type: ignore[attr-defined,untyped-decorator]
+    def from_header(req: Any) -> User | None:
+        return USERS.get(req.headers.get("X-User", ""))
+
+    namespace: dict[str, Any] = {
+        "__name__": "readme",
+        "app": app,
+        "koala": koala,
+        "provider": FakeProvider,
+        "create_user": lambda form: USERS["jane"],
+    }
+    for code in blocks()[:5]:
+        exec(compile(code, str(DOC), "exec"), namespace)
+    return app
+
+
+def delivered(app: Flask, koala: Koala, receiver: KoalaReceiver) -> list[dict[str, Any]]:
+    with app.app_context():
+        assert koala.flush(5)
+    assert receiver.violations == []
+    return receiver.bodies
+
+
+def visitor(app: Flask) -> Any:
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    return client
+
+
+def test_the_doc_has_the_blocks_this_test_runs() -> None:
+    assert len(blocks()) == 6
+
+
+def test_callback_block(doc_app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
+    assert visitor(doc_app).get("/oauth/callback?code=good").status_code == 302
+    traits = delivered(doc_app, koala, receiver)[0]["identifies"][0]["traits"]
+    assert traits == {"email": "sam@example.com", "name": "Sam"}
+
+
+def test_callback_block_with_a_bad_code_sends_nothing(
+    doc_app: Flask, koala: Koala, receiver: KoalaReceiver
+) -> None:
+    visitor(doc_app).get("/oauth/callback?code=bad")
+    assert delivered(doc_app, koala, receiver) == []
+
+
+def test_bare_block(doc_app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
+    response = visitor(doc_app).post("/api/session", headers={"X-User": "jane"})
+    assert response.get_json() == {"user": "jane"}
+    assert delivered(doc_app, koala, receiver)[0]["email"] == "jane@example.com"
+
+
+def test_track_block(doc_app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
+    visitor(doc_app).post("/reports/export")
+    (event,) = delivered(doc_app, koala, receiver)[0]["events"]
+    assert (event["event"], event["properties"]) == ("Exported Report", {"format": "csv"})
+
+
+def test_segment_block(doc_app: Flask, cdps: dict[str, Recorder]) -> None:
+    visitor(doc_app).post("/signup")
+    identify, track = cdps["segment"].calls
+    assert identify == ("identify", "jane", {"email": "jane@example.com", "profile_id": PROFILE_ID})
+    assert track == ("track", "jane", "Signed Up", {"profile_id": PROFILE_ID})
+
+
+def test_rudderstack_block(doc_app: Flask, cdps: dict[str, Recorder]) -> None:
+    client = visitor(doc_app)
+    client.post("/login/jane")
+    client.post("/welcome")
+    (identify,) = cdps["rudderstack"].calls
+    assert identify == (
+        "identify",
+        "jane",
+        {"email": "jane@example.com", "ko_profile_id": PROFILE_ID},
+    )
+
+
+def test_missing_cookie_block(receiver: KoalaReceiver) -> None:
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="s", KOALA_PUBLIC_KEY="pk_test", KOALA_API_URL=receiver.url)
+    koala = Koala()
+    exec(compile(blocks()[5], str(DOC), "exec"), {"app": app, "koala": koala})
+    with app.app_context():
+        assert koala.config.missing_cookie == "defer"
+        assert koala.config.defer_max_age == 6 * 60 * 60
+        koala.shutdown(5)
