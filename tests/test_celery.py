@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -286,3 +288,16 @@ def test_dispatcher_counts_what_it_hands_over(receiver: KoalaReceiver) -> None:
     assert not dispatcher.submit(a_call())
     stats = ledger.snapshot()
     assert (stats["queued"], stats["dropped.broker_error"], stats["dropped.shutdown"]) == (1, 1, 1)
+
+
+# -- the README section --------------------------------------------------------------------
+
+
+def test_readme_section_examples_run() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "readme" / "celery.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:
+        namespace: dict[str, Any] = {"__name__": "readme_example"}
+        exec(compile(block, "docs/readme/celery.md", "exec"), namespace)
+        assert TASK_NAME in namespace["celery_app"].tasks
