@@ -29,7 +29,7 @@ test-min: $(VENV_MIN)/.installed
 $(VENV_MIN)/.installed: setup.cfg pyproject.toml constraints-min.txt
 	@test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
-	$(VENV_MIN)/bin/python -m pip install -q -c constraints-min.txt -e '.[test]'
+	$(VENV_MIN)/bin/python -m pip install -q -c constraints-min.txt -e '.[test,celery]'
 	@touch $@
 
 demo: $(STAMP)

@@ -60,7 +60,11 @@ class KoalaConfig:
     inject_script: bool = False
     dispatcher: str = "thread"
     celery_queue: str = "koala"
-    celery_max_retries: int = 200
+    # With the engine's backoff (0.5 s doubling, capped at 30 s, full jitter) a retry waits
+    # 15 s on average once the cap is reached: 1000 retries keep a call alive for about
+    # 4 hours (15.75 s for the first six, then 994 x 15 s = 14,926 s).
+    celery_max_retries: int = 1000
+    celery_publish_timeout: float = 1.0
 
     @property
     def sending(self) -> bool:
@@ -121,6 +125,9 @@ def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaCon
         dispatcher=_choice(config, "KOALA_DISPATCHER", d.dispatcher, DISPATCHERS),
         celery_queue=_non_empty_str(config, "KOALA_CELERY_QUEUE", d.celery_queue),
         celery_max_retries=_positive_int(config, "KOALA_CELERY_MAX_RETRIES", d.celery_max_retries),
+        celery_publish_timeout=_positive_float(
+            config, "KOALA_CELERY_PUBLISH_TIMEOUT", d.celery_publish_timeout
+        ),
     )
     return values
 

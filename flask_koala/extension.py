@@ -62,16 +62,24 @@ class _KoalaState:
         self.config = config
         self.app_ref = weakref.ref(app)
         self.ledger = Ledger(self.app_ref)
-        self.dispatcher = _make_dispatcher(config, self.ledger, transport_factory)
+        celery_app = extension._celery or app.extensions.get("celery")
+        self.dispatcher = _make_dispatcher(config, self.ledger, transport_factory, celery_app)
 
 
 def _make_dispatcher(
-    config: KoalaConfig, ledger: Ledger, transport_factory: TransportFactory
+    config: KoalaConfig,
+    ledger: Ledger,
+    transport_factory: TransportFactory,
+    celery_app: Any = None,
 ) -> Optional[Dispatcher]:
     if config.mode == "disabled":
         return None
     if config.mode == "suppressed":
         return SuppressedDispatcher(ledger)
+    if config.mode == "celery":
+        from .celery import CeleryDispatcher  # Celery is an optional extra
+
+        return CeleryDispatcher.from_config(config, ledger, celery_app)
     delivery = Delivery(
         config.endpoint,
         timeout=config.timeout,
@@ -100,6 +108,7 @@ class Koala:
         app: initialise this app right away.
         transport_factory: makes the object that posts to Koala, one per delivery thread;
             tests may hand in their own. Defaults to keep-alive HTTP.
+        celery: the Celery app for ``KOALA_DISPATCHER = "celery"``; see :meth:`init_celery`.
     """
 
     def __init__(
@@ -107,9 +116,13 @@ class Koala:
         app: Optional[Flask] = None,
         *,
         transport_factory: Optional[TransportFactory] = None,
+        celery: Any = None,
     ) -> None:
         self._identity_loader: IdentityLoader = default_identity_loader
         self._transport_factory: TransportFactory = transport_factory or HTTPTransport
+        self._celery: Any = None
+        if celery is not None:
+            self.init_celery(celery)
         if app is not None:
             self.init_app(app)
 
@@ -139,6 +152,19 @@ class Koala:
             user_loaded_from_cookie.connect(_on_user_loaded_from_cookie, sender=app)
         missing_cookie.init_app(app, config)
         templating.init_app(app, config)
+
+    def init_celery(self, celery_app: Any) -> None:
+        """Use this Celery app in celery mode, and register the delivery task on it.
+
+        Call it before :meth:`init_app` (or pass ``Koala(app, celery=celery_app)``); an app
+        that keeps its Celery app in ``app.extensions["celery"]``, as Flask's Celery guide
+        does, needs neither. The task, ``flask_koala.deliver``, is registered even while
+        ``KOALA_DISPATCHER`` is ``"thread"``, so a worker built from the same module can run it.
+        """
+        from .celery import register_task
+
+        register_task(celery_app)
+        self._celery = celery_app
 
     def identity_loader(self, loader: F) -> F:
         """Register ``loader(user) -> dict | None``: the traits to send for a user.

@@ -204,6 +204,11 @@ class Ledger:
         for call in calls:
             self._signal(signals.call_failed, call, reason=reason, status=status, error=error)
 
+    def published(self, calls: Sequence[Call]) -> None:
+        """The calls left this process for a Celery worker, which records how they end."""
+        self._count("published", None, len(calls), pending=len(calls))
+        logger.debug("flask-koala: handed %d call(s) to the Celery broker", len(calls))
+
     def retried(self, calls: Sequence[Call], reason: str, wait: float) -> None:
         """The calls will be tried again after ``wait`` seconds."""
         self._count("retried", reason, len(calls))

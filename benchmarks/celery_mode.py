@@ -1,0 +1,232 @@
+"""What celery mode adds to a login, next to thread mode: ``python -m benchmarks.celery_mode``.
+
+Three apps differing only in ``KOALA_DISPATCHER`` (and a baseline with flask-koala
+disabled) log in through Flask-Login's ``login_user``, each login with a fresh ``ko_id``,
+in interleaved rounds. Printed per mode: the median login, what it adds to the baseline, and
+the median time ``koala.identify()`` holds the request thread (the precise added cost). One
+more line measures what publishing on the request thread would cost instead: a plain
+``celery_app.send_task`` to the same Redis.
+
+Needs ``redis-server`` (Debian package) or ``KOALA_BENCH_REDIS_URL``. The Koala receiver runs
+in a process of its own so that its work does not blur the figures; no Celery worker runs
+(tasks wait in Redis, in the queue ``koala-bench``, deleted at the end). Options:
+``--logins N`` per mode and round, ``--rounds R``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Celery
+from flask import Flask, jsonify
+from flask_login import LoginManager, UserMixin, login_user
+
+from flask_koala import Koala
+from flask_koala.celery import TASK_NAME, task_kwargs
+from flask_koala.payload import Call
+from flask_koala.retry import RetryPolicy
+
+_RECEIVER = """
+import sys
+from flask_koala.receiver import KoalaReceiver
+with KoalaReceiver() as koala:
+    print(koala.url, flush=True)
+    sys.stdin.read()
+"""
+
+
+QUEUE = "koala-bench"
+BARE = "bare (flask-koala disabled)"
+
+
+class User(UserMixin):
+    def __init__(self) -> None:
+        self.id = "jane"
+        self.email = "jane@example.com"
+
+
+USER = User()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def redis() -> Iterator[str]:
+    url = os.environ.get("KOALA_BENCH_REDIS_URL")
+    if url:
+        yield url
+        return
+    if not shutil.which("redis-server"):
+        sys.exit("needs redis-server (apt-get install redis-server) or KOALA_BENCH_REDIS_URL")
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--daemonize", "no"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+@contextmanager
+def receiver() -> Iterator[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", _RECEIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    assert process.stdin is not None
+    try:
+        yield process.stdout.readline().strip()
+    finally:
+        process.stdin.close()
+        process.wait()
+
+
+def make_app(config: dict[str, Any], celery_app: Celery) -> tuple[Flask, Koala]:
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="bench", KOALA_PUBLIC_KEY="pk_bench", **config)
+    LoginManager(app).user_loader(lambda user_id: USER)
+
+    @app.post("/login")
+    def login() -> Any:
+        login_user(USER)
+        return jsonify(ok=True)
+
+    koala = Koala(app, celery=celery_app)
+    return app, koala
+
+
+def time_logins(app: Flask, koala: Koala, n: int, *, idle: bool) -> list[float]:
+    """Logins back to back, or each on an idle process (after a flush, not timed)."""
+    client = app.test_client()
+    times = []
+    for _ in range(n):
+        client.set_cookie("ko_id", str(uuid.uuid4()))
+        start = time.perf_counter()
+        client.post("/login")
+        times.append(time.perf_counter() - start)
+        if idle:
+            with app.app_context():
+                koala.flush(60)
+    return times
+
+
+def time_identify(app: Flask, koala: Koala, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        cookie = f"ko_id={uuid.uuid4()}"
+        with app.test_request_context("/login", headers={"Cookie": cookie}):
+            start = time.perf_counter()
+            koala.identify("jane@example.com")
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def time_send_task(celery_app: Celery, endpoint: str, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        call = Call.identify(profile_id=str(uuid.uuid4()), email=USER.email, traits={})
+        kwargs = task_kwargs([call], endpoint=endpoint, timeout=5.0, policy=RetryPolicy())
+        start = time.perf_counter()
+        celery_app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, serializer="json")
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--logins", type=int, default=500, help="logins per mode and round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    with redis() as broker, receiver() as koala_url:
+        celery_app = Celery("bench", broker=broker)
+        common = {
+            "KOALA_API_URL": koala_url,
+            "KOALA_MAX_QUEUE_SIZE": 1_000_000,
+            "KOALA_CELERY_QUEUE": QUEUE,
+        }
+        modes = {
+            BARE: {"KOALA_ENABLED": False},
+            "thread": {"KOALA_DISPATCHER": "thread"},
+            "celery (publish off-thread)": {"KOALA_DISPATCHER": "celery"},
+        }
+        apps = {name: make_app({**common, **cfg}, celery_app) for name, cfg in modes.items()}
+        busy: dict[str, list[float]] = {name: [] for name in apps}
+        idle: dict[str, list[float]] = {name: [] for name in apps}
+        identify: dict[str, list[float]] = {name: [] for name in apps}
+        publish: list[float] = []
+        endpoint = f"{koala_url}/web/projects/pk_bench/batch"
+        time_logins(*apps[BARE], 50, idle=False)  # warm up
+        for _ in range(args.rounds):
+            for name, (app, koala) in apps.items():
+                idle[name] += time_logins(app, koala, args.logins, idle=True)
+                busy[name] += time_logins(app, koala, args.logins, idle=False)
+                identify[name] += time_identify(app, koala, args.logins)
+                with app.app_context():
+                    koala.flush(60)
+            publish += time_send_task(celery_app, endpoint, args.logins)
+        for app, koala in apps.values():
+            with app.app_context():
+                koala.shutdown(10)
+        print(f"medians of {args.rounds * args.logins} logins per mode and column")
+        print(
+            f"{'':28} {'identify() holds':>17} {'login, idle':>12} {'added':>10}"
+            f" {'login, busy':>12} {'added':>10}"
+        )
+        base_idle, base_busy = statistics.median(idle[BARE]), statistics.median(busy[BARE])
+        for name in apps:
+            held = "" if name == BARE else us(statistics.median(identify[name]))
+            i, b = statistics.median(idle[name]), statistics.median(busy[name])
+            added_i = "" if name == BARE else us(i - base_idle)
+            added_b = "" if name == BARE else us(b - base_busy)
+            print(f"{name:28} {held:>17} {us(i):>12} {added_i:>10} {us(b):>12} {added_b:>10}")
+        sync = statistics.median(publish)
+        print(f"{'publish in the view':28} {us(sync):>17}")
+        print(
+            "idle: the process had finished the previous login's work; busy: logins back to\n"
+            "back, the background thread's work sharing the GIL; publish in the view: one\n"
+            "send_task to Redis, what apply_async on the request thread would hold it for."
+        )
+        delete_queue(broker)
+
+
+def delete_queue(url: str) -> None:
+    import redis as redis_client
+
+    client = redis_client.Redis.from_url(url)
+    client.delete(QUEUE)
+    client.close()
+
+
+if __name__ == "__main__":
+    main()

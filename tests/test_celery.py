@@ -1,0 +1,303 @@
+"""Celery mode without a worker: setup, the task's arguments and rules, a broker that is down.
+
+The task itself runs here through Celery's ``apply`` (in this process, retries included)
+against the loopback receiver; tests/test_celery_worker.py runs it in a real worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from celery import Celery
+from flask import Flask
+
+from flask_koala import ConfigError, Koala
+from flask_koala.celery import TASK_NAME, CeleryDispatcher, DeliveryFailed, task_kwargs
+from flask_koala.config import KoalaConfig
+from flask_koala.ledger import Ledger
+from flask_koala.payload import Call
+from flask_koala.receiver import KoalaReceiver
+from flask_koala.retry import RetryPolicy
+
+from .support import PROFILE_ID
+
+pytest.importorskip("redis", reason="kombu's Redis transport needs the redis package")
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture
+def celery_app() -> Celery:
+    """Nothing listens at its broker: whatever is published fails."""
+    return Celery("test", broker=closed_port_url())
+
+
+@pytest.fixture
+def hung_broker() -> Iterator[str]:
+    """A broker that takes the connection and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+
+
+def a_call() -> Call:
+    return Call.identify(
+        profile_id=PROFILE_ID, email="jane@example.com", traits={"email": "jane@example.com"}
+    )
+
+
+def run_task(celery_app: Celery, receiver: KoalaReceiver, **policy: Any) -> Any:
+    """Run the task in this process as a worker would, retries included (no waiting)."""
+    kwargs = task_kwargs(
+        [a_call()],
+        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
+        timeout=5.0,
+        policy=RetryPolicy(**policy),
+    )
+    return celery_app.tasks[TASK_NAME].apply(kwargs=kwargs)
+
+
+# -- setting up ----------------------------------------------------------------------------
+
+
+def test_task_is_registered_under_its_documented_name(celery_app: Celery) -> None:
+    Koala(celery=celery_app)
+    assert TASK_NAME == "flask_koala.deliver"
+    assert TASK_NAME in celery_app.tasks
+
+
+def test_task_is_acked_late_and_requeued_if_the_worker_dies(celery_app: Celery) -> None:
+    Koala().init_celery(celery_app)
+    task = celery_app.tasks[TASK_NAME]
+    assert task.acks_late
+    assert task.reject_on_worker_lost
+
+
+def test_registering_twice_keeps_one_task(celery_app: Celery) -> None:
+    first = Koala(celery=celery_app)
+    Koala(celery=celery_app)
+    assert first is not None
+    assert [name for name in celery_app.tasks if name == TASK_NAME] == [TASK_NAME]
+
+
+def test_celery_mode_without_a_celery_app_fails_at_init(make_app: Callable[..., Flask]) -> None:
+    with pytest.raises(ConfigError, match="KOALA_DISPATCHER"):
+        make_app({"KOALA_DISPATCHER": "celery"})
+
+
+def test_celery_app_in_flask_extensions_is_used(celery_app: Celery) -> None:
+    app = Flask(__name__)
+    app.config.update(KOALA_PUBLIC_KEY="pk_test", KOALA_DISPATCHER="celery")
+    app.extensions["celery"] = celery_app
+    Koala(app)
+    assert TASK_NAME in celery_app.tasks
+    assert isinstance(app.extensions["koala"].dispatcher, CeleryDispatcher)
+
+
+def test_publish_timeout_must_be_positive(make_app: Callable[..., Flask]) -> None:
+    with pytest.raises(ConfigError, match="KOALA_CELERY_PUBLISH_TIMEOUT"):
+        make_app({"KOALA_CELERY_PUBLISH_TIMEOUT": 0})
+
+
+def test_default_max_retries_mean_hours_of_retrying() -> None:
+    policy = RetryPolicy(attempts=KoalaConfig.celery_max_retries)
+    # Full jitter waits half the cap on average.
+    expected = sum(min(policy.wait_max, policy.wait_initial * 2**n) / 2 for n in range(1000))
+    assert expected > 4 * 3600
+
+
+# -- the task's arguments ------------------------------------------------------------------
+
+
+def test_task_arguments_are_plain_json() -> None:
+    call = a_call()
+    kwargs = task_kwargs(
+        [call], endpoint="http://127.0.0.1:1/b", timeout=(1.0, 5.0), policy=RetryPolicy()
+    )
+    assert json.loads(json.dumps(kwargs)) == kwargs
+    assert kwargs["message_ids"] == [call.message_id]
+    assert kwargs["body"]["identifies"][0]["message_id"] == call.message_id
+
+
+# -- the task, run in this process ----------------------------------------------------------
+
+
+def test_task_delivers(celery_app: Celery, receiver: KoalaReceiver) -> None:
+    Koala(celery=celery_app)
+    result = run_task(celery_app, receiver)
+    assert result.get()["outcome"] == "sent"
+    assert len(receiver.message_ids()) == 1
+
+
+def test_task_retries_with_the_same_message_id(celery_app: Celery, receiver: KoalaReceiver) -> None:
+    Koala(celery=celery_app)
+    receiver.respond_with(503, 429)
+    result = run_task(celery_app, receiver, wait_initial=0.01)
+    assert result.get()["retries"] == 2
+    ids = {c.body["identifies"][0]["message_id"] for c in receiver.calls}
+    assert len(receiver.calls) == 3
+    assert len(ids) == 1
+
+
+def test_task_4xx_is_final(celery_app: Celery, receiver: KoalaReceiver) -> None:
+    Koala(celery=celery_app)
+    receiver.suspend()
+    result = run_task(celery_app, receiver)
+    with pytest.raises(DeliveryFailed, match=r"http_400.*Koala ingest suspended"):
+        result.get()
+    assert len(receiver.calls) == 1
+
+
+def test_task_gives_up_after_max_retries(celery_app: Celery, receiver: KoalaReceiver) -> None:
+    Koala(celery=celery_app)
+    receiver.outage(60)
+    result = run_task(celery_app, receiver, attempts=2, wait_initial=0.01)
+    with pytest.raises(DeliveryFailed, match="retries_exhausted"):
+        result.get()
+    assert len(receiver.calls) == 3
+
+
+def test_task_failure_is_logged_without_pii(
+    celery_app: Celery, receiver: KoalaReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    Koala(celery=celery_app)
+    receiver.respond_with(400, body={"error": "bad jane@example.com"})
+    run_task(celery_app, receiver)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "failed (http_400)" in line
+    assert "jane" not in line
+    assert PROFILE_ID not in line
+
+
+class _Retried(Exception):
+    def __init__(self, countdown: float) -> None:
+        self.countdown = countdown
+
+
+class _FakeTask:
+    """Stands in for the bound task, to see the countdown a retry asks for."""
+
+    class request:
+        retries = 0
+
+    def retry(self, countdown: float, max_retries: Any) -> Exception:
+        return _Retried(countdown)
+
+
+def test_task_honours_retry_after(receiver: KoalaReceiver) -> None:
+    from flask_koala.celery import _deliver
+
+    receiver.respond_with(503, retry_after=7)
+    kwargs = task_kwargs(
+        [a_call()],
+        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
+        timeout=5.0,
+        policy=RetryPolicy(),
+    )
+    with pytest.raises(_Retried) as retried:
+        _deliver(_FakeTask(), **kwargs)
+    assert retried.value.countdown == 7
+
+
+def test_task_ignores_arguments_it_does_not_know(
+    celery_app: Celery, receiver: KoalaReceiver
+) -> None:
+    Koala(celery=celery_app)
+    kwargs = task_kwargs(
+        [a_call()],
+        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
+        timeout=5.0,
+        policy=RetryPolicy(),
+    )
+    result = celery_app.tasks[TASK_NAME].apply(kwargs={**kwargs, "from_the_future": 1})
+    assert result.get()["outcome"] == "sent"
+
+
+# -- the broker is down --------------------------------------------------------------------
+
+
+def celery_client(make_app: Callable[..., Flask], broker_url: str, **config: Any) -> Any:
+    app = make_app(
+        {"KOALA_DISPATCHER": "celery", "KOALA_CELERY_PUBLISH_TIMEOUT": 0.5, **config},
+        koala=Koala(celery=Celery("web", broker=broker_url)),
+    )
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    return app, client
+
+
+def test_broker_refusing_does_not_fail_the_login(make_app: Callable[..., Flask]) -> None:
+    app, client = celery_client(make_app, closed_port_url())
+    assert client.post("/login/jane").status_code == 200
+    with app.app_context():
+        koala = app.extensions["koala"].extension
+        assert koala.flush(30)
+        assert koala.stats["dropped.broker_error"] == 1
+        assert koala.stats["pending"] == 0
+
+
+def test_broker_down_is_logged(
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    app, client = celery_client(make_app, closed_port_url())
+    client.post("/login/jane")
+    with app.app_context():
+        app.extensions["koala"].extension.flush(30)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("could not publish to the Celery broker" in w for w in warnings)
+    assert any("dropped 1 call(s) (broker_error)" in w for w in warnings)
+
+
+def test_hung_broker_does_not_hold_the_login(
+    make_app: Callable[..., Flask], hung_broker: str
+) -> None:
+    app, client = celery_client(make_app, hung_broker, KOALA_CELERY_PUBLISH_TIMEOUT=2)
+    assert client.post("/login/jane").status_code == 200
+    with app.app_context():
+        koala = app.extensions["koala"].extension
+        # The login returned while the publish was still waiting on the broker.
+        assert koala.stats["dropped"] == 0
+        assert koala.flush(30)
+        assert koala.stats["dropped.broker_error"] == 1
+
+
+def test_dispatcher_counts_what_it_hands_over(receiver: KoalaReceiver) -> None:
+    ledger = Ledger(lambda: None)
+    dispatcher = CeleryDispatcher(
+        Celery("test", broker=closed_port_url()),
+        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
+        timeout=5.0,
+        policy=RetryPolicy(),
+        ledger=ledger,
+    )
+    assert dispatcher.submit(a_call())
+    assert dispatcher.shutdown(30)
+    assert not dispatcher.submit(a_call())
+    stats = ledger.snapshot()
+    assert (stats["queued"], stats["dropped.broker_error"], stats["dropped.shutdown"]) == (1, 1, 1)
+
+
+# -- the README section --------------------------------------------------------------------
+
+
+def test_readme_section_examples_run() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "readme" / "celery.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:
+        namespace: dict[str, Any] = {"__name__": "readme_example"}
+        exec(compile(block, "docs/readme/celery.md", "exec"), namespace)
+        assert TASK_NAME in namespace["celery_app"].tasks

@@ -1,0 +1,230 @@
+"""Celery mode end to end: a real Redis broker and a real worker process.
+
+The receiver runs in this process; its URL reaches the worker inside the task's arguments,
+exactly as a real Koala endpoint would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+from celery import Celery
+from flask import Flask
+
+from flask_koala import Koala, signals
+from flask_koala.celery import CeleryDispatcher
+from flask_koala.delivery import Delivery
+from flask_koala.dispatch import ThreadDispatcher
+from flask_koala.ledger import Ledger
+from flask_koala.payload import Call
+from flask_koala.receiver import KoalaReceiver
+from flask_koala.retry import RetryPolicy
+from flask_koala.transport import HTTPTransport
+
+from .celery_support import (
+    CeleryWorker,
+    RedisServer,
+    WebProcess,
+    broker_idle,
+    redis_client,
+    skip_without_redis,
+    wait_until,
+)
+from .support import PROFILE_ID
+
+pytestmark = pytest.mark.slow
+
+_queues = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    skip_without_redis()
+    url = os.environ.get("KOALA_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def broker(redis_url: str) -> str:
+    client = redis_client(redis_url)
+    client.flushdb()
+    client.close()
+    return redis_url
+
+
+@pytest.fixture
+def queue() -> str:
+    """A queue of the test's own, so nothing from another test can reach its worker."""
+    return f"koala-test-{os.getpid()}-{next(_queues)}"
+
+
+@pytest.fixture
+def start_worker(broker: str, queue: str) -> Iterator[Callable[[], CeleryWorker]]:
+    workers: list[CeleryWorker] = []
+
+    def start() -> CeleryWorker:
+        worker = CeleryWorker(broker, queue)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def worker(start_worker: Callable[[], CeleryWorker]) -> CeleryWorker:
+    return start_worker()
+
+
+@contextlib.contextmanager
+def accepted_ids(app: Flask) -> Iterator[list[str]]:
+    """The message_id of every call the app accepts inside the block."""
+    ids: list[str] = []
+
+    def record(sender: object, **extra: Any) -> None:
+        ids.append(extra["message_id"])
+
+    with signals.call_accepted.connected_to(record, sender=app):
+        yield ids
+
+
+def settled(broker: str, queue: str, timeout: float = 60) -> bool:
+    """Wait until the worker has nothing left to do, retries included."""
+    return wait_until(lambda: broker_idle(broker, queue), timeout)
+
+
+def celery_app_client(
+    make_app: Callable[..., Flask], broker: str, queue: str, **config: Any
+) -> tuple[Flask, Any]:
+    app = make_app(
+        {"KOALA_DISPATCHER": "celery", "KOALA_CELERY_QUEUE": queue, **config},
+        koala=Koala(celery=Celery("web", broker=broker)),
+    )
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    return app, client
+
+
+def test_every_call_is_delivered_exactly_once(
+    make_app: Callable[..., Flask],
+    broker: str,
+    queue: str,
+    worker: CeleryWorker,
+    receiver: KoalaReceiver,
+) -> None:
+    app, client = celery_app_client(make_app, broker, queue)
+    with accepted_ids(app) as ids:
+        for _ in range(20):
+            assert client.post("/login/jane").status_code == 200
+    with app.app_context():
+        koala = app.extensions["koala"].extension
+        assert koala.flush(30)
+        assert koala.stats["published"] == 20
+    sent = sorted(ids)
+    assert wait_until(lambda: len(receiver.message_ids()) >= 20, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert sorted(receiver.message_ids()) == sent
+    assert receiver.violations == []
+
+
+def test_outage_longer_than_the_thread_engines_budget_ends_in_delivery(
+    broker: str, queue: str, worker: CeleryWorker, receiver: KoalaReceiver
+) -> None:
+    # The same quick backoff for both; only the number of retries differs.
+    backoff = {"wait_initial": 0.05, "wait_max": 0.5}
+    thread_policy = RetryPolicy(attempts=3, **backoff)
+    budget = sum(thread_policy.wait_max for _ in range(thread_policy.attempts))
+    outage = 6.0
+    assert outage > budget
+    endpoint = f"{receiver.url}/web/projects/pk_test/batch"
+    thread_ledger, celery_ledger = Ledger(lambda: None), Ledger(lambda: None)
+    engine = ThreadDispatcher(
+        Delivery(endpoint, timeout=5.0, policy=thread_policy, ledger=thread_ledger),
+        HTTPTransport,
+        max_workers=1,
+        max_queue_size=10,
+        shutdown_timeout=1,
+    )
+    celery = CeleryDispatcher(
+        Celery("web", broker=broker),
+        endpoint=endpoint,
+        timeout=5.0,
+        policy=RetryPolicy(attempts=1000, **backoff),
+        ledger=celery_ledger,
+        queue=queue,
+    )
+    in_thread, in_celery = call(), call()
+    receiver.outage(outage)
+    try:
+        engine.submit(in_thread)
+        celery.submit(in_celery)
+        assert engine.flush(30)
+        assert celery.flush(30)
+    finally:
+        engine.shutdown(5)
+        celery.shutdown(5)
+    assert thread_ledger.snapshot()["failed.retries_exhausted"] == 1
+    assert wait_until(lambda: receiver.message_ids(), 60), worker.output.text()
+    assert settled(broker, queue)
+    assert receiver.message_ids() == [in_celery.message_id]
+    tried = [
+        c for c in receiver.calls if c.body["identifies"][0]["message_id"] == in_celery.message_id
+    ]
+    assert len(tried) > thread_policy.attempts + 1
+
+
+def call() -> Call:
+    return Call.identify(
+        profile_id=PROFILE_ID, email="jane@example.com", traits={"email": "jane@example.com"}
+    )
+
+
+def test_4xx_is_final(
+    make_app: Callable[..., Flask],
+    broker: str,
+    queue: str,
+    worker: CeleryWorker,
+    receiver: KoalaReceiver,
+) -> None:
+    receiver.suspend()
+    app, client = celery_app_client(make_app, broker, queue)
+    client.post("/login/jane")
+    with app.app_context():
+        assert app.extensions["koala"].extension.flush(30)
+    assert receiver.wait_for_calls(1, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert [c.status for c in receiver.calls] == [400]
+    assert worker.output.wait_for("failed (http_400)", 10), worker.output.text()
+
+
+def test_kill_after_the_logins_loses_nothing(
+    broker: str,
+    queue: str,
+    start_worker: Callable[[], CeleryWorker],
+    receiver: KoalaReceiver,
+) -> None:
+    web = WebProcess(broker, [receiver.url, queue, "10"])
+    try:
+        assert web.wait_for("done"), web.output.text()
+    finally:
+        web.kill()
+    sent = sorted(line.split()[1] for line in web.output.lines if line.startswith("message_id "))
+    assert len(sent) == 10
+    assert receiver.calls == []  # nothing was delivered before the kill
+    worker = start_worker()
+    assert wait_until(lambda: len(receiver.message_ids()) >= 10, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert sorted(receiver.message_ids()) == sent
