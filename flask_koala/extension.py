@@ -18,6 +18,7 @@ from flask import Flask, current_app, g, has_app_context, has_request_context, r
 from flask_login import user_loaded_from_cookie, user_logged_in
 
 from . import signals
+from .cli import koala_cli
 from .config import KoalaConfig, load_config
 from .cookies import parse_profile_id
 from .delivery import Delivery
@@ -130,6 +131,7 @@ class Koala:
             )
         config = load_config(app.config, testing=app.testing)
         app.extensions[_EXTENSION_KEY] = _KoalaState(self, app, config, self._transport_factory)
+        app.cli.add_command(koala_cli)
         # Module-level receivers with sender=app: blinker holds receivers weakly, and a
         # closure made here would silently stop firing once collected.
         if config.identify_on_login:
