@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import http
-import importlib.util
 import json
 import signal
 import threading
@@ -151,11 +150,6 @@ def _judge(config: KoalaConfig, *, testing: bool) -> tuple[list[str], list[str]]
         problems.append(
             "KOALA_SYNC is True outside testing: every login waits for Koala's answer; "
             "leave it False in a web app"
-        )
-    elif mode == "celery" and importlib.util.find_spec("celery") is None:
-        problems.append(
-            "KOALA_DISPATCHER is 'celery' but celery is not installed: "
-            "pip install 'flask-koala[celery]'"
         )
     if mode == "suppressed" and testing:
         notes.append("sending is suppressed because the app is testing")

@@ -27,6 +27,10 @@ prints each call as it arrives (the same as ``flask koala receiver``).
 
 The plugin is not registered automatically: a test suite that never asks for it is not
 touched. pytest itself is only needed for the fixtures; the rest imports without it.
+
+PYTEST_DONT_REWRITE: there are no asserts here to rewrite, and this marker lets a
+``conftest.py`` import from this module before naming it in ``pytest_plugins`` without
+pytest warning that it was imported too early.
 """
 
 from __future__ import annotations

@@ -2,11 +2,16 @@
 
 Run it against the loopback receiver (two terminals, from the repository root)::
 
-    flask koala receiver                        # or: python -m flask_koala.testing
+    python -m flask_koala.testing          # prints each call as it arrives
     flask --app examples.factory_app run
+    curl -b ko_id=3f2504e0-4f89-41d3-9a0c-0305e82c3301 \
+        -d email=jane@example.com -d password=secret http://127.0.0.1:5000/login
 
-Settings come from ``create_app(config)``, then from ``FLASK_*`` environment variables
-(``FLASK_KOALA_PUBLIC_KEY=pk_...``), so the same factory serves tests and deployments.
+Its tests use the ``flask_koala.testing`` plugin: ``pytest examples/factory_app``.
+
+Settings: the defaults below, then ``FLASK_*`` environment variables
+(``FLASK_KOALA_PUBLIC_KEY=pk_...``), then ``create_app(config)``, so the same factory
+serves deployments and tests.
 """
 
 from __future__ import annotations
