@@ -117,7 +117,9 @@ def test_remember_me_restore_identifies_once(
     fresh.get("/whoami")
     with app.app_context():
         koala.flush(5)
-    assert len(receiver.bodies) == 2  # the password login, then one remember-me restore
+    # The password login, then one remember-me restore; both are about the same person, so
+    # a busy worker may carry them in one request: count the entries, not the requests.
+    assert len(receiver.message_ids()) == 2
 
 
 def test_logged_in_session_request_does_not_identify(
