@@ -282,7 +282,7 @@ class Console:
     """A command running in a child process, its output read line by line with a timeout."""
 
     def __init__(self, args: list[str]) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
         self.process = subprocess.Popen(
             args,
             cwd=ROOT,
