@@ -18,6 +18,7 @@ from flask import Flask, current_app, has_app_context, has_request_context, requ
 from flask_login import user_loaded_from_cookie, user_logged_in
 
 from . import login_view, missing_cookie, signals, templating
+from .cli import koala_cli
 from .config import KoalaConfig, load_config
 from .cookies import parse_profile_id
 from .delivery import Delivery
@@ -144,6 +145,7 @@ class Koala:
             )
         config = load_config(app.config, testing=app.testing)
         app.extensions[_EXTENSION_KEY] = _KoalaState(self, app, config, self._transport_factory)
+        app.cli.add_command(koala_cli)
         # Module-level receivers with sender=app: blinker holds receivers weakly, and a
         # closure made here would silently stop firing once collected.
         if config.identify_on_login:

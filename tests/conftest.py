@@ -20,6 +20,9 @@ from flask_koala.receiver import KoalaReceiver
 
 from .support import PROFILE_ID, build_app
 
+# pytester runs the testing plugin as a user's suite would; the plugin itself is used here too.
+pytest_plugins = ["pytester", "flask_koala.testing"]
+
 
 @pytest.fixture
 def receiver() -> Iterator[KoalaReceiver]:

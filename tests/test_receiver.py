@@ -457,6 +457,68 @@ def test_drop_connections_closes_without_an_answer(koala: KoalaReceiver) -> None
         conn.close()
 
 
+def test_queued_faults_come_before_an_outage_and_suspend(koala: KoalaReceiver) -> None:
+    koala.suspend()
+    koala.outage(60, status=502)
+    koala.respond_with(429)
+
+    statuses = [post(koala).status_code for _ in range(2)]
+    koala.outage(0)
+
+    assert statuses == [429, 502]
+    assert post(koala).json() == SUSPENDED
+
+
+def test_respond_with_and_drop_connections_share_one_queue(koala: KoalaReceiver) -> None:
+    koala.respond_with(500)
+    koala.drop_connections(1)
+    koala.respond_with(503)
+
+    first = post(koala).status_code
+    with pytest.raises(requests.ConnectionError):
+        post(koala)
+    third = post(koala).status_code
+
+    assert (first, third) == (500, 503)
+    assert [call.status for call in koala.calls] == [500, None, 503]
+
+
+def test_outage_answers_its_status_with_an_error_body(koala: KoalaReceiver) -> None:
+    koala.outage(60, status=504)
+
+    response = post(koala)
+
+    assert (response.status_code, response.json()) == (504, {"error": "injected 504"})
+    assert koala.bodies == []
+
+
+def test_faulted_calls_still_record_their_body(koala: KoalaReceiver) -> None:
+    koala.respond_with(503)
+
+    post(koala)
+
+    assert koala.calls[0].body == make_body()
+    assert koala.bodies == []
+
+
+def test_delay_past_the_clients_timeout_is_a_timeout(koala: KoalaReceiver) -> None:
+    koala.delay(30)  # stop() at teardown cuts it short
+
+    with pytest.raises(requests.Timeout):
+        requests.post(koala.url + BATCH, json=make_body(), headers=HEADERS, timeout=0.2)
+
+
+@pytest.mark.parametrize("seconds", [-1, float("inf"), float("nan")])
+def test_delay_rejects_an_impossible_wait(koala: KoalaReceiver, seconds: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        koala.delay(seconds)
+
+
+def test_drop_connections_rejects_a_negative_count(koala: KoalaReceiver) -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        koala.drop_connections(-1)
+
+
 def test_reset_forgets_calls_and_faults(koala: KoalaReceiver) -> None:
     post(koala, path="/nope")
     koala.respond_with(500)

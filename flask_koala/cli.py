@@ -1,0 +1,425 @@
+"""The ``flask koala`` commands: check a setup, send one call, watch calls arrive.
+
+``init_app`` adds the :data:`koala_cli` group to ``app.cli``, so every app using the
+extension gets::
+
+    flask koala check                 the effective settings; exit 1 on a problem
+    flask koala identify EMAIL        one real call, its HTTP status and Koala's answer
+    flask koala receiver              a loopback Koala printing each call as it arrives
+
+``check`` never touches the network: it judges the settings alone. ``identify`` is the
+online test, and sends whatever the app's mode (suppressed, disabled, synchronous or
+not), because a person typed it. ``receiver`` needs no app and also runs as
+``python -m flask_koala.testing``.
+
+Output goes to the terminal through click; the library's logging rules (no email, no
+key) are for log lines an operator did not ask for, and this is output they did ask for,
+so emails appear in full and only the public key is partly masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from . import __version__
+from .config import DEFAULT_API_URL, KoalaConfig
+from .cookies import parse_profile_id
+from .delivery import attempt
+from .payload import Call, build_body, clean_email, encode_body
+from .receiver import SUSPENDED_ERROR, KoalaReceiver, ReceivedCall
+from .retry import is_retryable
+from .transport import Response, Transport
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from .config import Timeout
+    from .extension import _KoalaState
+
+__all__ = ["format_call", "koala_cli", "mask_key", "receiver_command"]
+
+_LABEL = 12  # width of the labels in `check`
+_MAX_SHOWN = 300  # characters of a body or an answer shown on one line
+
+koala_cli = AppGroup(
+    "koala",
+    help="Check the flask-koala setup, send a test identify, or run a loopback receiver.",
+)
+
+
+def mask_key(key: Optional[str]) -> str:
+    """The public key with its middle hidden, e.g. ``pk_t…st``: enough to tell keys apart.
+
+    Koala's public key is not a secret (the browser snippet carries it), but a terminal
+    may be shared or recorded, and the ends are all anyone needs to recognise it.
+    """
+    if not key:
+        return "(not set)"
+    if len(key) <= 6:
+        return key[:3] + "…"
+    return f"{key[:4]}…{key[-2:]}"
+
+
+# -- check ---------------------------------------------------------------------------------
+
+
+@koala_cli.command("check")
+def check_command() -> None:
+    """Print the effective settings; exit 1 on a problem.
+
+    A problem is a setting that, outside tests, keeps logins from reaching Koala or makes
+    them wait on it. Offline: nothing is sent; `flask koala identify` makes a real call.
+    """
+    config = _state().config
+    problems, notes = _judge(config, testing=current_app.testing)
+    for label, value in _describe(config):
+        click.echo(f"{label:<{_LABEL}} {value}")
+    for note in notes:
+        click.echo(f"note: {note}")
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    if problems:
+        click.get_current_context().exit(1)
+    click.echo("OK")
+
+
+def _describe(config: KoalaConfig) -> list[tuple[str, str]]:
+    endpoint = _masked_endpoint(config)
+    if not config.identify_on_login and not config.identify_on_remember:
+        on_login = "nothing (only explicit koala.identify() calls)"
+    elif config.identify_on_login and config.identify_on_remember:
+        on_login = "identify (password logins and remember-me restores)"
+    elif config.identify_on_login:
+        on_login = "identify (password logins; not remember-me restores)"
+    else:
+        on_login = "identify (remember-me restores only)"
+    return [
+        ("flask-koala", __version__),
+        ("public key", mask_key(config.public_key)),
+        ("endpoint", endpoint),
+        ("sending", _sending(config)),
+        ("on login", on_login),
+        ("cookie", f"{config.cookie_name} (when missing: {config.missing_cookie})"),
+        ("timeout", f"{_seconds(config.timeout)}, up to {config.max_retries} retries"),
+    ]
+
+
+def _sending(config: KoalaConfig) -> str:
+    mode = config.mode
+    if mode == "disabled":
+        return "disabled (KOALA_ENABLED = False): no call is made"
+    if mode == "suppressed":
+        return "suppressed (KOALA_SUPPRESS_SEND): calls are checked and recorded, never sent"
+    if mode == "sync":
+        return "synchronous (KOALA_SYNC): each call is sent on the thread that makes it"
+    if mode == "celery":
+        return f"enabled, through Celery (queue {config.celery_queue!r})"
+    return (
+        f"enabled, in the background ({config.max_workers} thread(s), "
+        f"queue of {config.max_queue_size})"
+    )
+
+
+def _judge(config: KoalaConfig, *, testing: bool) -> tuple[list[str], list[str]]:
+    """Split what is worth saying into problems (exit 1) and notes (exit 0).
+
+    A problem is a setting that, outside tests, keeps logins from reaching Koala or
+    makes them wait on it. Anything that may well be intended is only a note.
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    mode = config.mode
+    if mode == "disabled":
+        problems.append("KOALA_ENABLED is False: no login is identified to Koala")
+    elif mode == "suppressed" and not testing:
+        problems.append(
+            "KOALA_SUPPRESS_SEND is True outside testing: calls are recorded, never sent"
+        )
+    elif mode == "sync" and not testing:
+        problems.append(
+            "KOALA_SYNC is True outside testing: every login waits for Koala's answer; "
+            "leave it False in a web app"
+        )
+    if mode == "suppressed" and testing:
+        notes.append("sending is suppressed because the app is testing")
+    if config.sending and config.api_url == DEFAULT_API_URL:
+        notes.append(
+            f"Koala's own hosts answer every call 400 {SUSPENDED_ERROR!r} since ingest was "
+            "suspended; point KOALA_API_URL at your Koala-compatible collector"
+        )
+    if not config.identify_on_login and not config.identify_on_remember:
+        notes.append("identify on login is off: only explicit koala.identify() calls are sent")
+    return problems, notes
+
+
+def _masked_endpoint(config: KoalaConfig) -> str:
+    return f"{config.api_url}/web/projects/{mask_key(config.public_key)}/batch"
+
+
+def _seconds(timeout: Timeout) -> str:
+    if isinstance(timeout, tuple):
+        return f"{timeout[0]:g}s to connect, {timeout[1]:g}s to read"
+    return f"{timeout:g}s"
+
+
+# -- identify ------------------------------------------------------------------------------
+
+
+def _email(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    email = clean_email(value)
+    if email is None:
+        raise click.BadParameter(f"{value!r} is not an email address")
+    return email
+
+
+def _profile_id(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    profile_id = parse_profile_id(value)
+    if profile_id is None:
+        raise click.BadParameter(f"{value!r} is not a UUID like the ko_id cookie holds")
+    return profile_id
+
+
+def _traits(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    traits: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not key=value")
+        traits[key.strip()] = value
+    return traits
+
+
+@koala_cli.command("identify")
+@click.argument("email", callback=_email)
+@click.option(
+    "--profile-id",
+    metavar="UUID",
+    callback=_profile_id,
+    help="The visitor's ko_id cookie value. Without it the call names the email only.",
+)
+@click.option(
+    "--trait",
+    "traits",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_traits,
+    help="A trait to send, as a string; repeat for more.",
+)
+def identify_command(email: str, profile_id: Optional[str], traits: dict[str, Any]) -> None:
+    """Send one identify call now and print Koala's answer.
+
+    Sent once, on this thread, whatever KOALA_SUPPRESS_SEND, KOALA_ENABLED or KOALA_SYNC
+    say: it is the live test of a setup. Exits 1 unless Koala answers 2xx.
+    """
+    state = _state()
+    config = state.config
+    if not config.public_key:
+        raise click.ClickException(
+            "KOALA_PUBLIC_KEY is not set: it names the workspace the call is for"
+        )
+    call = Call.identify(profile_id=profile_id, email=email, traits={**traits, "email": email})
+    body = encode_body(build_body([call]))
+    who = f"profile_id {profile_id}" if profile_id else "no profile_id (email only)"
+    click.echo(f"POST {_masked_endpoint(config)}")
+    click.echo(f"  email {email}, {who}, message_id {call.message_id}")
+    transport = _KeepAnswer(state.extension._transport_factory())
+    try:
+        outcome = attempt(transport, config.endpoint, body, config.timeout)
+    finally:
+        transport.close()
+    answer = transport.answer
+    if answer is None:
+        raise click.ClickException(
+            f"no answer from {config.api_url} ({outcome.reason}: {outcome.error})"
+        )
+    click.echo(f"HTTP {answer.status} {_shorten(answer.text) or '(empty body)'}")
+    if outcome.delivered:
+        click.echo("Koala accepted the call.")
+        return
+    raise click.ClickException(_refusal(answer.status, outcome.error or ""))
+
+
+def _refusal(status: int, error: str) -> str:
+    message = f"Koala refused the call with HTTP {status}: {error or '(no error text)'}"
+    if error == SUSPENDED_ERROR:
+        return (
+            f"{message}. Koala's ingest is suspended: its hosts answer this to every call. "
+            "Point KOALA_API_URL at a Koala-compatible collector."
+        )
+    if is_retryable(status):
+        return f"{message} (temporary: the extension would retry it)"
+    return f"{message} (permanent: the extension would not retry it)"
+
+
+class _KeepAnswer:
+    """Wraps a transport to keep the last answer, which ``attempt()`` only classifies."""
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+        self.answer: Optional[Response] = None
+
+    def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
+        self.answer = self._inner.post(url, body, headers, timeout)
+        return self.answer
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+# -- receiver ------------------------------------------------------------------------------
+
+
+@click.command("receiver")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The interface to bind.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8787,
+    show_default=True,
+    help="The port to listen on; 0 picks a free one.",
+)
+def receiver_command(host: str, port: int) -> None:
+    """Run a loopback Koala printing each call, until Ctrl-C.
+
+    Point KOALA_API_URL at the URL it prints. Each call is checked against Koala's
+    contract; violations are printed and answered 400, as a strict collector would.
+    """
+    printer = _Printer(click.echo)
+    receiver = KoalaReceiver(host, port, on_call=printer)
+    try:
+        receiver.start()
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+    with _stopped_by_signals():
+        try:
+            click.echo(f"Koala receiver listening on {receiver.url}")
+            click.echo(f"Set KOALA_API_URL = {receiver.url!r} in your app. Ctrl-C stops.")
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits for stop()
+            receiver.stop()
+    with printer.lock:
+        click.echo(f"Stopped after {len(receiver.calls)} call(s).")
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Turn Ctrl-C and SIGTERM into ``KeyboardInterrupt`` while serving; restore after.
+
+    Explicitly, because a process started in the background by a shell inherits SIGINT
+    ignored, and ``docker stop`` or ``kill`` send SIGTERM, which would skip ``stop()``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are only delivered to the main thread
+        return
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
+    raise KeyboardInterrupt
+
+
+koala_cli.add_command(receiver_command)
+
+
+class _Printer:
+    """Prints calls whole: they arrive on several connection threads at once."""
+
+    def __init__(self, echo: Callable[[str], Any]) -> None:
+        self._echo = echo
+        self.lock = threading.Lock()
+
+    def __call__(self, call: ReceivedCall) -> None:
+        text = format_call(call)
+        with self.lock:
+            self._echo(text)
+
+
+def format_call(call: ReceivedCall, *, clock: Callable[[], float] = time.time) -> str:
+    """A few lines about one received call: what came, who it is about, what it says.
+
+    The first line has the time, method, path and the status answered; then the person,
+    one line per entry, and one per contract violation.
+    """
+    stamp = time.strftime("%H:%M:%S", time.localtime(clock()))
+    lines = [f"{stamp} {call.method} {call.path} -> {_status(call.status)}"]
+    body = call.body
+    if isinstance(body, dict):
+        person = [f"{key} {body[key]}" for key in ("profile_id", "email") if key in body]
+        if person:
+            lines.append("  " + ", ".join(str(part) for part in person))
+        for name in ("identifies", "events", "page_views"):
+            entries = body.get(name)
+            if isinstance(entries, list):
+                lines.extend("  " + _entry(name, entry) for entry in entries)
+    elif call.raw:
+        lines.append(f"  body {_shorten(call.raw.decode('utf-8', 'replace'))}")
+    lines.extend(f"  violation: {violation}" for violation in call.violations)
+    return "\n".join(lines)
+
+
+def _status(status: Optional[int]) -> str:
+    if status is None:
+        return "connection dropped, no answer"
+    try:
+        return f"{status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def _entry(array: str, entry: object) -> str:
+    if not isinstance(entry, dict):
+        return f"{array}: {_shorten(_json(entry))}"
+    kind = entry.get("type", array)
+    if kind == "identify":
+        return f"identify traits {_shorten(_json(entry.get('traits')))}"
+    if kind == "track":
+        props = _shorten(_json(entry.get("properties")))
+        return f"track {_json(entry.get('event'))} properties {props}"
+    return f"{kind} {_shorten(_json(entry))}"
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+# -- plumbing ------------------------------------------------------------------------------
+
+
+def _state() -> _KoalaState:
+    state: Optional[_KoalaState] = current_app.extensions.get("koala")
+    if state is None:
+        raise click.ClickException(
+            f"flask-koala is not initialised on app {current_app.name!r}: call "
+            "koala.init_app(app) in your app factory"
+        )
+    return state

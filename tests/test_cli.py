@@ -1,0 +1,447 @@
+"""The ``flask koala`` commands: check, identify and receiver."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import requests
+from click.testing import Result
+from flask import Flask
+
+from flask_koala.cli import format_call, mask_key
+from flask_koala.receiver import KoalaReceiver, ReceivedCall
+
+from .support import PROFILE_ID
+
+ROOT = Path(__file__).resolve().parent.parent
+MASKED = "pk_t…st"  # pk_test, as `check` and `identify` print it
+
+
+def invoke(app: Flask, *args: str) -> Result:
+    return app.test_cli_runner().invoke(args=["koala", *args])
+
+
+# -- check ----------------------------------------------------------------------------------
+
+
+def test_check_exits_zero_when_logins_will_be_sent(app: Flask) -> None:
+    result = invoke(app, "check")
+
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip().endswith("OK")
+
+
+def test_check_masks_the_public_key(app: Flask) -> None:
+    result = invoke(app, "check")
+
+    assert f"public key   {MASKED}\n" in result.output
+    assert "pk_test" not in result.output
+
+
+def test_check_prints_the_endpoint(app: Flask, receiver: KoalaReceiver) -> None:
+    result = invoke(app, "check")
+
+    assert f"endpoint     {receiver.url}/web/projects/{MASKED}/batch\n" in result.output
+
+
+def test_check_prints_the_background_mode(app: Flask) -> None:
+    result = invoke(app, "check")
+
+    assert "sending      enabled, in the background (4 thread(s)" in result.output
+
+
+def test_check_sends_nothing(app: Flask, receiver: KoalaReceiver) -> None:
+    invoke(app, "check")
+
+    assert receiver.calls == []
+
+
+def test_check_disabled_is_a_problem(make_app: Callable[..., Flask]) -> None:
+    result = invoke(make_app({"KOALA_ENABLED": False}), "check")
+
+    assert result.exit_code == 1
+    assert "sending      disabled" in result.output
+    assert "problem: KOALA_ENABLED is False" in result.output
+
+
+def test_check_suppressed_while_testing_is_fine(make_app: Callable[..., Flask]) -> None:
+    result = invoke(make_app({"KOALA_SUPPRESS_SEND": True}), "check")
+
+    assert result.exit_code == 0
+    assert "sending      suppressed" in result.output
+
+
+def test_check_suppressed_outside_testing_is_a_problem(make_app: Callable[..., Flask]) -> None:
+    result = invoke(make_app({"TESTING": False, "KOALA_SUPPRESS_SEND": True}), "check")
+
+    assert result.exit_code == 1
+    assert "problem: KOALA_SUPPRESS_SEND is True outside testing" in result.output
+
+
+def test_check_sync_while_testing_is_fine(make_app: Callable[..., Flask]) -> None:
+    result = invoke(make_app({"KOALA_SYNC": True}), "check")
+
+    assert result.exit_code == 0
+    assert "sending      synchronous" in result.output
+
+
+def test_check_sync_outside_testing_is_a_problem(make_app: Callable[..., Flask]) -> None:
+    result = invoke(make_app({"TESTING": False, "KOALA_SYNC": True}), "check")
+
+    assert result.exit_code == 1
+    assert "problem: KOALA_SYNC is True outside testing" in result.output
+
+
+def test_check_notes_that_koalas_own_hosts_are_suspended(make_app: Callable[..., Flask]) -> None:
+    result = invoke(make_app({"KOALA_API_URL": "https://api2.getkoala.com"}), "check")
+
+    assert result.exit_code == 0
+    assert "note: Koala's own hosts answer every call 400" in result.output
+
+
+def test_check_notes_identify_on_login_off(make_app: Callable[..., Flask]) -> None:
+    app = make_app({"KOALA_IDENTIFY_ON_LOGIN": False, "KOALA_IDENTIFY_ON_REMEMBER": False})
+
+    result = invoke(app, "check")
+
+    assert "on login     nothing" in result.output
+    assert "note: identify on login is off" in result.output
+
+
+def test_check_prints_a_split_timeout(make_app: Callable[..., Flask]) -> None:
+    result = invoke(make_app({"KOALA_TIMEOUT": (1.5, 10)}), "check")
+
+    assert "timeout      1.5s to connect, 10s to read, up to 6 retries" in result.output
+
+
+def test_check_without_a_key_says_not_set(make_app: Callable[..., Flask]) -> None:
+    app = make_app({"KOALA_SUPPRESS_SEND": True, "KOALA_PUBLIC_KEY": None})
+
+    assert "public key   (not set)" in invoke(app, "check").output
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        ("pk_test", "pk_t…st"),
+        ("pk_3f8a9c0d1e2b", "pk_3…2b"),
+        ("pk_ab", "pk_…"),
+        (None, "(not set)"),
+    ],
+)
+def test_mask_key(key: str | None, shown: str) -> None:
+    assert mask_key(key) == shown
+
+
+# -- identify -------------------------------------------------------------------------------
+
+
+def test_identify_delivers_and_exits_zero(app: Flask, receiver: KoalaReceiver) -> None:
+    result = invoke(app, "identify", "jane@example.com", "--profile-id", PROFILE_ID)
+
+    assert result.exit_code == 0, result.output
+    assert "HTTP 200 {}" in result.output
+    assert receiver.bodies[0]["profile_id"] == PROFILE_ID
+    assert receiver.violations == []
+
+
+def test_identify_sends_traits_as_strings(app: Flask, receiver: KoalaReceiver) -> None:
+    invoke(app, "identify", "jane@example.com", "--trait", "plan=pro", "--trait", "seats=5")
+
+    traits = receiver.bodies[0]["identifies"][0]["traits"]
+    assert traits == {"plan": "pro", "seats": "5", "email": "jane@example.com"}
+
+
+def test_identify_without_profile_id_sends_the_email_only(
+    app: Flask, receiver: KoalaReceiver
+) -> None:
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert "no profile_id (email only)" in result.output
+    assert set(receiver.bodies[0]) == {"email", "identifies"}
+
+
+def test_identify_masks_the_key(app: Flask) -> None:
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert f"/web/projects/{MASKED}/batch" in result.output
+    assert "pk_test" not in result.output
+
+
+def test_identify_suspended_exits_nonzero_and_says_so(app: Flask, receiver: KoalaReceiver) -> None:
+    receiver.suspend()
+
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert result.exit_code == 1
+    assert "HTTP 400" in result.output
+    assert "Koala ingest suspended" in result.output
+    assert "Point KOALA_API_URL at a Koala-compatible collector" in result.output
+
+
+def test_identify_tries_once_and_reports_a_temporary_error(
+    app: Flask, receiver: KoalaReceiver
+) -> None:
+    receiver.respond_with(503)
+
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert result.exit_code == 1
+    assert "temporary" in result.output
+    assert len(receiver.calls) == 1
+
+
+def test_identify_reports_a_permanent_error(app: Flask, receiver: KoalaReceiver) -> None:
+    receiver.respond_with(403, body={"error": "forbidden"})
+
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert result.exit_code == 1
+    assert "HTTP 403: forbidden (permanent" in result.output
+
+
+def test_identify_without_an_answer_exits_nonzero(app: Flask, receiver: KoalaReceiver) -> None:
+    receiver.drop_connections(1)
+
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert result.exit_code == 1
+    assert f"no answer from {receiver.url} (connection_error" in result.output
+
+
+def test_identify_sends_even_when_sending_is_suppressed(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_SUPPRESS_SEND": True})
+
+    assert invoke(app, "identify", "jane@example.com").exit_code == 0
+    assert len(receiver.bodies) == 1
+
+
+def test_identify_leaves_the_apps_counters_alone(app: Flask) -> None:
+    invoke(app, "identify", "jane@example.com")
+
+    with app.app_context():
+        assert app.extensions["koala"].extension.stats["queued"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["not-an-email"], "is not an email address"),
+        (["jane@example.com", "--profile-id", "nope"], "is not a UUID"),
+        (["jane@example.com", "--trait", "plan"], "is not key=value"),
+        (["jane@example.com", "--trait", "=pro"], "is not key=value"),
+    ],
+)
+def test_identify_rejects_bad_input_before_sending(
+    app: Flask, receiver: KoalaReceiver, args: list[str], message: str
+) -> None:
+    result = invoke(app, "identify", *args)
+
+    assert result.exit_code == 2
+    assert message in result.output
+    assert receiver.calls == []
+
+
+def test_identify_without_a_key_exits_nonzero(make_app: Callable[..., Flask]) -> None:
+    app = make_app({"KOALA_ENABLED": False, "KOALA_PUBLIC_KEY": None})
+
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert result.exit_code == 1
+    assert "KOALA_PUBLIC_KEY is not set" in result.output
+
+
+# -- receiver -------------------------------------------------------------------------------
+
+
+def test_receiver_on_a_busy_port_exits_nonzero(app: Flask, receiver: KoalaReceiver) -> None:
+    result = invoke(app, "receiver", "--port", str(receiver.port))
+
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{receiver.port}" in result.output
+
+
+def test_receiver_help_shows_the_default_port(app: Flask) -> None:
+    assert "8787" in invoke(app, "receiver", "--help").output
+
+
+class Console:
+    """A command running in a child process, its output read line by line with a timeout."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+        self.process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        assert self.process.stdout is not None
+        stdout = self.process.stdout
+        threading.Thread(target=self._read, args=(stdout,), daemon=True).start()
+
+    def _read(self, stdout: Any) -> None:
+        for line in stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def read_until(self, pattern: str, timeout: float = 20) -> list[str]:
+        seen = []
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r}; saw {seen}") from None
+            seen.append(line)
+            if re.search(pattern, line):
+                return seen
+
+    def stop(self, signum: int) -> tuple[int, str]:
+        self.process.send_signal(signum)
+        _, stderr = self.process.communicate(timeout=20)
+        return self.process.returncode, stderr
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+@pytest.fixture
+def console() -> Iterator[Callable[[list[str]], Console]]:
+    started: list[Console] = []
+
+    def start(args: list[str]) -> Console:
+        started.append(Console(args))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.kill()
+
+
+def post_identify(url: str) -> requests.Response:
+    body = {
+        "profile_id": PROFILE_ID,
+        "email": "jane@example.com",
+        "identifies": [
+            {
+                "type": "identify",
+                "sent_at": "2026-11-28T12:00:00.123Z",
+                "traits": {"email": "jane@example.com", "plan": "pro"},
+            }
+        ],
+    }
+    headers = {"Content-Type": "application/json", "User-Agent": "test"}
+    return requests.post(
+        f"{url}/web/projects/pk_test/batch", data=json.dumps(body), headers=headers, timeout=5
+    )
+
+
+def listening_url(lines: list[str]) -> str:
+    match = re.search(r"listening on (http://\S+)", lines[-1])
+    assert match is not None
+    return match.group(1)
+
+
+@pytest.mark.slow
+def test_python_m_testing_prints_calls_and_stops_on_ctrl_c(
+    console: Callable[[list[str]], Console],
+) -> None:
+    receiver = console([sys.executable, "-m", "flask_koala.testing", "--port", "0"])
+    url = listening_url(receiver.read_until("listening on"))
+
+    assert post_identify(url).status_code == 200
+    printed = receiver.read_until("identify traits")
+    code, stderr = receiver.stop(signal.SIGINT)
+
+    assert re.search(r"POST /web/projects/pk_test/batch -> 200 OK$", printed[-3])
+    assert printed[-2] == f"  profile_id {PROFILE_ID}, email jane@example.com"
+    assert printed[-1] == '  identify traits {"email": "jane@example.com", "plan": "pro"}'
+    assert code == 0
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_flask_koala_receiver_prints_violations_and_stops_on_sigterm(
+    console: Callable[[list[str]], Console],
+) -> None:
+    flask = [sys.executable, "-m", "flask", "--app", "examples.factory_app"]
+    receiver = console([*flask, "koala", "receiver", "--port", "0"])
+    url = listening_url(receiver.read_until("listening on"))
+
+    requests.post(f"{url}/web/projects/pk_test/batch", data=b"[]", timeout=5)
+    printed = receiver.read_until("violation")
+    code, stderr = receiver.stop(signal.SIGTERM)
+
+    assert printed[-3].endswith("-> 400 Bad Request")
+    assert printed[-2] == "  body []"
+    assert printed[-1] == "  violation: Content-Type header is missing, expected application/json"
+    assert code == 0
+    assert "Traceback" not in stderr
+
+
+# -- format_call ----------------------------------------------------------------------------
+
+
+def received(**changes: Any) -> ReceivedCall:
+    values: dict[str, Any] = {
+        "method": "POST",
+        "path": "/web/projects/pk_test/batch",
+        "headers": {},
+        "raw": b"",
+        "body": None,
+        "public_key": "pk_test",
+        "received_at": 0.0,
+        "status": 200,
+        "violations": (),
+    }
+    values.update(changes)
+    return ReceivedCall(**values)
+
+
+def lines_of(call: ReceivedCall) -> list[str]:
+    first, *rest = format_call(call).split("\n")
+    return [first.split(" ", 1)[1], *rest]  # without the local time
+
+
+def test_format_call_shows_a_dropped_connection() -> None:
+    assert lines_of(received(status=None))[0].endswith("-> connection dropped, no answer")
+
+
+def test_format_call_shows_a_track_entry() -> None:
+    track = {"type": "track", "event": "Signed up", "properties": {"plan": "pro"}}
+    body = {"email": "jane@example.com", "events": [track]}
+
+    assert lines_of(received(body=body))[1:] == [
+        "  email jane@example.com",
+        '  track "Signed up" properties {"plan": "pro"}',
+    ]
+
+
+def test_format_call_shows_a_body_that_is_not_an_object() -> None:
+    call = received(raw=b"not json", status=400, violations=("body is not valid JSON",))
+
+    assert lines_of(call)[1:] == ["  body not json", "  violation: body is not valid JSON"]
+
+
+def test_format_call_shortens_long_traits() -> None:
+    body = {"email": "a@b.c", "identifies": [{"type": "identify", "traits": {"x": "y" * 500}}]}
+
+    assert lines_of(received(body=body))[2].endswith("...")
