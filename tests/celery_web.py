@@ -2,7 +2,7 @@
 
 It logs in through the real view ``<logins>`` times with ``KOALA_DISPATCHER = "celery"``,
 calls ``koala.flush()`` so that every call has been published to the broker (the
-background publisher's window is closed, on purpose: see docs/readme/celery.md), prints
+background publisher's window is closed, on purpose: see the README's Celery section), prints
 each ``message_id``, then ``done``, and waits to be killed.
 """
 

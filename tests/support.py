@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -62,3 +63,21 @@ def build_app(config: dict[str, Any] | None = None, koala: Koala | None = None) 
 
     (koala or Koala()).init_app(app)
     return app
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_section(*headings: str) -> str:
+    """The text of the README's ``## `` sections with these headings, in README order.
+
+    The docs tests run the code of the section they cover, so the README cannot drift
+    from what the code does.
+    """
+    text = README.read_text(encoding="utf-8")
+    parts = []
+    for chunk in text.split("\n## ")[1:]:
+        if chunk.split("\n", 1)[0] in headings:
+            parts.append("## " + chunk)
+    assert len(parts) == len(headings), f"README lacks one of {headings}"
+    return "\n".join(parts)

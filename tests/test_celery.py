@@ -11,7 +11,6 @@ import logging
 import re
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -26,7 +25,7 @@ from flask_koala.payload import Call
 from flask_koala.receiver import KoalaReceiver
 from flask_koala.retry import RetryPolicy
 
-from .support import PROFILE_ID
+from .support import PROFILE_ID, readme_section
 
 pytest.importorskip("redis", reason="kombu's Redis transport needs the redis package")
 
@@ -294,10 +293,10 @@ def test_dispatcher_counts_what_it_hands_over(receiver: KoalaReceiver) -> None:
 
 
 def test_readme_section_examples_run() -> None:
-    text = (Path(__file__).parent.parent / "docs" / "readme" / "celery.md").read_text()
+    text = readme_section("Durable delivery through Celery")
     blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     assert len(blocks) == 2
     for block in blocks:
         namespace: dict[str, Any] = {"__name__": "readme_example"}
-        exec(compile(block, "docs/readme/celery.md", "exec"), namespace)
+        exec(compile(block, "README.md", "exec"), namespace)
         assert TASK_NAME in namespace["celery_app"].tasks

@@ -1,11 +1,10 @@
-"""Every code block of ``docs/readme/login-flows.md`` runs, and does what the text says."""
+"""Every code block of the README's "Every form of login" runs, and does what the text says."""
 
 from __future__ import annotations
 
 import re
 import sys
 import types
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -14,13 +13,13 @@ from flask import Flask
 from flask_koala import Koala
 from flask_koala.receiver import KoalaReceiver
 
-from .support import PROFILE_ID, USERS, User
+from .support import PROFILE_ID, USERS, User, readme_section
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "readme" / "login-flows.md"
+DOC = readme_section("Every form of login")
 
 
 def blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+    return re.findall(r"```python\n(.*?)```", DOC, re.DOTALL)
 
 
 class FakeProvider:
@@ -74,7 +73,7 @@ def doc_app(make_app: Callable[..., Flask], koala: Koala, cdps: dict[str, Record
         "create_user": lambda form: USERS["jane"],
     }
     for code in blocks()[:5]:
-        exec(compile(code, str(DOC), "exec"), namespace)
+        exec(compile(code, "README.md", "exec"), namespace)
     return app
 
 
@@ -143,7 +142,7 @@ def test_missing_cookie_block(receiver: KoalaReceiver) -> None:
     app = Flask(__name__)
     app.config.update(SECRET_KEY="s", KOALA_PUBLIC_KEY="pk_test", KOALA_API_URL=receiver.url)
     koala = Koala()
-    exec(compile(blocks()[5], str(DOC), "exec"), {"app": app, "koala": koala})
+    exec(compile(blocks()[5], "README.md", "exec"), {"app": app, "koala": koala})
     with app.app_context():
         assert koala.config.missing_cookie == "defer"
         assert koala.config.defer_max_age == 6 * 60 * 60

@@ -1,4 +1,6 @@
-"""``docs/readme/testing.md`` runs as shown: its files as a user's project, its CLI output.
+"""The README's "Testing your app" and "The CLI" run as shown.
+
+Its files run as a user's project, and its CLI output is what the CLI prints.
 
 A ``python`` block whose first line is ``# <name>.py`` is that file of the user's project;
 ``yourapp`` is played by ``examples/factory_app``.
@@ -16,13 +18,15 @@ import pytest
 from examples.factory_app import create_app
 from flask_koala import __version__
 
+from .support import readme_section
+
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "readme" / "testing.md"
+DOC = readme_section("Testing your app", "The CLI")
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
 def blocks(language: str) -> list[str]:
-    return [body for lang, body in BLOCK.findall(DOC.read_text("utf-8")) if lang == language]
+    return [body for lang, body in BLOCK.findall(DOC) if lang == language]
 
 
 def project_files() -> dict[str, str]:

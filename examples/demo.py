@@ -1,0 +1,84 @@
+"""``make demo``: the password-login example wired to a loopback Koala, no account needed.
+
+Starts the receiver on 127.0.0.1:8787 (printing each call as it arrives) and the example
+app on http://127.0.0.1:5000. Ctrl-C stops both. Ports: ``DEMO_PORT``,
+``DEMO_RECEIVER_PORT``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from werkzeug.serving import make_server
+
+from flask_koala.cli import format_call
+from flask_koala.receiver import KoalaReceiver, ReceivedCall
+
+from .password_login import DEMO_EMAIL, DEMO_PASSWORD, create_app, koala
+
+CURL_PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
+
+
+def banner(app_url: str, receiver_url: str) -> str:
+    return f"""
+flask-koala demo
+  app       {app_url}    (log in as {DEMO_EMAIL} / {DEMO_PASSWORD})
+  receiver  {receiver_url}   (a loopback Koala: every identify call is printed below)
+
+Open the app in a browser and sign in, or from another terminal:
+
+  curl -s -o /dev/null -w '%{{http_code}}\\n' -b 'ko_id={CURL_PROFILE_ID}' \\
+       -d 'email={DEMO_EMAIL}&password={DEMO_PASSWORD}' {app_url}/login
+
+To send to a real Koala workspace instead, run the example app alone:
+
+  KOALA_PUBLIC_KEY=pk_your_key KOALA_API_URL=https://api2.getkoala.com \\
+      .venv/bin/flask --app examples.password_login run
+
+Ctrl-C stops everything.
+"""
+
+
+def main() -> None:
+    app_port = int(os.environ.get("DEMO_PORT", "5000"))
+    receiver_port = int(os.environ.get("DEMO_RECEIVER_PORT", "8787"))
+    print_lock = threading.Lock()
+
+    def show(call: ReceivedCall) -> None:
+        with print_lock:
+            print(format_call(call), flush=True)
+
+    receiver = KoalaReceiver(port=receiver_port, on_call=show).start()
+    app_url = f"http://127.0.0.1:{app_port}"
+    app = create_app(
+        {
+            "KOALA_API_URL": receiver.url,
+            # The real SDK lives on Koala's CDN; the stand-in sets the ko_id cookie offline.
+            "KOALA_SDK_URL": f"{app_url}/static/koala-stand-in-sdk.js",
+        }
+    )
+    server = make_server("127.0.0.1", app_port, app, threaded=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(banner(app_url, receiver.url), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        with app.app_context():
+            koala.shutdown(timeout=2)
+        receiver.stop()
+        print("\nflask-koala demo stopped.", flush=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

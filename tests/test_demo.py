@@ -1,0 +1,110 @@
+"""`make demo` as a user runs it: a login makes the receiver print the identify call."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Demo:
+    """``python -m examples.demo`` in a subprocess, its output read line by line."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env.update(DEMO_PORT=str(self.port), DEMO_RECEIVER_PORT=str(free_port()))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "examples.demo"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.output.append(line)
+            if text in line:
+                return True
+        return False
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.communicate(timeout=20)
+        while not self.lines.empty():
+            self.output.append(self.lines.get())
+        return self.proc.returncode
+
+
+@pytest.fixture
+def demo() -> Demo:
+    demo = Demo()
+    yield demo
+    if demo.proc.poll() is None:
+        demo.proc.kill()
+        demo.proc.wait()
+
+
+def test_curl_login_is_printed_by_the_receiver(demo: Demo) -> None:
+    assert demo.wait_for("Ctrl-C stops everything")
+    banner = "".join(demo.output)
+    assert "KOALA_PUBLIC_KEY" in banner
+    assert "KOALA_API_URL" in banner
+    response = requests.post(
+        f"http://127.0.0.1:{demo.port}/login",
+        data={"email": "demo@example.com", "password": "koala"},
+        cookies={"ko_id": PROFILE_ID},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert response.status_code == 302
+    assert demo.wait_for(f"profile_id {PROFILE_ID}")
+    assert demo.wait_for("identify traits")
+    assert demo.stop() == 0
+    output = "".join(demo.output)
+    assert "flask-koala demo stopped." in output
+    assert "Traceback" not in output
+
+
+def test_the_page_serves_the_stand_in_sdk(demo: Demo) -> None:
+    assert demo.wait_for("Ctrl-C stops everything")
+    page = requests.get(f"http://127.0.0.1:{demo.port}/", timeout=10).text
+    assert "koala-stand-in-sdk.js" in page
+    sdk = requests.get(f"http://127.0.0.1:{demo.port}/static/koala-stand-in-sdk.js", timeout=10)
+    assert "ko_id=" in sdk.text
+    assert demo.stop() == 0
