@@ -39,7 +39,7 @@ from .config import KoalaConfig, Timeout
 from .delivery import Delivery, attempt
 from .dispatch import ThreadDispatcher
 from .exceptions import ConfigError, KoalaError
-from .ledger import Ledger, _Throttle, redact
+from .ledger import Ledger, Throttle, redact
 from .payload import Call, build_body, encode_body
 from .retry import RetryPolicy
 from .transport import HTTPTransport, Response, Transport
@@ -77,8 +77,11 @@ class DeliveryFailed(KoalaError):
     def __init__(
         self, reason: str, status: Optional[int], error: Optional[str], message_ids: list[str]
     ) -> None:
-        answer = f"HTTP {status}" if status is not None else "no answer"
-        super().__init__(f"{reason}: Koala answered {answer}: {error or '(no error text)'}")
+        if status is not None:
+            answer = f"Koala answered HTTP {status}: {error or '(no error text)'}"
+        else:
+            answer = f"no answer from Koala ({error or 'no detail'})"
+        super().__init__(f"{reason}: {answer}")
         self.reason = reason
         self.status = status
         self.error = error
@@ -158,28 +161,12 @@ def _deliver(
         logger.debug("flask-koala: retrying %d call(s) in %.2fs (%s)", count, wait, reason)
         raise task.retry(countdown=wait, max_retries=None)
     error = redact(error) if error else None
-    _warn_failed(count, reason, outcome.status, error)
+    _worker_ledger.warn_failed(count, reason, status=outcome.status, error=error)
     raise DeliveryFailed(reason, outcome.status, error, list(message_ids))
 
 
-_throttle = _Throttle(time.monotonic)
-_throttle_lock = threading.Lock()
-
-
-def _warn_failed(count: int, reason: str, status: Optional[int], error: Optional[str]) -> None:
-    """The ledger's WARNING line, rate-limited the same way (one per cause per minute)."""
-    with _throttle_lock:
-        reported = _throttle.allow(("failed", reason, status, error), count)
-    if reported is None:
-        return
-    answer = f"HTTP {status}" if status is not None else "no answer"
-    logger.warning(
-        "flask-koala: %d call(s) failed (%s): Koala answered %s: %s",
-        reported,
-        reason,
-        answer,
-        error or "(no error text)",
-    )
+# The worker has no app: its failures are only logged, in the ledger's words and rate.
+_worker_ledger = Ledger(lambda: None)
 
 
 _local = threading.local()
@@ -313,7 +300,7 @@ class _Publisher(Delivery):
         self.celery = celery_app
         self.queue = queue
         self.publish_timeout = publish_timeout
-        self._throttle = _Throttle(time.monotonic)
+        self._throttle = Throttle(time.monotonic)
 
     def open_link(self) -> Transport:
         return _BrokerLink(self.celery, self.publish_timeout)

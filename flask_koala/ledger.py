@@ -52,7 +52,7 @@ def redact(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class _Throttle:
+class Throttle:
     """Lets one log line per key through per interval and counts the ones it held back."""
 
     def __init__(self, clock: Callable[[], float], interval: float = _WARN_INTERVAL) -> None:
@@ -98,7 +98,7 @@ class Ledger:
         """Start from zero with fresh locks, as a forked child must."""
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        self._throttle = _Throttle(self._clock)
+        self._throttle = Throttle(self._clock)
 
     def snapshot(self) -> MappingProxyType[str, int]:
         """A read-only copy of the counters."""
@@ -193,16 +193,27 @@ class Ledger:
         """The calls will not be delivered; one WARNING per distinct cause per minute."""
         error = redact(error) if error else None
         self._count("failed", reason, len(calls), pending=len(calls))
-        with self._lock:
-            reported = self._throttle.allow(("failed", reason, status, error), len(calls))
-        if reported is not None and not self.quiet:
-            if status is not None:
-                answer = f"Koala answered HTTP {status}: {error or '(no error text)'}"
-            else:
-                answer = f"no answer from Koala ({error or 'no detail'})"
-            logger.warning("flask-koala: %d call(s) failed (%s): %s", reported, reason, answer)
+        self.warn_failed(len(calls), reason, status=status, error=error)
         for call in calls:
             self._signal(signals.call_failed, call, reason=reason, status=status, error=error)
+
+    def warn_failed(
+        self, count: int, reason: str, *, status: Optional[int], error: Optional[str]
+    ) -> None:
+        """The WARNING for failed calls, at most once per distinct cause per minute.
+
+        Separate from :meth:`failed` so a Celery worker, which has message ids but no
+        calls and no app, reports failures in the same words.
+        """
+        with self._lock:
+            reported = self._throttle.allow(("failed", reason, status, error), count)
+        if reported is None or self.quiet:
+            return
+        if status is not None:
+            answer = f"Koala answered HTTP {status}: {error or '(no error text)'}"
+        else:
+            answer = f"no answer from Koala ({error or 'no detail'})"
+        logger.warning("flask-koala: %d call(s) failed (%s): %s", reported, reason, answer)
 
     def published(self, calls: Sequence[Call]) -> None:
         """The calls left this process for a Celery worker, which records how they end."""
