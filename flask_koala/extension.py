@@ -309,8 +309,13 @@ class Koala:
         def record(sender: object, **extra: Any) -> None:
             calls.append(extra["body"])
 
-        with signals.call_accepted.connected_to(record, sender=app):
+        # connect/disconnect by hand: blinker < 1.7's connected_to() leaves the receiver
+        # connected when the block ends by GeneratorExit (a fixture torn down by close()).
+        signals.call_accepted.connect(record, sender=app, weak=False)
+        try:
             yield calls
+        finally:
+            signals.call_accepted.disconnect(record, sender=app)
 
     # -- internals -----------------------------------------------------------------------
 
