@@ -101,8 +101,9 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def figure_1(receiver: ReceiverProcess, profile: Profile, variants: tuple[str, ...]) -> Row:
-    gap = 0.002
+def figure_1(
+    receiver: ReceiverProcess, profile: Profile, variants: tuple[str, ...], gap: float
+) -> Row:
     result = latency.measure(
         receiver,
         variants=variants,
@@ -206,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-n", "--logins", type=int, help="figure 2: logins per round")
     parser.add_argument("--rounds", type=int, help="figure 1: rounds of 10 logins per variant")
+    parser.add_argument(
+        "--gap", type=float, default=10.0, help="figure 1: pause after each paced login, ms"
+    )
+    parser.add_argument(
+        "--figures", default="1234", help="which figures to measure, e.g. 12 (default: all)"
+    )
     args = parser.parse_args(argv)
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     profile = PROFILES[name]
@@ -222,16 +229,20 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"flask-koala benchmarks, {name} run, all traffic on 127.0.0.1")
     rows = []
     with ReceiverProcess() as receiver:
-        _say("1. login time over HTTP (gunicorn gthread per variant, keep-alive client)")
-        rows.append(figure_1(receiver, profile, variants))
-        receiver.command("reset")
-        _say("2. CPU per delivered identify (Flask test client, fresh process)")
-        rows.append(figure_2(receiver, profile))
-        receiver.command("reset")
-        _say(f"3. drain rate, receiver answering after {DRAIN_LATENCY * 1e3:.0f} ms")
-        rows.append(figure_3(receiver, profile))
-    _say("4. memory held by a full backlog (receiver never answers, fresh process)")
-    rows.append(figure_4(profile))
+        if "1" in args.figures:
+            _say("1. login time over HTTP (gunicorn gthread per variant, keep-alive client)")
+            rows.append(figure_1(receiver, profile, variants, args.gap / 1000))
+            receiver.command("reset")
+        if "2" in args.figures:
+            _say("2. CPU per delivered identify (Flask test client, fresh process)")
+            rows.append(figure_2(receiver, profile))
+            receiver.command("reset")
+        if "3" in args.figures:
+            _say(f"3. drain rate, receiver answering after {DRAIN_LATENCY * 1e3:.0f} ms")
+            rows.append(figure_3(receiver, profile))
+    if "4" in args.figures:
+        _say("4. memory held by a full backlog (receiver never answers, fresh process)")
+        rows.append(figure_4(profile))
     _say("")
     _say(_table(rows))
     _say(f"\n{name} run took {time.monotonic() - started:.0f} s")
