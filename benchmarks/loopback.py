@@ -8,8 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -94,7 +93,7 @@ def gunicorn(app: str, env: dict[str, str], threads: int = 4) -> Iterator[tuple[
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     fd = sock.fileno()
-    command: Sequence[str] = [
+    command: list[str] = [
         sys.executable,
         "-m",
         "gunicorn",
@@ -110,6 +109,7 @@ def gunicorn(app: str, env: dict[str, str], threads: int = 4) -> Iterator[tuple[
         f"fd://{fd}",
         "--log-level",
         "warning",
+        *_no_control_socket(),
         app,
     ]
     process = subprocess.Popen(command, pass_fds=(fd,), env=env, cwd=ROOT)
@@ -125,11 +125,10 @@ def gunicorn(app: str, env: dict[str, str], threads: int = 4) -> Iterator[tuple[
             process.wait()
 
 
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate()`` until true or ``timeout`` seconds passed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
+def _no_control_socket() -> list[str]:
+    """Newer gunicorns open a control socket at one fixed path; several at once collide."""
+    from gunicorn.config import KNOWN_SETTINGS  # type: ignore[import-untyped]
+
+    if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
+        return ["--no-control-socket"]
+    return []
