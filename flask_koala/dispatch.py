@@ -40,6 +40,7 @@ logger = logging.getLogger("flask_koala")
 
 _THREAD_PREFIX = "flask-koala"
 _LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers still live
+_SETTLE = 0.005  # how long a worker woken from idle leaves the GIL to the request thread
 _JOIN_GRACE = 1.0  # how long shutdown waits for a worker to leave a request in flight
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
 
@@ -280,12 +281,17 @@ class ThreadDispatcher:
                 transport.close()
 
     def _take(self) -> Optional[list[Call]]:
-        with self._lock:
-            while not self._queue:
-                if self._stopping:
-                    return None
-                self._not_empty.wait()
-            return self._queue.take()
+        while True:
+            with self._lock:
+                if self._queue:
+                    return self._queue.take()
+                while not self._queue:
+                    if self._stopping:
+                        return None
+                    self._not_empty.wait()
+            # Woken from idle, most likely by a login still being answered: let that
+            # request finish before this thread competes with it for the GIL.
+            time.sleep(_SETTLE)
 
     def _done(self, count: int) -> None:
         with self._lock:

@@ -13,11 +13,17 @@ Exceptions::
 from __future__ import annotations
 
 import dataclasses
+import http.client
+import socket
+import ssl
+import weakref
 from collections.abc import Mapping
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, cast
+from urllib.parse import urlsplit
 
 import urllib3
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_environ_proxies
+from urllib3.util import wait_for_read
 
 from .config import Timeout
 
@@ -65,42 +71,84 @@ TransportFactory = Callable[[], Transport]
 
 
 class HTTPTransport:
-    """Keep-alive HTTP(S) with the stack requests is built on.
+    """Keep-alive HTTP(S) for one thread: one connection, reused from call to call.
 
     ``requests.Session.post`` spends several times the CPU of the request itself on
-    merging settings and hooks that a fixed JSON POST never uses. This drives urllib3's
-    connection pool directly, with what requests would have taken from the environment:
-    its CA bundle and ``HTTPS_PROXY``/``NO_PROXY``.
+    merging settings and hooks that a fixed JSON POST never uses, and urllib3's pool
+    manager still doubles the cost of a bare ``http.client`` POST. A worker posts small
+    bodies to one URL, so ``http.client`` does it, with what requests would have taken
+    from the environment: its CA bundle, and ``HTTPS_PROXY``/``NO_PROXY`` (a URL that
+    goes through a proxy is sent with urllib3's proxy support instead).
     """
 
     def __init__(self) -> None:
-        # One pool manager per URL: an app posts to one endpoint, so this is one entry,
-        # and the proxy decision (which reads the environment) is made once.
-        self._managers: dict[str, urllib3.PoolManager] = {}
+        self._url = ""
+        self._path = ""
+        self._connection: Optional[http.client.HTTPConnection] = None
+        self._proxy: Optional[urllib3.ProxyManager] = None
+        self._finalizer: Optional[weakref.finalize[[], HTTPTransport]] = None
 
-    def _manager(self, url: str) -> urllib3.PoolManager:
-        manager = self._managers.get(url)
-        if manager is None:
-            proxy = get_environ_proxies(url).get(url.split(":", 1)[0])
-            if proxy:
-                manager = urllib3.ProxyManager(proxy, maxsize=1, ca_certs=DEFAULT_CA_BUNDLE_PATH)
-            else:
-                manager = urllib3.PoolManager(maxsize=1, ca_certs=DEFAULT_CA_BUNDLE_PATH)
-            self._managers[url] = manager
-        return manager
+    def _target(self, url: str) -> None:
+        """Aim at ``url``: decide on the proxy (it reads the environment) once per URL."""
+        self.close()
+        self._url = url
+        proxy = get_environ_proxies(url).get(url.split(":", 1)[0])
+        if proxy:
+            self._proxy = urllib3.ProxyManager(proxy, maxsize=1, ca_certs=DEFAULT_CA_BUNDLE_PATH)
+            return
+        parts = urlsplit(url)
+        self._path = parts.path or "/"
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=DEFAULT_CA_BUNDLE_PATH)
+            self._connection = http.client.HTTPSConnection(
+                parts.hostname or "", parts.port, context=context
+            )
+        else:
+            self._connection = http.client.HTTPConnection(parts.hostname or "", parts.port)
+        # A transport dropped without close() (a sync app never shut down) must not leak
+        # its socket, as urllib3's pools do not.
+        self._finalizer = weakref.finalize(self, self._connection.close)
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
-        if isinstance(timeout, tuple):
-            limits = urllib3.Timeout(connect=timeout[0], read=timeout[1])
-        else:
-            limits = urllib3.Timeout(connect=timeout, read=timeout)
+        connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        if url != self._url:
+            self._target(url)
+        connection = self._connection
+        if connection is None:
+            return self._post_via_proxy(url, body, headers, connect, read)
         try:
-            answer = self._manager(url).request(
+            if connection.sock is not None and _dropped(connection.sock):
+                connection.close()  # the server hung up while it was idle
+            if connection.sock is None:
+                connection.timeout = connect
+                connection.connect()
+                cast(socket.socket, connection.sock).settimeout(read)
+            # Body as bytes: http.client sends it in the same write as the headers.
+            connection.request("POST", self._path, body, dict(headers))
+            answer = connection.getresponse()
+            data = answer.read()
+        except socket.timeout as exc:  # TimeoutError from Python 3.10
+            connection.close()
+            raise TransportError("timeout", type(exc).__name__) from None
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise TransportError("connection_error", type(exc).__name__) from None
+        if answer.will_close:
+            connection.close()
+        text = data[:_MAX_TEXT].decode("utf-8", "replace")
+        return Response(answer.status, text, answer.getheader("Retry-After"))
+
+    def _post_via_proxy(
+        self, url: str, body: bytes, headers: Mapping[str, str], connect: float, read: float
+    ) -> Response:
+        assert self._proxy is not None
+        try:
+            answer = self._proxy.request(
                 "POST",
                 url,
                 body=body,
                 headers=dict(headers),
-                timeout=limits,
+                timeout=urllib3.Timeout(connect=connect, read=read),
                 retries=False,
                 redirect=False,
                 preload_content=True,
@@ -116,6 +164,20 @@ class HTTPTransport:
         return Response(answer.status, text, answer.headers.get("Retry-After"))
 
     def close(self) -> None:
-        for manager in self._managers.values():
-            manager.clear()
-        self._managers.clear()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._connection is not None:
+            self._connection.close()
+        if self._proxy is not None:
+            self._proxy.clear()
+        self._url = ""
+        self._connection = self._proxy = None
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """Whether an idle keep-alive connection was closed (or sent something) by the server."""
+    try:
+        return bool(wait_for_read(sock, timeout=0.0))
+    except OSError:
+        return True

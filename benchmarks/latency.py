@@ -1,0 +1,101 @@
+"""Figure 1: the time each variant adds to a login, seen by an HTTP client.
+
+Each variant of :mod:`benchmarks.apps` is served by its own gunicorn (threaded worker, one
+process, four threads; flask-koala's delivery threads live in that process, as in
+production, so they compete with the request threads for the GIL). This process is the
+client: one keep-alive connection per server, logins one after another, each timed from
+sending the request to reading the whole response. Variants take turns in short blocks, in
+a shuffled order each round, so drift on a noisy machine hits all of them alike; the figure
+is the median of every login of a variant.
+
+Two regimes are measured:
+
+- *paced*: a pause after each login, so the server is idle between logins as a login
+  server normally is. Background work can then run between logins, but whatever it does
+  while a login is in flight (the GIL it takes) counts against that login. This is the
+  figure held against the targets.
+- *saturated*: logins back to back, so every login also pays for the background work of
+  the one before. This is the throughput cost, reported beside it and measured as CPU in
+  figure 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+from .apps import VARIANTS
+from .loopback import ReceiverProcess, child_env, gunicorn
+from .stats import median
+
+
+@dataclass
+class Latency:
+    """Median login times per variant, in seconds, for both regimes."""
+
+    paced: dict[str, float]
+    saturated: dict[str, float]
+    logins: int  # timed logins per variant and regime
+
+    def added(self, variant: str, regime: str = "paced") -> float:
+        times = self.paced if regime == "paced" else self.saturated
+        return times[variant] - times["bare"]
+
+
+def _login(connection: http.client.HTTPConnection) -> None:
+    # A fresh visitor id each time: every identify is about a new person, none merged.
+    headers = {"Cookie": f"ko_id={uuid.uuid4()}", "Content-Length": "0"}
+    connection.request("POST", "/login", headers=headers)
+    response = connection.getresponse()
+    response.read()
+    if response.status != 200:
+        raise RuntimeError(f"login answered {response.status}")
+
+
+def _timed(
+    connections: dict[str, http.client.HTTPConnection], rounds: int, block: int, gap: float
+) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in connections}
+    order = list(connections)
+    clock = time.perf_counter
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            connection = connections[name]
+            for _ in range(block):
+                start = clock()
+                _login(connection)
+                samples[name].append(clock() - start)
+                if gap:
+                    time.sleep(gap)
+    return {name: median(values) for name, values in samples.items()}
+
+
+def measure(
+    receiver: ReceiverProcess,
+    *,
+    variants: tuple[str, ...] = VARIANTS,
+    rounds: int,
+    block: int = 10,
+    gap: float = 0.002,
+    warmup: int = 30,
+) -> Latency:
+    """Serve every variant, warm each up, then time paced and saturated logins."""
+    env = child_env(BENCH_KOALA_URL=receiver.koala_url, BENCH_SEGMENT_URL=receiver.segment_url)
+    with contextlib.ExitStack() as stack:
+        connections = {}
+        for name in variants:
+            host, port = stack.enter_context(gunicorn(f"benchmarks.apps:create({name!r})", env))
+            connection = http.client.HTTPConnection(host, port, timeout=30)
+            stack.callback(connection.close)
+            connections[name] = connection
+        for connection in connections.values():
+            for _ in range(warmup):  # the first waits for gunicorn to boot
+                _login(connection)
+        paced = _timed(connections, rounds, block, gap)
+        saturated = _timed(connections, max(1, rounds // 2), block, 0.0)
+    return Latency(paced, saturated, rounds * block)
