@@ -405,9 +405,13 @@ class CeleryDispatcher:
             shutdown_timeout=config.shutdown_timeout,
         )
 
-    def submit(self, call: Call) -> bool:
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
         """Queue the call for publishing; never blocks on the broker."""
-        return self._engine.submit(call)
+        return self._engine.submit(call, wake=wake)
+
+    def wake(self) -> None:
+        """Let the publishing thread start on what is queued."""
+        self._engine.wake()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until every call taken so far was published (or dropped)."""

@@ -40,7 +40,10 @@ logger = logging.getLogger("flask_koala")
 
 _THREAD_PREFIX = "flask-koala"
 _LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers still live
-_SETTLE = 0.005  # how long a worker woken from idle leaves the GIL to the request thread
+# An idle worker looks at the queue this often even unwoken: a safety net for a wake-up
+# that never came (a response whose close() the server never called).
+_IDLE_POLL = 1.0
+_SETTLE = 0.005  # how long a worker woken from idle leaves the GIL to the request threads
 _JOIN_GRACE = 1.0  # how long shutdown waits for a worker to leave a request in flight
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
 
@@ -48,8 +51,16 @@ _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to cl
 class Dispatcher(Protocol):
     """Sees accepted calls to their end."""
 
-    def submit(self, call: Call) -> bool:
-        """Take the call; ``False`` when it was dropped instead. Never blocks or raises."""
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
+        """Take the call; ``False`` when it was dropped instead. Never blocks or raises.
+
+        ``wake=False`` leaves the workers asleep until :meth:`wake`: a request queues its
+        calls and wakes the workers once its response has gone out.
+        """
+        ...
+
+    def wake(self) -> None:
+        """Let the workers start on what is queued."""
         ...
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -67,9 +78,12 @@ class SuppressedDispatcher:
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
 
-    def submit(self, call: Call) -> bool:
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
         self._ledger.suppressed(call)
         return True
+
+    def wake(self) -> None:
+        pass
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         return True
@@ -88,7 +102,10 @@ class SyncDispatcher:
         self._closed = False
         _track(self)
 
-    def submit(self, call: Call) -> bool:
+    def wake(self) -> None:
+        pass
+
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
         ledger = self._delivery.ledger
         if self._closed:
             ledger.dropped([call], "shutdown", accepted=False)
@@ -217,6 +234,9 @@ class ThreadDispatcher:
         self._idle = threading.Condition(self._lock)
         self._queue = PersonQueue()
         self._unfinished = 0  # calls queued or being delivered
+        # Whether workers may take what is queued: a request queues with wake=False and
+        # releases the queue once its response is out.
+        self._released = False
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._delivery.stop = threading.Event()
@@ -229,7 +249,7 @@ class ThreadDispatcher:
 
     # -- the request thread ---------------------------------------------------------------
 
-    def submit(self, call: Call) -> bool:
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
         if self._pid != os.getpid():  # forked without our hook having run
             self._after_fork()
         with self._lock:
@@ -244,12 +264,24 @@ class ThreadDispatcher:
                 self._unfinished += 1
                 if not self._threads:
                     self._start_workers()
-                self._not_empty.notify()
+                if wake:
+                    self._released = True
+                    self._not_empty.notify()
         if accepted:
             self._ledger.announce(call)
         else:
             self._ledger.dropped([call], reason, accepted=False)
         return accepted
+
+    def wake(self) -> None:
+        """Wake as many idle workers as there are people waiting (never raises)."""
+        try:
+            with self._lock:
+                if self._queue:
+                    self._released = True
+                    self._not_empty.notify(min(len(self._queue), self._max_workers))
+        except Exception:
+            logger.exception("flask-koala: waking the delivery threads failed")
 
     def _start_workers(self) -> None:
         for n in range(1, self._max_workers + 1):
@@ -281,17 +313,25 @@ class ThreadDispatcher:
                 transport.close()
 
     def _take(self) -> Optional[list[Call]]:
+        """The next batch, once the workers were woken for it; ``None`` when stopping."""
+        waited = False
         while True:
             with self._lock:
-                if self._queue:
-                    return self._queue.take()
-                while not self._queue:
+                while not (self._queue and self._released):
                     if self._stopping:
                         return None
-                    self._not_empty.wait()
-            # Woken from idle, most likely by a login still being answered: let that
-            # request finish before this thread competes with it for the GIL.
+                    if not self._not_empty.wait(_IDLE_POLL) and self._queue:
+                        self._released = True  # a wake-up that never came: go anyway
+                    waited = True
+                if not waited:
+                    batch = self._queue.take()
+                    if not self._queue:
+                        self._released = False
+                    return batch
+            # Woken from idle: the response that queued the call has only just gone out.
+            # Let the server thread finish with it before competing for the GIL.
             time.sleep(_SETTLE)
+            waited = False
 
     def _done(self, count: int) -> None:
         with self._lock:
@@ -305,6 +345,7 @@ class ThreadDispatcher:
         if self._pid != os.getpid():
             self._after_fork()
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        self.wake()  # calls queued by a request whose response has not closed yet
         with self._lock:
             while self._unfinished > 0:
                 if not any(t.is_alive() for t in self._threads):

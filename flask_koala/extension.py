@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, TypeVar
 
-from flask import Flask, current_app, has_app_context, has_request_context, request
+from flask import Flask, Response, current_app, has_app_context, has_request_context, request
 from flask_login import user_loaded_from_cookie, user_logged_in
 
 from . import login_view, missing_cookie, signals, templating
@@ -36,6 +36,8 @@ IdentityLoader = Callable[[Any], Optional[Mapping[str, Any]]]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _EXTENSION_KEY = "koala"
+# The dispatchers a request queued calls on, to wake once its response is out.
+_WAKE_KEY = "flask_koala.wake"
 _IDENTIFIED_KEY = "flask_koala.identified"
 
 
@@ -65,6 +67,22 @@ class _KoalaState:
         self.ledger = Ledger(self.app_ref)
         celery_app = extension._celery or app.extensions.get("celery")
         self.dispatcher = _make_dispatcher(config, self.ledger, transport_factory, celery_app)
+
+    def submit(self, call: Call) -> bool:
+        """Hand an accepted call to the dispatcher.
+
+        Inside a request the workers are woken only once the response has gone out (or
+        at teardown, for a request that ended in an exception): a worker woken mid-request
+        would take the GIL from the login it came from.
+        """
+        dispatcher = self.dispatcher
+        assert dispatcher is not None  # callers skip disabled apps first
+        if not has_request_context():
+            return dispatcher.submit(call)
+        accepted = dispatcher.submit(call, wake=False)
+        if accepted:
+            request.environ.setdefault(_WAKE_KEY, set()).add(dispatcher)
+        return accepted
 
 
 def _make_dispatcher(
@@ -154,6 +172,9 @@ class Koala:
             user_loaded_from_cookie.connect(_on_user_loaded_from_cookie, sender=app)
         missing_cookie.init_app(app, config)
         templating.init_app(app, config)
+        if config.mode not in ("disabled", "suppressed", "sync"):
+            app.after_request(_wake_after_response)
+            app.teardown_request(_wake_at_teardown)
 
     def init_celery(self, celery_app: Any) -> None:
         """Use this Celery app in celery mode, and register the delivery task on it.
@@ -400,7 +421,7 @@ class Koala:
         if not fits(call, size + len(clean)):
             ledger.skipped("too_large", email=clean, profile_id=resolved)
             return False
-        return state.dispatcher.submit(call)
+        return state.submit(call)
 
     def _track(
         self,
@@ -438,7 +459,7 @@ class Koala:
         if not fits(call, size + len(name)):
             ledger.skipped("too_large", kind="track", email=clean, profile_id=resolved)
             return False
-        return state.dispatcher.submit(call)
+        return state.submit(call)
 
     def _resolve_profile_id(
         self, state: _KoalaState, explicit: Optional[str]
@@ -491,6 +512,21 @@ def _already_identified(profile_id: str, email: str) -> bool:
         return True
     seen.add(key)
     return False
+
+
+def _wake_after_response(response: Response) -> Response:
+    """Wake the workers once the server has sent the response and closed it."""
+    dispatchers = request.environ.pop(_WAKE_KEY, None)
+    if dispatchers:
+        for dispatcher in dispatchers:
+            response.call_on_close(dispatcher.wake)
+    return response
+
+
+def _wake_at_teardown(exc: Optional[BaseException]) -> None:
+    """A request that skipped ``after_request`` (an unhandled error) wakes them here."""
+    for dispatcher in request.environ.pop(_WAKE_KEY, ()):
+        dispatcher.wake()
 
 
 def _state_of(app: Any) -> Optional[_KoalaState]:

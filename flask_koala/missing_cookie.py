@@ -272,7 +272,7 @@ def _submit(state: _KoalaState, entry: _Deferred, profile_id: str) -> None:
     if not fits(call, len(_encode(traits))):
         ledger.skipped("too_large", email=entry.email, profile_id=profile_id)
         return
-    state.dispatcher.submit(call)
+    state.submit(call)
 
 
 def _on_user_logged_out(sender: Any, user: Any = None, **extra: Any) -> None:

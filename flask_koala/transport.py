@@ -108,6 +108,9 @@ class HTTPTransport:
         # A transport dropped without close() (a sync app never shut down) must not leak
         # its socket, as urllib3's pools do not.
         self._finalizer = weakref.finalize(self, self._connection.close)
+        # Not at exit: finalizers run before the exit flush, and would cut the connection
+        # under a worker still delivering; the process closes the socket anyway.
+        self._finalizer.atexit = False
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
         connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,8 @@ class Demo:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -64,20 +66,27 @@ class Demo:
         return False
 
     def stop(self) -> int:
+        """Ctrl-C, then collect the rest of the output (the reader thread owns stdout)."""
         self.proc.send_signal(signal.SIGINT)
-        self.proc.communicate(timeout=20)
+        code = self.proc.wait(timeout=20)
+        self._reader.join(timeout=10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
         while not self.lines.empty():
             self.output.append(self.lines.get())
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture
-def demo() -> Demo:
+def demo() -> Iterator[Demo]:
     demo = Demo()
     yield demo
     if demo.proc.poll() is None:
         demo.proc.kill()
         demo.proc.wait()
+        demo._reader.join(timeout=10)
+        if demo.proc.stdout is not None:
+            demo.proc.stdout.close()
 
 
 def test_curl_login_is_printed_by_the_receiver(demo: Demo) -> None:

@@ -1,0 +1,61 @@
+"""Inside a request, delivery starts only once the response has gone out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+
+from flask_koala import Koala
+from flask_koala.receiver import KoalaReceiver
+
+from .support import PROFILE_ID
+
+
+@pytest.fixture
+def slow_app(make_app: Callable[..., Flask], koala: Koala) -> Flask:
+    app = make_app(koala=koala)
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    app.extensions["view_ended"] = []
+
+    @app.post("/slow-login")
+    def slow_login() -> Any:
+        koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        time.sleep(0.3)  # the rest of a login view: queries, rendering
+        app.extensions["view_ended"].append(time.monotonic())
+        return "ok"
+
+    @app.post("/broken-login")
+    def broken_login() -> Any:
+        koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        raise LookupError("the view failed after identifying")
+
+    return app
+
+
+def test_no_delivery_while_the_view_runs(slow_app: Flask, receiver: KoalaReceiver) -> None:
+    with slow_app.test_client() as client:
+        response = client.post("/slow-login")
+        response.close()  # what a WSGI server does once the body is sent
+    assert receiver.wait_for(1, timeout=5)
+    (view_ended,) = slow_app.extensions["view_ended"]
+    assert receiver.calls[0].received_at >= view_ended
+
+
+def test_a_request_that_raised_still_wakes_the_workers(
+    slow_app: Flask, receiver: KoalaReceiver
+) -> None:
+    client = slow_app.test_client()
+    with pytest.raises(LookupError):
+        client.post("/broken-login")
+    assert receiver.wait_for(1, timeout=5)  # without flush(): teardown woke a worker
+
+
+def test_calls_outside_a_request_wake_at_once(
+    app: Flask, koala: Koala, receiver: KoalaReceiver
+) -> None:
+    with app.app_context():
+        koala.identify("jane@example.com", profile_id=PROFILE_ID)
+    assert receiver.wait_for(1, timeout=5)
