@@ -14,7 +14,15 @@ import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, TypeVar
 
-from flask import Flask, Response, current_app, has_app_context, has_request_context, request
+from flask import (
+    Flask,
+    Request,
+    Response,
+    current_app,
+    has_app_context,
+    has_request_context,
+    request,
+)
 from flask_login import user_loaded_from_cookie, user_logged_in
 
 from . import login_view, missing_cookie, signals, templating
@@ -68,8 +76,8 @@ class _KoalaState:
         celery_app = extension._celery or app.extensions.get("celery")
         self.dispatcher = _make_dispatcher(config, self.ledger, transport_factory, celery_app)
 
-    def submit(self, call: Call) -> bool:
-        """Hand an accepted call to the dispatcher.
+    def submit(self, call: Call, req: Optional[Request] = None) -> bool:
+        """Hand an accepted call to the dispatcher; ``req`` is the current request, if any.
 
         Inside a request the workers are woken only once the response has gone out (or
         at teardown, for a request that ended in an exception): a worker woken mid-request
@@ -77,11 +85,11 @@ class _KoalaState:
         """
         dispatcher = self.dispatcher
         assert dispatcher is not None  # callers skip disabled apps first
-        if not has_request_context():
+        if req is None:
             return dispatcher.submit(call)
         accepted = dispatcher.submit(call, wake=False)
         if accepted:
-            request.environ.setdefault(_WAKE_KEY, set()).add(dispatcher)
+            req.environ.setdefault(_WAKE_KEY, set()).add(dispatcher)
         return accepted
 
 
@@ -280,9 +288,10 @@ class Koala:
         ``ko_profile_id``). The id minted for this request under ``KOALA_MISSING_COOKIE =
         "mint"`` counts; outside a request there is none.
         """
-        if not has_request_context():
+        req = _current_request()
+        if req is None:
             return None
-        return self._resolve_profile_id(self._state(), None)[0]
+        return self._resolve_profile_id(self._state(), None, req)[0]
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -394,7 +403,8 @@ class Koala:
         if state.dispatcher is None:
             ledger.skipped("disabled")
             return False
-        resolved, reason = self._resolve_profile_id(state, profile_id)
+        req = _current_request()
+        resolved, reason = self._resolve_profile_id(state, profile_id, req)
         policy = None
         if resolved is None:
             if profile_id is not None or not missing_cookie.applies(state.config, reason):
@@ -413,7 +423,7 @@ class Koala:
             return missing_cookie.defer(state, clean, plain)
         if resolved is None:  # "mint"
             resolved = missing_cookie.mint(state.config)
-        if _already_identified(resolved, clean):
+        if _already_identified(req, resolved, clean):
             ledger.skipped("duplicate", email=clean, profile_id=resolved)
             return False
         plain["email"] = clean
@@ -421,7 +431,7 @@ class Koala:
         if not fits(call, size + len(clean)):
             ledger.skipped("too_large", email=clean, profile_id=resolved)
             return False
-        return state.submit(call)
+        return state.submit(call, req)
 
     def _track(
         self,
@@ -439,7 +449,8 @@ class Koala:
         if name is None:
             ledger.skipped("bad_event", kind="track")
             return False
-        resolved, reason = self._resolve_profile_id(state, profile_id)
+        req = _current_request()
+        resolved, reason = self._resolve_profile_id(state, profile_id, req)
         if resolved is None:
             ledger.skipped(reason, kind="track")
             return False
@@ -459,18 +470,18 @@ class Koala:
         if not fits(call, size + len(name)):
             ledger.skipped("too_large", kind="track", email=clean, profile_id=resolved)
             return False
-        return state.submit(call)
+        return state.submit(call, req)
 
     def _resolve_profile_id(
-        self, state: _KoalaState, explicit: Optional[str]
+        self, state: _KoalaState, explicit: Optional[str], req: Optional[Request]
     ) -> tuple[Optional[str], str]:
         """The visitor id to send with, or ``None`` and the skip reason."""
         if explicit is not None:
             parsed = parse_profile_id(explicit)
             return (parsed, "bad_cookie") if parsed is None else (parsed, "")
-        if not has_request_context():
+        if req is None:
             return None, "no_cookie"
-        raw = request.cookies.get(state.config.cookie_name)
+        raw = req.cookies.get(state.config.cookie_name)
         parsed = parse_profile_id(raw)
         if parsed is None:
             # A visitor id minted earlier in this request stands in for the cookie.
@@ -498,15 +509,22 @@ class Koala:
         return email if isinstance(email, str) else None
 
 
-def _already_identified(profile_id: str, email: str) -> bool:
-    """At most one identify per (visitor, email) per request; records this one."""
+def _current_request() -> Optional[Request]:
+    """The request being handled, looked up once per call (the proxy is not free)."""
     if not has_request_context():
+        return None
+    return request._get_current_object()  # type: ignore[attr-defined,no-any-return]
+
+
+def _already_identified(req: Optional[Request], profile_id: str, email: str) -> bool:
+    """At most one identify per (visitor, email) per request; records this one."""
+    if req is None:
         return False
     # In the WSGI environ, not ``g``: ``g`` belongs to the app context, which several
     # requests share when one was pushed around them.
-    seen: Optional[set[tuple[str, str]]] = request.environ.get(_IDENTIFIED_KEY)
+    seen: Optional[set[tuple[str, str]]] = req.environ.get(_IDENTIFIED_KEY)
     if seen is None:
-        seen = request.environ[_IDENTIFIED_KEY] = set()
+        seen = req.environ[_IDENTIFIED_KEY] = set()
     key = (profile_id, email)
     if key in seen:
         return True

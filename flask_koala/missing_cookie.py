@@ -256,13 +256,14 @@ def _send_deferred(state: _KoalaState) -> None:
 
 
 def _submit(state: _KoalaState, entry: _Deferred, profile_id: str) -> None:
-    from .extension import _already_identified  # the extension imports this module
+    from .extension import _already_identified, _current_request  # it imports this module
 
     ledger = state.ledger
     if state.dispatcher is None:
         ledger.skipped("disabled", email=entry.email, profile_id=profile_id)
         return
-    if _already_identified(profile_id, entry.email):
+    req = _current_request()
+    if _already_identified(req, profile_id, entry.email):
         ledger.skipped("duplicate", email=entry.email, profile_id=profile_id)
         return
     traits = dict(entry.traits)
@@ -272,7 +273,7 @@ def _submit(state: _KoalaState, entry: _Deferred, profile_id: str) -> None:
     if not fits(call, len(_encode(traits))):
         ledger.skipped("too_large", email=entry.email, profile_id=profile_id)
         return
-    state.submit(call)
+    state.submit(call, req)
 
 
 def _on_user_logged_out(sender: Any, user: Any = None, **extra: Any) -> None:

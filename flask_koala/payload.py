@@ -116,89 +116,82 @@ def clean_traits(value: object) -> tuple[Optional[dict[str, Any]], int]:
     """Copy traits into plain JSON values.
 
     Returns:
-        ``(traits, size)``: ``traits`` is ``None`` when ``value`` is not a mapping with
-        string keys; ``size`` bounds the encoded size from above (exact when it matters).
-        Datetimes and dates become ISO strings, ``Decimal`` and ``UUID`` strings. A value
-        JSON cannot encode drops that one key, logged at DEBUG.
+        ``(traits, size)``: ``traits`` is ``None`` when ``value`` is not a mapping;
+        ``size`` bounds the encoded size from above (exact when it matters). Datetimes and
+        dates become ISO strings, ``Decimal`` and ``UUID`` strings. A key that is not a
+        string, or a value JSON cannot encode, drops that one key, logged at DEBUG.
     """
     if value is None:
         return {}, 2
     if not isinstance(value, Mapping):
         return None, 0
-    size = [2]
     try:
-        traits = _plain_mapping(value, 0, size, top=True)
+        return _plain_mapping(value, 0)
     except (RecursionError, RuntimeError, TypeError, ValueError):
         # A mapping that changes while we read it, or a pathological __iter__.
         return None, 0
-    if traits is None:
-        return None, 0
-    return traits, size[0]
 
 
-def _plain_mapping(
-    value: Mapping[Any, Any], depth: int, size: list[int], *, top: bool = False
-) -> Optional[dict[str, Any]]:
+def _plain_mapping(value: Mapping[Any, Any], depth: int) -> tuple[dict[str, Any], int]:
+    # Size bounds: a str's JSON form is at most 6 bytes a character (\u00XX escapes).
     out: dict[str, Any] = {}
+    size = 2
     for key, item in value.items():
-        if not isinstance(key, str):
-            if top:
-                logger.debug("flask-koala: dropped a trait with a non-string key")
+        if type(key) is not str and not isinstance(key, str):
+            logger.debug("flask-koala: dropped a trait with a non-string key")
             continue
-        plain = _plain(item, depth + 1, size)
+        kind = type(item)
+        # The common cases first, without a call: this runs on the request thread.
+        if kind is str:
+            size += 6 * (len(key) + len(item)) + 6
+            out[key] = item
+            continue
+        if item is None or kind is bool or (kind is int and -(10**18) < item < 10**18):
+            size += 6 * len(key) + 26
+            out[key] = item
+            continue
+        plain, item_size = _plain(item, depth + 1)
         if plain is _DROP:
             logger.debug("flask-koala: dropped trait %r: JSON cannot encode it", key)
             continue
-        size[0] += 6 * len(key) + 4
+        size += 6 * len(key) + 4 + item_size
         out[key] = plain
-    return out
+    return out, size
 
 
-def _plain(value: Any, depth: int, size: list[int]) -> Any:
-    # Upper bounds: a str's JSON form is at most 6 bytes a character (\u00XX escapes).
+def _plain(value: Any, depth: int) -> tuple[Any, int]:
     if value is None or isinstance(value, bool):
-        size[0] += 5
-        return value
+        return value, 5
     if isinstance(value, str):
-        size[0] += 6 * len(value) + 2
-        return value
+        return value, 6 * len(value) + 2
     if isinstance(value, int):
-        text = str(value) if abs(value) < 10**30 else None
-        if text is None:
-            return _DROP
-        size[0] += len(text)
-        return value
+        if abs(value) >= 10**30:
+            return _DROP, 0
+        return value, len(str(value))
     if isinstance(value, float):
         if not math.isfinite(value):
-            return _DROP
-        size[0] += 25
-        return value
-    if isinstance(value, (_dt.datetime, _dt.date)):
-        size[0] += 40
-        return value.isoformat()
-    if isinstance(value, _dt.time):
-        size[0] += 30
-        return value.isoformat()
+            return _DROP, 0
+        return value, 25
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat(), 40
     if isinstance(value, (decimal.Decimal, uuid.UUID)):
         text = str(value)
-        size[0] += len(text) + 2
-        return text
+        return text, len(text) + 2
     if depth >= _MAX_DEPTH:
-        return _DROP
+        return _DROP, 0
     if isinstance(value, Mapping):
-        size[0] += 2
-        return _plain_mapping(value, depth, size)
+        return _plain_mapping(value, depth)
     if isinstance(value, (list, tuple)):
         items = []
-        size[0] += 2
+        size = 2
         for item in value:
-            plain = _plain(item, depth + 1, size)
+            plain, item_size = _plain(item, depth + 1)
             if plain is _DROP:
-                return _DROP
-            size[0] += 1
+                return _DROP, 0
+            size += item_size + 1
             items.append(plain)
-        return items
-    return _DROP
+        return items, size
+    return _DROP, 0
 
 
 def fits(call: Call, size_bound: int) -> bool:
