@@ -133,7 +133,7 @@ class Delivery:
         """Deliver one batch (calls about one person); ``True`` when Koala took it."""
         body = encode_body(build_body(calls))
         retry = 0
-        if not self._wait(self.gate.remaining()):
+        if not self._wait_for_gate():
             self.ledger.dropped(calls, "shutdown", accepted=True)
             return False
         while True:
@@ -161,9 +161,20 @@ class Delivery:
                 wait = self.policy.backoff(retry)
             self.ledger.retried(calls, outcome.reason or "error", wait)
             retry += 1
-            if not self._wait(max(wait, self.gate.remaining())):
+            # The gate is read again after the wait: another worker may have seen a
+            # Retry-After while this one was backing off.
+            if not self._wait(wait) or not self._wait_for_gate():
                 self.ledger.failed(calls, "shutdown", error="shut down while waiting to retry")
                 return False
+
+    def _wait_for_gate(self) -> bool:
+        """Wait out a ``Retry-After`` pause, however often it is extended; ``False`` on stop."""
+        remaining = self.gate.remaining()
+        while remaining > 0:
+            if not self._wait(remaining):
+                return False
+            remaining = self.gate.remaining()
+        return not self.stop.is_set()
 
     def _wait(self, seconds: float) -> bool:
         """Sleep unless stopping; ``False`` when the stop came first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
@@ -364,3 +365,45 @@ def test_forked_child_gets_a_fresh_engine(
     transport.gate.set()
     assert engine.flush(5)
     assert ledger.snapshot()["sent"] == 3
+
+
+class ScriptedTransport:
+    """Answers from a script, in the order requests arrive; records when each came."""
+
+    def __init__(self, *answers: Response) -> None:
+        self._answers = list(answers)
+        self._lock = threading.Lock()
+        self.times: list[float] = []
+
+    def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
+        with self._lock:
+            self.times.append(time.monotonic())
+            return self._answers.pop(0) if self._answers else Response(200, "{}")
+
+    def close(self) -> None:
+        pass
+
+
+def test_retry_after_also_holds_back_a_worker_already_backing_off(ledger: Ledger) -> None:
+    transport = ScriptedTransport(Response(503), Response(429, retry_after="1"))
+    delivery = Delivery(
+        "http://127.0.0.1:9/x",
+        timeout=1.0,
+        policy=RetryPolicy(attempts=3, wait_initial=0.3, rng=lambda: 1.0),
+        ledger=ledger,
+    )
+    engine = ThreadDispatcher(
+        delivery, lambda: transport, max_workers=2, max_queue_size=10, shutdown_timeout=1
+    )
+    try:
+        engine.submit(identify(person(1)))  # 503: backs off 0.3 s
+        deadline = time.monotonic() + 5
+        while not transport.times and time.monotonic() < deadline:
+            time.sleep(0.005)
+        engine.submit(identify(person(2)))  # 429 Retry-After: 1, while the first waits
+        assert engine.flush(10)
+    finally:
+        engine.shutdown(5)
+    pause_started = transport.times[1]
+    assert len(transport.times) == 4
+    assert all(t - pause_started >= 1.0 for t in transport.times[2:])
