@@ -218,14 +218,28 @@ def _traits(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
     callback=_traits,
     help="A trait to send, as a string; repeat for more.",
 )
-def identify_command(email: str, profile_id: Optional[str], traits: dict[str, Any]) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Send even though KOALA_SUPPRESS_SEND or KOALA_ENABLED = False turn sending off.",
+)
+def identify_command(
+    email: str, profile_id: Optional[str], traits: dict[str, Any], force: bool
+) -> None:
     """Send one identify call now and print Koala's answer.
 
-    Sent once, on this thread, whatever KOALA_SUPPRESS_SEND, KOALA_ENABLED or KOALA_SYNC
-    say: it is the live test of a setup. Exits 1 unless Koala answers 2xx.
+    Sent once, on this thread, whatever KOALA_SYNC says: it is the live test of a setup.
+    Where sending is off (suppressed, as under app.testing, or disabled) it refuses
+    unless --force is given, so a test suite never reaches Koala by accident. Exits 1
+    unless Koala answers 2xx.
     """
     state = _state()
     config = state.config
+    if not config.sending and not force:
+        setting = "KOALA_SUPPRESS_SEND is on" if config.enabled else "KOALA_ENABLED is False"
+        raise click.ClickException(
+            f"sending is off ({setting}), so nothing was sent; pass --force to send anyway"
+        )
     if not config.public_key:
         raise click.ClickException(
             "KOALA_PUBLIC_KEY is not set: it names the workspace the call is for"

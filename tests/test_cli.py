@@ -220,12 +220,32 @@ def test_identify_without_an_answer_exits_nonzero(app: Flask, receiver: KoalaRec
     assert f"no answer from {receiver.url} (connection_error" in result.output
 
 
-def test_identify_sends_even_when_sending_is_suppressed(
+@pytest.mark.parametrize(
+    ("config", "setting"),
+    [
+        ({"KOALA_SUPPRESS_SEND": True}, "KOALA_SUPPRESS_SEND"),
+        ({"KOALA_ENABLED": False}, "KOALA_ENABLED"),
+    ],
+)
+def test_identify_refuses_while_sending_is_off(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver, config: dict[str, Any], setting: str
+) -> None:
+    app = make_app(config)
+
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert result.exit_code == 1
+    assert setting in result.output
+    assert "--force" in result.output
+    assert receiver.calls == []
+
+
+def test_identify_force_sends_while_sending_is_suppressed(
     make_app: Callable[..., Flask], receiver: KoalaReceiver
 ) -> None:
     app = make_app({"KOALA_SUPPRESS_SEND": True})
 
-    assert invoke(app, "identify", "jane@example.com").exit_code == 0
+    assert invoke(app, "identify", "jane@example.com", "--force").exit_code == 0
     assert len(receiver.bodies) == 1
 
 
@@ -258,7 +278,7 @@ def test_identify_rejects_bad_input_before_sending(
 def test_identify_without_a_key_exits_nonzero(make_app: Callable[..., Flask]) -> None:
     app = make_app({"KOALA_ENABLED": False, "KOALA_PUBLIC_KEY": None})
 
-    result = invoke(app, "identify", "jane@example.com")
+    result = invoke(app, "identify", "jane@example.com", "--force")
 
     assert result.exit_code == 1
     assert "KOALA_PUBLIC_KEY is not set" in result.output
