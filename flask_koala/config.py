@@ -29,6 +29,9 @@ Timeout = Union[float, tuple[float, float]]
 
 # Characters that would change the meaning of the URL the key is spliced into.
 _UNSAFE_KEY = re.compile(r"[/?#%\s\x00-\x1f\x7f]")
+# What a key may hold once the named characters are ruled out: URL-unreserved ASCII, so it
+# can be spliced into the path as is (Koala's keys are pk_ and hex).
+_KEY = re.compile(r"[A-Za-z0-9._~-]+")
 _URL_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 _COOKIE_NAME = re.compile(r"^[!#$&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -152,9 +155,11 @@ def _public_key(config: Mapping[str, Any], *, required: bool) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise ConfigError(key, f"must be a string, not {type(value).__name__}")
-    if _UNSAFE_KEY.search(value):
+    if _UNSAFE_KEY.search(value) or not _KEY.fullmatch(value):
         raise ConfigError(
-            key, "must be URL-safe: no '/', '?', '#', '%', whitespace or control characters"
+            key,
+            "must be URL-safe: letters, digits and . _ ~ - only (no '/', '?', '#', '%', "
+            "whitespace, control or non-ASCII characters)",
         )
     return value
 

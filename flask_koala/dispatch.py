@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -44,7 +45,10 @@ _LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers 
 # that never came (a response whose close() the server never called).
 _IDLE_POLL = 1.0
 _SETTLE = 0.005  # how long a worker woken from idle leaves the GIL to the request threads
-_JOIN_GRACE = 1.0  # how long shutdown waits for a worker to leave a request in flight
+# How long shutdown(timeout) waits, beyond its timeout, for idle workers to leave: they do
+# at once. A worker inside a request leaves when it ends (KOALA_TIMEOUT at most); it is a
+# daemon thread, so it never holds up the process.
+_JOIN_GRACE = 0.2
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
 
 
@@ -77,8 +81,12 @@ class SuppressedDispatcher:
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
+        self._closed = False
 
     def submit(self, call: Call, *, wake: bool = True) -> bool:
+        if self._closed:
+            self._ledger.dropped([call], "shutdown", accepted=False)
+            return False
         self._ledger.suppressed(call)
         return True
 
@@ -89,6 +97,7 @@ class SuppressedDispatcher:
         return True
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
+        self._closed = True
         return True
 
 
@@ -284,6 +293,7 @@ class ThreadDispatcher:
             logger.exception("flask-koala: waking the delivery threads failed")
 
     def _start_workers(self) -> None:
+        _flush_when_multiprocessing_child_exits()
         for n in range(1, self._max_workers + 1):
             thread = threading.Thread(target=self._work, name=f"{_THREAD_PREFIX}-{n}", daemon=True)
             thread.start()
@@ -365,8 +375,10 @@ class ThreadDispatcher:
         with self._lock:
             if self._closed:
                 return self._unfinished == 0
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         flushed = self.flush(timeout)
-        self._stop(join_timeout=None if timeout is None else _JOIN_GRACE)
+        join = None if deadline is None else max(0.0, deadline - time.monotonic()) + _JOIN_GRACE
+        self._stop(join_timeout=join)
         return flushed
 
     def _stop(self, join_timeout: Optional[float]) -> None:
@@ -410,6 +422,23 @@ def _after_fork_in_child() -> None:
         dispatcher._after_fork()
 
 
+def _flush_when_multiprocessing_child_exits() -> None:
+    """In a ``multiprocessing`` child, flush at its exit as atexit would elsewhere.
+
+    Such a child ends with ``os._exit()``, which skips atexit; multiprocessing runs its
+    own finalizers first. Called when the workers start, since the child's finalizers
+    registered before that (at the fork) are cleared by multiprocessing itself.
+    """
+    # Not imported means not a multiprocessing child (its parent had imported it), and
+    # importing it here would cost the first login of every process some milliseconds.
+    multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is None or multiprocessing.parent_process() is None:
+        return
+    from multiprocessing import util
+
+    util.Finalize(None, _shutdown_at_exit, exitpriority=10)
+
+
 def _shutdown_at_exit() -> None:
     """Give queued calls a bounded last chance, then let the daemon threads die quietly.
 
@@ -423,6 +452,9 @@ def _shutdown_at_exit() -> None:
     for engine in engines:
         try:
             budget = min(engine.shutdown_timeout, max(0.0, deadline - time.monotonic()))
+            # Nothing may reach stderr at exit: where the app set up no logging, warnings
+            # about calls ending during this last flush would go to the last-resort handler.
+            engine._ledger.quiet = not logger.hasHandlers()
             left = 0 if engine.flush(budget) else engine.pending
             engine._ledger.quiet = True
             engine._stop(join_timeout=_EXIT_JOIN)

@@ -170,6 +170,8 @@ class Koala:
                 "per app (Koala(app) already calls it)."
             )
         config = load_config(app.config, testing=app.testing)
+        missing_cookie.check_app(app, config)
+        # Every check is done: from here on the app is changed, and nothing raises.
         app.extensions[_EXTENSION_KEY] = _KoalaState(self, app, config, self._transport_factory)
         app.cli.add_command(koala_cli)
         # Module-level receivers with sender=app: blinker holds receivers weakly, and a
@@ -288,10 +290,11 @@ class Koala:
         ``ko_profile_id``). The id minted for this request under ``KOALA_MISSING_COOKIE =
         "mint"`` counts; outside a request there is none.
         """
+        state = self._state()
         req = _current_request()
         if req is None:
             return None
-        return self._resolve_profile_id(self._state(), None, req)[0]
+        return self._resolve_profile_id(state, None, req)[0]
 
     # -- delivery ------------------------------------------------------------------------
 

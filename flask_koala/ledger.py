@@ -43,12 +43,22 @@ OUTCOMES = (
 
 _WARN_INTERVAL = 60.0
 _EMAILISH = re.compile(r"[^\s@\"'<>]+@[^\s@\"'<>]+")
+# A collector may echo what it was sent: visitor ids (UUIDs) and workspace keys too.
+_UUIDISH = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+_KEYISH = re.compile(r"\b[ps]k_[A-Za-z0-9._~-]+")
+# Distinct causes remembered for rate limiting; beyond it, expired ones are forgotten and
+# then all of them, so a collector that varies its error text cannot grow memory forever.
+_MAX_THROTTLE_KEYS = 256
 
 
 def redact(text: str, limit: int = 200) -> str:
-    """Shorten text that came from outside and mask anything that looks like an email."""
+    """Shorten text that came from outside; mask emails, visitor ids and keys in it."""
     text = "".join(ch if ch.isprintable() else " " for ch in text[: limit * 2])
     text = _EMAILISH.sub("***@***", text)
+    text = _UUIDISH.sub("<uuid>", text)
+    text = _KEYISH.sub("<key>", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -68,8 +78,16 @@ class Throttle:
         if last is not None and now - last < self._interval:
             self._held[key] += count
             return None
+        if last is None and len(self._last) >= _MAX_THROTTLE_KEYS:
+            self._forget(now)
         self._last[key] = now
         return count + self._held.pop(key, 0)
+
+    def _forget(self, now: float) -> None:
+        expired = [k for k, t in self._last.items() if now - t >= self._interval]
+        for k in expired or list(self._last):
+            del self._last[k]
+            self._held.pop(k, None)
 
 
 class Ledger:

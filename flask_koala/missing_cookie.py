@@ -52,6 +52,7 @@ __all__ = [
     "MAX_DEFERRED_TRAITS_BYTES",
     "SESSION_KEY",
     "applies",
+    "check_app",
     "defer",
     "init_app",
     "mint",
@@ -78,8 +79,8 @@ _MINTED_KEY = "flask_koala.minted_profile_id"
 _UNUSABLE = frozenset({"no_cookie", "bad_cookie"})
 
 
-def init_app(app: Flask, config: KoalaConfig) -> None:
-    """Hook the ``"defer"`` policy into the app: send on a later request, forget on logout.
+def check_app(app: Flask, config: KoalaConfig) -> None:
+    """Refuse a policy the app cannot support; ``init_app`` calls it before changing anything.
 
     Raises:
         ConfigError: ``"defer"`` with Flask's cookie session but no ``SECRET_KEY``.
@@ -93,6 +94,12 @@ def init_app(app: Flask, config: KoalaConfig) -> None:
             "'defer' keeps the pending identify in the Flask session, which needs SECRET_KEY: "
             "set it before init_app, or use 'skip' or 'mint'",
         )
+
+
+def init_app(app: Flask, config: KoalaConfig) -> None:
+    """Hook the ``"defer"`` policy into the app: send on a later request, forget on logout."""
+    if config.missing_cookie != "defer" or config.mode == "disabled":
+        return
     app.before_request(send_deferred)
     # Module-level receiver with sender=app: blinker holds receivers weakly.
     user_logged_out.connect(_on_user_logged_out, sender=app)

@@ -188,3 +188,18 @@ def test_sdk_settings_are_copied() -> None:
     config = load_config({"KOALA_SDK_SETTINGS": settings}, testing=True)
     settings["sdk_settings"]["autocapture"] = True
     assert config.sdk_settings == {"sdk_settings": {"autocapture": False}}
+
+
+def test_public_key_must_be_ascii() -> None:
+    with pytest.raises(ConfigError, match="KOALA_PUBLIC_KEY"):
+        init(KOALA_PUBLIC_KEY="pk_éx")
+
+
+def test_failed_init_app_leaves_the_app_untouched() -> None:
+    app = Flask(__name__)
+    app.config.update(KOALA_PUBLIC_KEY="pk", KOALA_MISSING_COOKIE="defer")
+    with pytest.raises(ConfigError, match="KOALA_MISSING_COOKIE"):
+        Koala(app)
+    assert "koala" not in app.extensions
+    app.secret_key = "now-set"
+    Koala(app)  # the fix works without a fresh app

@@ -211,3 +211,18 @@ def test_sync_delivers_before_returning(
     with app.app_context():
         assert koala.identify("jane@example.com", profile_id=PROFILE_ID)
     assert len(receiver.bodies) == 1
+
+
+def test_profile_id_outside_app_context_raises(koala: Koala, app: Flask) -> None:
+    with pytest.raises(RuntimeError, match="application context"):
+        koala.profile_id()
+
+
+def test_suppressed_calls_after_shutdown_are_dropped(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    app = make_app({"KOALA_SUPPRESS_SEND": True}, koala=koala)
+    with app.app_context():
+        koala.shutdown()
+        assert koala.identify("jane@example.com", profile_id=PROFILE_ID) is False
+        assert koala.stats["dropped.shutdown"] == 1

@@ -155,3 +155,33 @@ def test_exit_warns_once_with_the_number_left_where_logging_is_set_up() -> None:
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("flask-koala")]
     assert lines == ["flask-koala: exiting with 10 call(s) not delivered after 0.5s"]
+
+
+def test_multiprocessing_child_delivers_its_calls_before_exiting(receiver: KoalaReceiver) -> None:
+    # A multiprocessing child ends with os._exit(), which skips atexit handlers.
+    code = """
+import multiprocessing
+from tests.process_app import app, koala, main
+
+def child():
+    main(5)
+
+with app.app_context():
+    koala.identify("parent@example.com", profile_id="00000000-0000-4000-8000-000000000001")
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(30)
+    assert process.exitcode == 0, process.exitcode
+    koala.flush(10)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env_for(receiver.url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(receiver.bodies) == 6  # the parent's one, and the child's five

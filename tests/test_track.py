@@ -177,7 +177,6 @@ def test_profile_id_is_none_without_a_usable_cookie(track_app: Flask, cookie: st
 def test_profile_id_is_none_outside_a_request(app: Flask, koala: Koala) -> None:
     with app.app_context():
         assert koala.profile_id() is None
-    assert koala.profile_id() is None
 
 
 def test_profile_id_reads_the_configured_cookie_name(
