@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import io
 import socket
 import ssl
+import time
 import weakref
 from collections.abc import Mapping
-from typing import Callable, Optional, Protocol, cast
+from typing import Any, Callable, Optional, Protocol, cast
 from urllib.parse import urlsplit
 
 import urllib3
@@ -87,6 +89,7 @@ class HTTPTransport:
         self._connection: Optional[http.client.HTTPConnection] = None
         self._proxy: Optional[urllib3.ProxyManager] = None
         self._finalizer: Optional[weakref.finalize[[], HTTPTransport]] = None
+        self._deadline = 0.0  # when the attempt in flight must have its whole answer
 
     def _target(self, url: str) -> None:
         """Aim at ``url``: decide on the proxy (it reads the environment) once per URL."""
@@ -105,6 +108,7 @@ class HTTPTransport:
             )
         else:
             self._connection = http.client.HTTPConnection(parts.hostname or "", parts.port)
+        self._connection.response_class = self._response  # type: ignore[assignment]
         # A transport dropped without close() (a sync app never shut down) must not leak
         # its socket, as urllib3's pools do not.
         self._finalizer = weakref.finalize(self, self._connection.close)
@@ -119,27 +123,34 @@ class HTTPTransport:
         connection = self._connection
         if connection is None:
             return self._post_via_proxy(url, body, headers, connect, read)
+        # A per-read timeout alone lets a server that trickles its answer hold a worker
+        # (and a flush) forever: the whole attempt gets connect + read seconds.
+        self._deadline = time.monotonic() + connect + read
         try:
             if connection.sock is not None and _dropped(connection.sock):
                 connection.close()  # the server hung up while it was idle
             if connection.sock is None:
                 connection.timeout = connect
                 connection.connect()
-                cast(socket.socket, connection.sock).settimeout(read)
+            cast(socket.socket, connection.sock).settimeout(read)
             # Body as bytes: http.client sends it in the same write as the headers.
             connection.request("POST", self._path, body, dict(headers))
             answer = connection.getresponse()
-            data = answer.read()
+            data = answer.read(_MAX_TEXT)
         except socket.timeout as exc:  # TimeoutError from Python 3.10
             connection.close()
             raise TransportError("timeout", type(exc).__name__) from None
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
             raise TransportError("connection_error", type(exc).__name__) from None
-        if answer.will_close:
-            connection.close()
+        if answer.will_close or not answer.isclosed():
+            connection.close()  # the server said so, or left more body than we read
         text = data[:_MAX_TEXT].decode("utf-8", "replace")
         return Response(answer.status, text, answer.getheader("Retry-After"))
+
+    def _response(self, sock: socket.socket, *args: Any, **kwargs: Any) -> http.client.HTTPResponse:
+        """http.client's response, reading through the attempt's deadline."""
+        return http.client.HTTPResponse(_DeadlineSocket(sock, self._deadline), *args, **kwargs)  # type: ignore[arg-type]
 
     def _post_via_proxy(
         self, url: str, body: bytes, headers: Mapping[str, str], connect: float, read: float
@@ -176,6 +187,35 @@ class HTTPTransport:
             self._proxy.clear()
         self._url = ""
         self._connection = self._proxy = None
+
+
+class _DeadlineSocket:
+    """What ``HTTPResponse`` needs of a socket (``makefile``), reads bounded by a deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Each read waits at most until the deadline; the socket stays open on close."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the answer took longer than KOALA_TIMEOUT allows")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
 
 
 def _dropped(sock: socket.socket) -> bool:
