@@ -9,8 +9,8 @@ VENV_MIN ?= .venv-min
 .PHONY: test test-min demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
-	  echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); } || { \
+	  rm -rf $(VENV); echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,celery]'
 	@touch $(STAMP)
@@ -27,7 +27,7 @@ test-min: $(VENV_MIN)/.installed
 	$(VENV_MIN)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 $(VENV_MIN)/.installed: setup.cfg pyproject.toml constraints-min.txt
-	@test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
+	@$(VENV_MIN)/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV_MIN); $(PYTHON) -m venv $(VENV_MIN); }
 	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
 	$(VENV_MIN)/bin/python -m pip install -q -c constraints-min.txt -e '.[test,celery]'
 	@touch $@

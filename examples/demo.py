@@ -34,9 +34,11 @@ Open the app in a browser and sign in, or from another terminal:
   curl -s -o /dev/null -w '%{{http_code}}\\n' -b 'ko_id={CURL_PROFILE_ID}' \\
        -d 'email={DEMO_EMAIL}&password={DEMO_PASSWORD}' {app_url}/login
 
-To send to a real Koala workspace instead, run the example app alone:
+To send to a real Koala workspace instead, run the example app alone with your key and
+Koala's API (https://api2.getkoala.com, the default; it currently answers every call
+400 "Koala ingest suspended") or your Koala-compatible collector:
 
-  KOALA_PUBLIC_KEY=pk_your_key KOALA_API_URL=https://api2.getkoala.com \\
+  KOALA_PUBLIC_KEY=pk_your_key KOALA_API_URL=https://your-collector.example \\
       .venv/bin/flask --app examples.password_login run
 
 Ctrl-C stops everything.
@@ -69,6 +71,8 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C while stopping would interrupt the flush with a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         server.server_close()
         with app.app_context():
             koala.shutdown(timeout=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,18 @@ def test_every_config_key_is_documented() -> None:
     keys = set(CONFIG_KEY.findall(source))
     missing = sorted(k for k in keys if f"| `{k}` |" not in README)
     assert missing == []
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize(
+    ("target", "runs"),
+    [("demo", "-m examples.demo"), ("test", "-m pytest"), ("bench", "-m benchmarks.run")],
+)
+def test_make_targets_run_what_the_readme_says(target: str, runs: str) -> None:
+    # `make -n` prints what the target would run; the demo and the suite are then run for
+    # real by tests/test_demo.py and by .ci/run.
+    assert f"make {target}" in README
+    result = subprocess.run(
+        ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert runs in result.stdout
