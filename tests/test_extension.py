@@ -102,9 +102,8 @@ def test_sent_signal_carries_message_id_and_status(
     assert seen[0]["kind"] == "identify"
 
 
-def test_remember_me_restore_identifies_once(
-    app: Flask, koala: Koala, receiver: KoalaReceiver
-) -> None:
+def restored_session(app: Flask) -> Any:
+    """A client whose session is restored from a remember-me cookie on its first request."""
     client = app.test_client()
     client.set_cookie("ko_id", PROFILE_ID)
     client.post("/login/jane?remember=1")
@@ -113,6 +112,13 @@ def test_remember_me_restore_identifies_once(
     fresh = app.test_client()
     fresh.set_cookie("ko_id", PROFILE_ID)
     fresh.set_cookie("remember_token", remember.value)
+    return fresh
+
+
+def test_remember_me_restore_identifies_once(
+    app: Flask, koala: Koala, receiver: KoalaReceiver
+) -> None:
+    fresh = restored_session(app)
     fresh.get("/whoami")
     fresh.get("/whoami")
     with app.app_context():
@@ -137,15 +143,7 @@ def test_remember_off_ignores_cookie_restore(
     make_app: Callable[..., Flask], receiver: KoalaReceiver
 ) -> None:
     app = make_app({"KOALA_IDENTIFY_ON_REMEMBER": False})
-    client = app.test_client()
-    client.set_cookie("ko_id", PROFILE_ID)
-    client.post("/login/jane?remember=1")
-    remember = client.get_cookie("remember_token")
-    assert remember is not None
-    fresh = app.test_client()
-    fresh.set_cookie("ko_id", PROFILE_ID)
-    fresh.set_cookie("remember_token", remember.value)
-    fresh.get("/whoami")
+    restored_session(app).get("/whoami")
     with app.app_context():
         app.extensions["koala"].extension.flush(5)
     assert len(receiver.bodies) == 1
