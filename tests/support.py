@@ -65,6 +65,29 @@ def build_app(config: dict[str, Any] | None = None, koala: Koala | None = None) 
     return app
 
 
+def flushed_stats(app: Flask) -> dict[str, int]:
+    """The app's counters once every accepted call has ended."""
+    with app.app_context():
+        koala: Koala = app.extensions["koala"].extension
+        koala.flush(5)
+        return dict(koala.stats)
+
+
+def delivered(app: Flask, receiver: Any) -> list[dict[str, Any]]:
+    """Every body the receiver took, once the app's calls have ended, none breaking the contract."""
+    with app.app_context():
+        assert app.extensions["koala"].extension.flush(5)
+    assert receiver.violations == []
+    return list(receiver.bodies)
+
+
+def visitor(app: Flask) -> Any:
+    """A test client whose browser carries a ``ko_id`` cookie."""
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    return client
+
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 

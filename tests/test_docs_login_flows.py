@@ -13,7 +13,7 @@ from flask import Flask
 from flask_koala import Koala
 from flask_koala.receiver import KoalaReceiver
 
-from .support import PROFILE_ID, USERS, User, readme_section
+from .support import PROFILE_ID, USERS, User, delivered, readme_section, visitor
 
 DOC = readme_section("Every form of login")
 
@@ -77,26 +77,13 @@ def doc_app(make_app: Callable[..., Flask], koala: Koala, cdps: dict[str, Record
     return app
 
 
-def delivered(app: Flask, koala: Koala, receiver: KoalaReceiver) -> list[dict[str, Any]]:
-    with app.app_context():
-        assert koala.flush(5)
-    assert receiver.violations == []
-    return receiver.bodies
-
-
-def visitor(app: Flask) -> Any:
-    client = app.test_client()
-    client.set_cookie("ko_id", PROFILE_ID)
-    return client
-
-
 def test_the_doc_has_the_blocks_this_test_runs() -> None:
     assert len(blocks()) == 6
 
 
 def test_callback_block(doc_app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
     assert visitor(doc_app).get("/oauth/callback?code=good").status_code == 302
-    traits = delivered(doc_app, koala, receiver)[0]["identifies"][0]["traits"]
+    traits = delivered(doc_app, receiver)[0]["identifies"][0]["traits"]
     assert traits == {"email": "sam@example.com", "name": "Sam"}
 
 
@@ -104,18 +91,18 @@ def test_callback_block_with_a_bad_code_sends_nothing(
     doc_app: Flask, koala: Koala, receiver: KoalaReceiver
 ) -> None:
     visitor(doc_app).get("/oauth/callback?code=bad")
-    assert delivered(doc_app, koala, receiver) == []
+    assert delivered(doc_app, receiver) == []
 
 
 def test_bare_block(doc_app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
     response = visitor(doc_app).post("/api/session", headers={"X-User": "jane"})
     assert response.get_json() == {"user": "jane"}
-    assert delivered(doc_app, koala, receiver)[0]["email"] == "jane@example.com"
+    assert delivered(doc_app, receiver)[0]["email"] == "jane@example.com"
 
 
 def test_track_block(doc_app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
     visitor(doc_app).post("/reports/export")
-    (event,) = delivered(doc_app, koala, receiver)[0]["events"]
+    (event,) = delivered(doc_app, receiver)[0]["events"]
     assert (event["event"], event["properties"]) == ("Exported Report", {"format": "csv"})
 
 

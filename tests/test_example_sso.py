@@ -20,7 +20,7 @@ from examples import sso_callback
 from flask_koala.cookies import parse_profile_id
 from flask_koala.receiver import KoalaReceiver
 
-from .support import PROFILE_ID
+from .support import PROFILE_ID, delivered
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,13 +38,6 @@ def make_example(receiver: KoalaReceiver) -> Iterator[Callable[..., Flask]]:
     for app in apps:
         with app.app_context():
             sso_callback.koala.shutdown(5)
-
-
-def delivered(app: Flask, receiver: KoalaReceiver) -> list[dict[str, Any]]:
-    with app.app_context():
-        assert sso_callback.koala.flush(5)
-    assert receiver.violations == []
-    return receiver.bodies
 
 
 def test_sign_in_identifies_the_visitor(

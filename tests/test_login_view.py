@@ -13,26 +13,7 @@ from flask_login import login_user
 from flask_koala import Koala
 from flask_koala.receiver import KoalaReceiver
 
-from .support import PROFILE_ID, USERS, User
-
-
-def delivered(app: Flask, koala: Koala, receiver: KoalaReceiver) -> list[dict[str, Any]]:
-    with app.app_context():
-        assert koala.flush(5)
-    assert receiver.violations == []
-    return receiver.bodies
-
-
-def stats(app: Flask, koala: Koala) -> dict[str, int]:
-    with app.app_context():
-        koala.flush(5)
-        return dict(koala.stats)
-
-
-def visitor(app: Flask) -> Any:
-    client = app.test_client()
-    client.set_cookie("ko_id", PROFILE_ID)
-    return client
+from .support import PROFILE_ID, USERS, User, delivered, flushed_stats, visitor
 
 
 def add_fake_identity_provider(app: Flask) -> Callable[[str], User | None]:
@@ -87,7 +68,7 @@ def test_oauth_callback_with_get_user_identifies_the_provider_user(
 
     response = sign_in_with_provider(visitor(app), "jane")
     assert response.status_code == 200
-    (body,) = delivered(app, koala, receiver)
+    (body,) = delivered(app, receiver)
     assert body["profile_id"] == PROFILE_ID
     assert body["identifies"][0]["traits"] == {"email": "jane@example.com"}
 
@@ -108,7 +89,7 @@ def test_oauth_callback_with_a_spent_code_sends_nothing(
 
     response = visitor(app).get("/oauth/callback?code=spent&state=xyz")
     assert response.status_code == 401
-    assert delivered(app, koala, receiver) == []
+    assert delivered(app, receiver) == []
 
 
 def test_oauth_callback_bare_form_identifies_current_user(
@@ -126,7 +107,7 @@ def test_oauth_callback_bare_form_identifies_current_user(
         return redirect("/whoami")
 
     assert sign_in_with_provider(visitor(app), "jane").get_json() == {"user": "jane"}
-    (body,) = delivered(app, koala, receiver)
+    (body,) = delivered(app, receiver)
     assert body["email"] == "jane@example.com"
 
 
@@ -149,7 +130,7 @@ def test_bare_form_identifies_a_request_loader_login(
         return jsonify(ok=True)
 
     visitor(app).post("/sso", headers={"X-Token": "jane"})
-    assert delivered(app, koala, receiver)[0]["email"] == "jane@example.com"
+    assert delivered(app, receiver)[0]["email"] == "jane@example.com"
 
 
 def test_bare_form_with_nobody_logged_in_sends_nothing(
@@ -163,8 +144,8 @@ def test_bare_form_with_nobody_logged_in_sends_nothing(
         return jsonify(ok=False)
 
     assert visitor(app).post("/sso").status_code == 200
-    assert delivered(app, koala, receiver) == []
-    assert stats(app, koala)["skipped"] == 0
+    assert delivered(app, receiver) == []
+    assert flushed_stats(app)["skipped"] == 0
 
 
 def test_bare_form_uses_the_identity_loader(
@@ -180,7 +161,7 @@ def test_bare_form_uses_the_identity_loader(
         return "", 204
 
     visitor(app).post("/sso")
-    traits = delivered(app, koala, receiver)[0]["identifies"][0]["traits"]
+    traits = delivered(app, receiver)[0]["identifies"][0]["traits"]
     assert traits == {"email": "jane@example.com", "name": "Jane Doe"}
 
 
@@ -204,7 +185,7 @@ def test_get_user_returning_a_user_goes_through_the_identity_loader(
     koala.identity_loader(lambda user: {"email": user.email, "name": user.name})
     app = sso_app(make_app, koala, lambda: USERS["jane"])
     visitor(app).post("/sso")
-    traits = delivered(app, koala, receiver)[0]["identifies"][0]["traits"]
+    traits = delivered(app, receiver)[0]["identifies"][0]["traits"]
     assert traits == {"email": "jane@example.com", "name": "Jane Doe"}
 
 
@@ -213,7 +194,7 @@ def test_get_user_returning_an_email(
 ) -> None:
     app = sso_app(make_app, koala, lambda: "sam@example.com")
     visitor(app).post("/sso")
-    (body,) = delivered(app, koala, receiver)
+    (body,) = delivered(app, receiver)
     assert body["identifies"][0]["traits"] == {"email": "sam@example.com"}
 
 
@@ -222,7 +203,7 @@ def test_get_user_returning_traits(
 ) -> None:
     app = sso_app(make_app, koala, lambda: {"email": "sam@example.com", "plan": "pro"})
     visitor(app).post("/sso")
-    traits = delivered(app, koala, receiver)[0]["identifies"][0]["traits"]
+    traits = delivered(app, receiver)[0]["identifies"][0]["traits"]
     assert traits == {"email": "sam@example.com", "plan": "pro"}
 
 
@@ -231,7 +212,7 @@ def test_get_user_returning_traits_without_email_is_skipped(
 ) -> None:
     app = sso_app(make_app, koala, lambda: {"plan": "pro"})
     assert visitor(app).post("/sso").status_code == 200
-    assert stats(app, koala)["skipped.no_email"] == 1
+    assert flushed_stats(app)["skipped.no_email"] == 1
     assert receiver.bodies == []
 
 
@@ -240,7 +221,7 @@ def test_get_user_returning_a_bad_email_is_skipped(
 ) -> None:
     app = sso_app(make_app, koala, lambda: "not an email")
     visitor(app).post("/sso")
-    assert stats(app, koala)["skipped.bad_email"] == 1
+    assert flushed_stats(app)["skipped.bad_email"] == 1
 
 
 def test_get_user_returning_none_sends_nothing(
@@ -248,8 +229,8 @@ def test_get_user_returning_none_sends_nothing(
 ) -> None:
     app = sso_app(make_app, koala, lambda: None)
     assert visitor(app).post("/sso").get_json() == {"ok": True}
-    assert delivered(app, koala, receiver) == []
-    assert stats(app, koala)["skipped"] == 0
+    assert delivered(app, receiver) == []
+    assert flushed_stats(app)["skipped"] == 0
 
 
 def test_get_user_runs_in_the_request_context(
@@ -257,7 +238,7 @@ def test_get_user_runs_in_the_request_context(
 ) -> None:
     app = sso_app(make_app, koala, lambda: request.headers["X-Email"])
     visitor(app).post("/sso", headers={"X-Email": "sam@example.com"})
-    assert delivered(app, koala, receiver)[0]["email"] == "sam@example.com"
+    assert delivered(app, receiver)[0]["email"] == "sam@example.com"
 
 
 @pytest.mark.allow_errors
@@ -270,7 +251,7 @@ def test_get_user_that_raises_leaves_the_response_alone(
     app = sso_app(make_app, koala, get_user)
     response = visitor(app).post("/sso")
     assert response.get_json() == {"ok": True}
-    assert stats(app, koala)["skipped.loader_error"] == 1
+    assert flushed_stats(app)["skipped.loader_error"] == 1
     assert any("get_user raised" in r.getMessage() for r in caplog.records)
 
 
@@ -294,7 +275,7 @@ def test_error_responses_send_nothing(
         return jsonify(error="no"), status
 
     assert visitor(app).post("/sso").status_code == status
-    assert delivered(app, koala, receiver) == []
+    assert delivered(app, receiver) == []
     assert calls == []
 
 
@@ -309,7 +290,7 @@ def test_aborted_view_sends_nothing(
         abort(403)
 
     assert visitor(app).post("/sso-abort").status_code == 403
-    assert delivered(app, koala, receiver) == []
+    assert delivered(app, receiver) == []
 
 
 def test_redirect_and_created_responses_identify(
@@ -331,7 +312,7 @@ def test_redirect_and_created_responses_identify(
     assert client.post("/a").status_code == 302
     created = client.post("/b")
     assert (created.status_code, created.headers["X-Extra"]) == (201, "1")
-    emails = sorted(body["email"] for body in delivered(app, koala, receiver))
+    emails = sorted(body["email"] for body in delivered(app, receiver))
     assert emails == ["a@example.com", "b@example.com"]
 
 
@@ -350,8 +331,8 @@ def test_an_exception_in_the_view_propagates_and_sends_nothing(
 
     with pytest.raises(CallbackError, match="provider said no"):
         visitor(app).post("/sso")
-    assert delivered(app, koala, receiver) == []
-    assert stats(app, koala)["skipped"] == 0
+    assert delivered(app, receiver) == []
+    assert flushed_stats(app)["skipped"] == 0
 
 
 @pytest.mark.allow_errors
@@ -383,7 +364,7 @@ def test_async_view_identifies(
         return jsonify(ok=True)
 
     assert visitor(app).post("/sso").get_json() == {"ok": True}
-    assert delivered(app, koala, receiver)[0]["email"] == "sam@example.com"
+    assert delivered(app, receiver)[0]["email"] == "sam@example.com"
 
 
 def test_async_view_bare_form_identifies(
@@ -398,7 +379,7 @@ def test_async_view_bare_form_identifies(
         return jsonify(ok=True)
 
     visitor(app).post("/sso")
-    assert delivered(app, koala, receiver)[0]["email"] == "jane@example.com"
+    assert delivered(app, receiver)[0]["email"] == "jane@example.com"
 
 
 def test_async_view_error_response_sends_nothing(
@@ -412,7 +393,7 @@ def test_async_view_error_response_sends_nothing(
         return "denied", 403
 
     assert visitor(app).post("/sso").status_code == 403
-    assert delivered(app, koala, receiver) == []
+    assert delivered(app, receiver) == []
 
 
 def test_async_view_exception_propagates(
@@ -427,7 +408,7 @@ def test_async_view_exception_propagates(
 
     with pytest.raises(KeyError):
         visitor(app).post("/sso")
-    assert delivered(app, koala, receiver) == []
+    assert delivered(app, receiver) == []
 
 
 # -- the decorator itself ----------------------------------------------------------------
@@ -499,9 +480,9 @@ def test_view_that_also_calls_login_user_sends_once(
         return jsonify(ok=True)
 
     visitor(app).post("/sso")
-    delivered(app, koala, receiver)
+    delivered(app, receiver)
     assert len(receiver.message_ids()) == 1
-    assert stats(app, koala)["skipped.duplicate"] == 1
+    assert flushed_stats(app)["skipped.duplicate"] == 1
 
 
 def test_guard_is_per_request_even_inside_one_app_context(
@@ -511,5 +492,5 @@ def test_guard_is_per_request_even_inside_one_app_context(
     with app.app_context():  # g would be shared by both requests
         client.post("/login/jane")
         client.post("/login/jane")
-    delivered(app, koala, receiver)
+    delivered(app, receiver)
     assert len(receiver.message_ids()) == 2

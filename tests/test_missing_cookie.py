@@ -17,21 +17,7 @@ from flask_koala.missing_cookie import COOKIE_MAX_AGE, MAX_DEFERRED, SESSION_KEY
 from flask_koala.payload import format_sent_at
 from flask_koala.receiver import KoalaReceiver
 
-from .support import OTHER_PROFILE_ID, PROFILE_ID, USERS, User
-
-
-def delivered(app: Flask, receiver: KoalaReceiver) -> list[dict[str, Any]]:
-    with app.app_context():
-        assert app.extensions["koala"].extension.flush(5)
-    assert receiver.violations == []
-    return receiver.bodies
-
-
-def stats(app: Flask) -> dict[str, int]:
-    with app.app_context():
-        koala: Koala = app.extensions["koala"].extension
-        koala.flush(5)
-        return dict(koala.stats)
+from .support import OTHER_PROFILE_ID, PROFILE_ID, USERS, User, delivered, flushed_stats
 
 
 def pending(client: Any) -> list[dict[str, Any]]:
@@ -49,7 +35,7 @@ def test_skip_is_the_default(make_app: Callable[..., Flask], receiver: KoalaRece
     client.set_cookie("ko_id", PROFILE_ID)
     client.get("/whoami")
     assert delivered(app, receiver) == []
-    assert stats(app)["skipped.no_cookie"] == 1
+    assert flushed_stats(app)["skipped.no_cookie"] == 1
     assert client.get_cookie("ko_id").value == PROFILE_ID  # type: ignore[union-attr]
 
 
@@ -80,7 +66,7 @@ def test_defer_sends_on_the_first_later_request_with_a_cookie(
     (entry,) = pending(client)
     assert set(entry) == {"email", "traits", "at", "id"}  # plain values only
     assert delivered(defer_app, receiver) == []
-    assert stats(defer_app)["deferred"] == 1
+    assert flushed_stats(defer_app)["deferred"] == 1
     client.get("/whoami")  # the pixel has not run yet
     assert delivered(defer_app, receiver) == []
 
@@ -103,7 +89,7 @@ def test_defer_sends_once(defer_app: Flask, receiver: KoalaReceiver) -> None:
     client.get("/whoami")
     delivered(defer_app, receiver)
     assert len(receiver.message_ids()) == 1
-    counts = stats(defer_app)
+    counts = flushed_stats(defer_app)
     assert (counts["deferred"], counts["queued"], counts["sent"]) == (1, 1, 1)
 
 
@@ -140,7 +126,7 @@ def test_defer_leaves_large_traits_out_of_the_session(
     app = make_app({"KOALA_MISSING_COOKIE": "defer"}, koala=koala)
     client = app.test_client()
     client.post("/login/jane")
-    assert stats(app)["deferred.without_traits"] == 1
+    assert flushed_stats(app)["deferred.without_traits"] == 1
     client.set_cookie("ko_id", PROFILE_ID)
     client.get("/whoami")
     traits = delivered(app, receiver)[0]["identifies"][0]["traits"]
@@ -157,7 +143,7 @@ def test_defer_forgets_after_max_age(defer_app: Flask, receiver: KoalaReceiver) 
     client.set_cookie("ko_id", PROFILE_ID)
     client.get("/whoami")
     assert delivered(defer_app, receiver) == []
-    assert stats(defer_app)["skipped.defer_expired"] == 1
+    assert flushed_stats(defer_app)["skipped.defer_expired"] == 1
     assert pending(client) == []
 
 
@@ -172,7 +158,7 @@ def test_defer_forgets_expired_entries_without_a_cookie_too(
         session[SESSION_KEY] = entries
     client.get("/whoami")
     assert pending(client) == []
-    assert stats(defer_app)["skipped.defer_expired"] == 1
+    assert flushed_stats(defer_app)["skipped.defer_expired"] == 1
 
 
 def test_defer_max_age_accepts_a_timedelta(
@@ -188,7 +174,7 @@ def test_defer_max_age_accepts_a_timedelta(
     client.set_cookie("ko_id", PROFILE_ID)
     client.get("/whoami")
     assert delivered(app, receiver) == []
-    assert stats(app)["skipped.defer_expired"] == 1
+    assert flushed_stats(app)["skipped.defer_expired"] == 1
 
 
 def test_defer_forgets_on_logout(defer_app: Flask, receiver: KoalaReceiver) -> None:
@@ -199,7 +185,7 @@ def test_defer_forgets_on_logout(defer_app: Flask, receiver: KoalaReceiver) -> N
     client.set_cookie("ko_id", PROFILE_ID)
     client.get("/whoami")
     assert delivered(defer_app, receiver) == []
-    assert stats(defer_app)["skipped.defer_cancelled"] == 1
+    assert flushed_stats(defer_app)["skipped.defer_cancelled"] == 1
 
 
 def test_defer_keeps_one_entry_per_email(defer_app: Flask) -> None:
@@ -207,7 +193,7 @@ def test_defer_keeps_one_entry_per_email(defer_app: Flask) -> None:
     client.post("/login/jane")
     client.post("/login/jane")
     assert len(pending(client)) == 1
-    counts = stats(defer_app)
+    counts = flushed_stats(defer_app)
     assert (counts["deferred"], counts["skipped.duplicate"]) == (1, 1)
 
 
@@ -220,7 +206,7 @@ def test_defer_keeps_a_bounded_number_of_entries(defer_app: Flask, receiver: Koa
         for n in range(len(emails)):
             client.post(f"/login/u{n}")
         assert [entry["email"] for entry in pending(client)] == emails[-MAX_DEFERRED:]
-        assert stats(defer_app)["skipped.defer_overflow"] == 2
+        assert flushed_stats(defer_app)["skipped.defer_overflow"] == 2
         client.set_cookie("ko_id", PROFILE_ID)
         client.get("/whoami")
         sent = [body["email"] for body in delivered(defer_app, receiver)]
@@ -258,21 +244,21 @@ def test_defer_sends_right_away_when_the_cookie_is_there(
     client.post("/login/jane")
     delivered(defer_app, receiver)
     assert len(receiver.message_ids()) == 1
-    assert stats(defer_app)["deferred"] == 0
+    assert flushed_stats(defer_app)["deferred"] == 0
 
 
 def test_defer_does_not_take_an_explicit_bad_profile_id(defer_app: Flask) -> None:
     koala: Koala = defer_app.extensions["koala"].extension
     with defer_app.test_request_context():
         assert koala.identify("jane@example.com", profile_id="nope") is False
-    assert stats(defer_app)["skipped.bad_cookie"] == 1
+    assert flushed_stats(defer_app)["skipped.bad_cookie"] == 1
 
 
 def test_defer_outside_a_request_skips(defer_app: Flask) -> None:
     koala: Koala = defer_app.extensions["koala"].extension
     with defer_app.app_context():
         assert koala.identify("jane@example.com") is False
-    assert stats(defer_app)["skipped.no_cookie"] == 1
+    assert flushed_stats(defer_app)["skipped.no_cookie"] == 1
 
 
 def test_defer_with_decorator_and_login_user_keeps_one_entry(
@@ -304,7 +290,7 @@ def test_defer_and_a_login_with_the_cookie_in_one_request_send_once(
     client.post("/login/jane")  # the pending one goes first, the new login is the same
     delivered(defer_app, receiver)
     assert len(receiver.message_ids()) == 1
-    assert stats(defer_app)["skipped.duplicate"] == 1
+    assert flushed_stats(defer_app)["skipped.duplicate"] == 1
 
 
 def test_defer_skips_entries_it_cannot_read(defer_app: Flask, receiver: KoalaReceiver) -> None:
@@ -316,7 +302,7 @@ def test_defer_skips_entries_it_cannot_read(defer_app: Flask, receiver: KoalaRec
     client.get("/whoami")
     delivered(defer_app, receiver)
     assert len(receiver.message_ids()) == 1
-    assert stats(defer_app)["skipped.defer_invalid"] == 2
+    assert flushed_stats(defer_app)["skipped.defer_invalid"] == 2
 
 
 def test_defer_requires_a_secret_key(receiver: KoalaReceiver) -> None:
@@ -452,7 +438,7 @@ def test_mint_once_per_request(mint_app: Flask, receiver: KoalaReceiver) -> None
     bodies = delivered(mint_app, receiver)
     assert {body["profile_id"] for body in bodies} == {minted}
     assert sorted(body["email"] for body in bodies) == ["jane@example.com", "other@example.com"]
-    assert stats(mint_app)["skipped.duplicate"] == 1
+    assert flushed_stats(mint_app)["skipped.duplicate"] == 1
 
 
 def test_mint_then_track_in_the_same_request_shares_the_id(
@@ -476,7 +462,7 @@ def test_track_alone_does_not_mint(mint_app: Flask) -> None:
     koala: Koala = mint_app.extensions["koala"].extension
     with mint_app.test_request_context():
         assert koala.track("Viewed Pricing") is False
-    assert stats(mint_app)["skipped.no_cookie"] == 1
+    assert flushed_stats(mint_app)["skipped.no_cookie"] == 1
 
 
 def test_mint_two_requests_mint_two_ids_without_a_cookie_jar(

@@ -10,7 +10,7 @@ from flask import Flask
 from flask_koala import Koala, signals
 from flask_koala.receiver import KoalaReceiver
 
-from .support import PROFILE_ID
+from .support import PROFILE_ID, flushed_stats
 
 
 def login(app: Flask, user: str = "jane", cookie: str | None = PROFILE_ID) -> Any:
@@ -18,13 +18,6 @@ def login(app: Flask, user: str = "jane", cookie: str | None = PROFILE_ID) -> An
     if cookie is not None:
         client.set_cookie("ko_id", cookie)
     return client.post(f"/login/{user}")
-
-
-def stats(app: Flask) -> dict[str, int]:
-    with app.app_context():
-        koala: Koala = app.extensions["koala"].extension
-        koala.flush(5)
-        return dict(koala.stats)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +42,7 @@ def test_skip_reason_counted_and_login_unchanged(
     response = login(app, user, cookie)
     assert response.status_code == 200
     assert response.get_json() == {"ok": True}
-    counts = stats(app)
+    counts = flushed_stats(app)
     assert counts["skipped"] == 1
     assert counts[f"skipped.{reason}"] == 1
     assert receiver.calls == []
@@ -81,7 +74,7 @@ def test_too_large_traits_are_skipped(make_app: Callable[..., Flask], koala: Koa
     koala.identity_loader(lambda user: {"email": user.email, "bio": "x" * 40_000})
     app = make_app(koala=koala)
     assert login(app).status_code == 200
-    assert stats(app)["skipped.too_large"] == 1
+    assert flushed_stats(app)["skipped.too_large"] == 1
 
 
 def test_loader_returning_non_mapping_is_bad_traits(
@@ -90,7 +83,7 @@ def test_loader_returning_non_mapping_is_bad_traits(
     koala.identity_loader(lambda user: ["jane@example.com"])
     app = make_app(koala=koala)
     login(app)
-    assert stats(app)["skipped.bad_traits"] == 1
+    assert flushed_stats(app)["skipped.bad_traits"] == 1
 
 
 def test_loader_returning_none_excludes_the_user(
@@ -99,7 +92,7 @@ def test_loader_returning_none_excludes_the_user(
     koala.identity_loader(lambda user: None)
     app = make_app(koala=koala)
     login(app)
-    assert stats(app)["skipped.excluded"] == 1
+    assert flushed_stats(app)["skipped.excluded"] == 1
 
 
 @pytest.mark.allow_errors
@@ -113,14 +106,14 @@ def test_loader_that_raises_does_not_break_the_login(
     app = make_app(koala=koala)
     response = login(app)
     assert response.status_code == 200
-    assert stats(app)["skipped.loader_error"] == 1
+    assert flushed_stats(app)["skipped.loader_error"] == 1
     assert any("identity loader raised" in r.getMessage() for r in caplog.records)
 
 
 def test_disabled_skips_without_threads(make_app: Callable[..., Flask]) -> None:
     app = make_app({"KOALA_ENABLED": False})
     assert login(app).status_code == 200
-    assert stats(app)["skipped.disabled"] == 1
+    assert flushed_stats(app)["skipped.disabled"] == 1
 
 
 def test_disabled_identify_returns_false(make_app: Callable[..., Flask], koala: Koala) -> None:
@@ -132,4 +125,4 @@ def test_disabled_identify_returns_false(make_app: Callable[..., Flask], koala: 
 def test_identify_on_login_off(make_app: Callable[..., Flask], receiver: KoalaReceiver) -> None:
     app = make_app({"KOALA_IDENTIFY_ON_LOGIN": False})
     login(app)
-    assert stats(app)["queued"] == 0
+    assert flushed_stats(app)["queued"] == 0

@@ -12,7 +12,7 @@ from flask_login import login_user
 from flask_koala import Koala, signals
 from flask_koala.receiver import KoalaReceiver
 
-from .support import OTHER_PROFILE_ID, PROFILE_ID, USERS
+from .support import OTHER_PROFILE_ID, PROFILE_ID, USERS, delivered
 
 
 def add_track_route(app: Flask, koala: Koala) -> None:
@@ -34,19 +34,6 @@ def track_app(make_app: Callable[..., Flask], koala: Koala) -> Flask:
     return app
 
 
-def delivered(app: Flask, koala: Koala, receiver: KoalaReceiver) -> list[dict[str, Any]]:
-    with app.app_context():
-        assert koala.flush(5)
-    assert receiver.violations == []
-    return receiver.bodies
-
-
-def stats(app: Flask, koala: Koala) -> dict[str, int]:
-    with app.app_context():
-        koala.flush(5)
-        return dict(koala.stats)
-
-
 def test_track_sends_an_event_with_the_request_cookie(
     track_app: Flask, koala: Koala, receiver: KoalaReceiver
 ) -> None:
@@ -54,7 +41,7 @@ def test_track_sends_an_event_with_the_request_cookie(
     client.set_cookie("ko_id", PROFILE_ID)
     response = client.post("/track", json={"event": "Exported Report", "properties": {"n": 3}})
     assert response.get_json() == {"accepted": True}
-    (body,) = delivered(track_app, koala, receiver)
+    (body,) = delivered(track_app, receiver)
     assert body["profile_id"] == PROFILE_ID
     assert "email" not in body  # nobody is logged in
     (event,) = body["events"]
@@ -71,7 +58,7 @@ def test_track_defaults_to_the_logged_in_users_email(
     client.set_cookie("ko_id", PROFILE_ID)
     client.post("/login/jane")
     client.post("/track", json={"event": "Exported Report"})
-    bodies = delivered(track_app, koala, receiver)
+    bodies = delivered(track_app, receiver)
     assert bodies[-1]["email"] == "jane@example.com"
     assert bodies[-1]["events"][0]["properties"] == {}
 
@@ -86,7 +73,7 @@ def test_track_email_comes_through_the_identity_loader(
     client.set_cookie("ko_id", PROFILE_ID)
     client.post("/login/jane")
     client.post("/track", json={"event": "Exported Report"})
-    assert delivered(app, koala, receiver)[-1]["email"] == "jane@work.example.com"
+    assert delivered(app, receiver)[-1]["email"] == "jane@work.example.com"
 
 
 def test_track_with_explicit_email_and_profile_id_outside_a_request(
@@ -94,7 +81,7 @@ def test_track_with_explicit_email_and_profile_id_outside_a_request(
 ) -> None:
     with app.app_context():
         assert koala.track("Renewed", email="jane@example.com", profile_id=OTHER_PROFILE_ID)
-    (body,) = delivered(app, koala, receiver)
+    (body,) = delivered(app, receiver)
     assert body["profile_id"] == OTHER_PROFILE_ID
     assert body["email"] == "jane@example.com"
 
@@ -154,7 +141,7 @@ def test_track_works_without_flask_login(receiver: KoalaReceiver) -> None:
     try:
         with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
             assert koala.track("Exported Report")
-        assert "email" not in delivered(app, koala, receiver)[0]
+        assert "email" not in delivered(app, receiver)[0]
     finally:
         with app.app_context():
             koala.shutdown(5)
@@ -199,7 +186,7 @@ def test_login_in_a_view_then_track_in_the_same_request(
     client = track_app.test_client()
     client.set_cookie("ko_id", PROFILE_ID)
     client.post("/signup")
-    bodies = delivered(track_app, koala, receiver)
+    bodies = delivered(track_app, receiver)
     kinds = sorted(k for body in bodies for k in ("identifies", "events") if k in body)
     assert kinds == ["events", "identifies"]
     assert {body["email"] for body in bodies} == {"jane@example.com"}
