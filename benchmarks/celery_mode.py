@@ -33,13 +33,13 @@ from flask import Flask, jsonify
 from flask_login import LoginManager, UserMixin, login_user
 
 from flask_koala import Koala
+from flask_koala._payload import Call
+from flask_koala._retry import RetryPolicy
 from flask_koala.celery import TASK_NAME, task_kwargs
-from flask_koala.payload import Call
-from flask_koala.retry import RetryPolicy
 
 _RECEIVER = """
 import sys
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 with KoalaReceiver() as koala:
     print(koala.url, flush=True)
     sys.stdin.read()

@@ -22,7 +22,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 
 
 class _SinkHandler(BaseHTTPRequestHandler):

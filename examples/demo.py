@@ -15,8 +15,8 @@ from typing import Any
 
 from werkzeug.serving import make_server
 
-from flask_koala.cli import format_call
-from flask_koala.receiver import KoalaReceiver, ReceivedCall
+from flask_koala._cli import format_call
+from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
 from .password_login import DEMO_EMAIL, DEMO_PASSWORD, create_app, koala
 

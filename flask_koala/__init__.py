@@ -6,11 +6,10 @@ detail. ``flask_koala.signals`` and ``flask_koala.testing`` are public modules t
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import signals
-from .config import KoalaConfig
-from .exceptions import ConfigError, KoalaError
-from .extension import Koala
+from ._config import KoalaConfig
+from ._exceptions import ConfigError, KoalaError
+from ._extension import Koala
+from ._version import __version__
 
 __all__ = ["ConfigError", "Koala", "KoalaConfig", "KoalaError", "__version__", "signals"]

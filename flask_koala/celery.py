@@ -12,7 +12,7 @@ Two halves, joined only by JSON on the broker:
 - The worker side, the task :data:`TASK_NAME`. It needs no Flask app: its arguments carry
   the ready body, the endpoint, the ``message_id`` of every entry, the timeout and the retry
   policy. It posts once per run and classifies the answer with
-  :func:`~flask_koala.delivery.attempt`, the thread engine's own rules: 2xx is delivered,
+  :func:`~flask_koala._delivery.attempt`, the thread engine's own rules: 2xx is delivered,
   408/429/5xx and network errors are retried after ``Retry-After`` or the engine's backoff,
   any other 4xx fails for good. A retry re-sends the body unchanged, so Koala sees the same
   ``message_id`` every time and can drop the duplicate a redelivery may cause.
@@ -35,14 +35,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
-from .config import KoalaConfig, Timeout
-from .delivery import Delivery, attempt
-from .dispatch import ThreadDispatcher
-from .exceptions import ConfigError, KoalaError
-from .ledger import Ledger, Throttle, redact
-from .payload import Call, build_body, encode_body
-from .retry import RetryPolicy
-from .transport import HTTPTransport, Response, Transport
+from ._config import KoalaConfig, Timeout
+from ._delivery import Delivery, attempt
+from ._dispatch import ThreadDispatcher
+from ._exceptions import ConfigError, KoalaError
+from ._ledger import Ledger, Throttle, redact
+from ._payload import Call, build_body, encode_body
+from ._retry import RetryPolicy
+from ._transport import HTTPTransport, Response, Transport
 
 __all__ = ["TASK_NAME", "CeleryDispatcher", "DeliveryFailed", "register_task", "task_kwargs"]
 
@@ -227,7 +227,7 @@ class _BrokerLink:
     connection and never answers would hold the publisher forever. This connection takes
     the app's broker settings and adds socket timeouts (Redis and AMQP names alike).
 
-    It stands in the place of a :class:`~flask_koala.transport.Transport` in the thread
+    It stands in the place of a :class:`~flask_koala._transport.Transport` in the thread
     engine, which hands it back to :meth:`_Publisher.send` and closes it when its thread ends.
     """
 
@@ -281,7 +281,7 @@ class _BrokerLink:
 class _Publisher(Delivery):
     """The thread engine's delivery step, publishing a task instead of posting to Koala.
 
-    Subclassing :class:`~flask_koala.delivery.Delivery` lets :class:`ThreadDispatcher` run
+    Subclassing :class:`~flask_koala._delivery.Delivery` lets :class:`ThreadDispatcher` run
     it unchanged: its queue bound, flush, shutdown, fork and exit handling all carry over.
     """
 

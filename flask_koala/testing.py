@@ -39,14 +39,14 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
-from .receiver import KoalaReceiver, ReceivedCall, check_body
+from ._receiver import KoalaReceiver, ReceivedCall, check_body
 
 __all__ = ["KoalaReceiver", "ReceivedCall", "check_body", "main"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the loopback receiver until Ctrl-C: ``python -m flask_koala.testing``."""
-    from .cli import receiver_command
+    from ._cli import receiver_command
 
     receiver_command.main(args=argv, prog_name="python -m flask_koala.testing")
 

@@ -17,14 +17,14 @@ from celery import Celery
 from flask import Flask
 
 from flask_koala import Koala, signals
+from flask_koala._delivery import Delivery
+from flask_koala._dispatch import ThreadDispatcher
+from flask_koala._ledger import Ledger
+from flask_koala._payload import Call
+from flask_koala._receiver import KoalaReceiver
+from flask_koala._retry import RetryPolicy
+from flask_koala._transport import HTTPTransport
 from flask_koala.celery import CeleryDispatcher
-from flask_koala.delivery import Delivery
-from flask_koala.dispatch import ThreadDispatcher
-from flask_koala.ledger import Ledger
-from flask_koala.payload import Call
-from flask_koala.receiver import KoalaReceiver
-from flask_koala.retry import RetryPolicy
-from flask_koala.transport import HTTPTransport
 
 from .celery_support import (
     CeleryWorker,

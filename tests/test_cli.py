@@ -19,8 +19,8 @@ import requests
 from click.testing import Result
 from flask import Flask
 
-from flask_koala.cli import format_call, mask_key
-from flask_koala.receiver import KoalaReceiver, ReceivedCall
+from flask_koala._cli import format_call, mask_key
+from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
 from .support import PROFILE_ID
 

@@ -8,7 +8,7 @@ import pytest
 from flask import Flask
 
 from flask_koala import ConfigError, Koala
-from flask_koala.config import DEFAULT_API_URL, load_config
+from flask_koala._config import DEFAULT_API_URL, load_config
 
 
 def init(**config: Any) -> Flask:

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from flask_koala.cookies import mint_profile_id, parse_profile_id
+from flask_koala._cookies import mint_profile_id, parse_profile_id
 
 VALID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 

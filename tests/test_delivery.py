@@ -10,7 +10,7 @@ import pytest
 from flask import Flask
 
 from flask_koala import Koala
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 
 from .support import PROFILE_ID
 

@@ -12,13 +12,13 @@ from typing import Any, Callable
 
 import pytest
 
-from flask_koala.config import Timeout
-from flask_koala.delivery import Delivery
-from flask_koala.dispatch import PersonQueue, SyncDispatcher, ThreadDispatcher
-from flask_koala.ledger import Ledger
-from flask_koala.payload import Call
-from flask_koala.retry import RetryPolicy
-from flask_koala.transport import Response
+from flask_koala._config import Timeout
+from flask_koala._delivery import Delivery
+from flask_koala._dispatch import PersonQueue, SyncDispatcher, ThreadDispatcher
+from flask_koala._ledger import Ledger
+from flask_koala._payload import Call
+from flask_koala._retry import RetryPolicy
+from flask_koala._transport import Response
 
 PROFILE = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 

@@ -8,7 +8,7 @@ import pytest
 from flask import Flask
 
 from examples.password_login import DEMO_EMAIL, DEMO_PASSWORD, create_app, koala
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 
 from .support import PROFILE_ID
 

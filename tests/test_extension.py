@@ -8,7 +8,7 @@ import pytest
 from flask import Flask
 
 from flask_koala import Koala, signals
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 
 from .support import OTHER_PROFILE_ID, PROFILE_ID
 

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask
 
 from flask_koala import Koala, __version__
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 
 from .support import PROFILE_ID
 

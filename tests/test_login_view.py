@@ -11,7 +11,7 @@ from flask import Flask, abort, g, jsonify, redirect, request, url_for
 from flask_login import login_user
 
 from flask_koala import Koala
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 
 from .support import PROFILE_ID, USERS, User, delivered, flushed_stats, visitor
 

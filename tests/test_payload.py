@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from flask_koala.payload import (
+from flask_koala._payload import (
     MAX_BODY_BYTES,
     Call,
     build_body,
@@ -21,7 +21,7 @@ from flask_koala.payload import (
     fits,
     format_sent_at,
 )
-from flask_koala.receiver import check_body
+from flask_koala._receiver import check_body
 
 PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 

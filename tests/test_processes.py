@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -68,7 +68,7 @@ def test_runnable_blocks_run(lang: str, code: str, line: int, tmp_path: Path) ->
 
 
 def test_every_config_key_is_documented() -> None:
-    source = (ROOT / "flask_koala" / "config.py").read_text()
+    source = (ROOT / "flask_koala" / "_config.py").read_text()
     keys = set(CONFIG_KEY.findall(source))
     missing = sorted(k for k in keys if f"| `{k}` |" not in README)
     assert missing == []

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
-from flask_koala.receiver import KoalaReceiver, ReceivedCall, check_body
+from flask_koala._receiver import KoalaReceiver, ReceivedCall, check_body
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

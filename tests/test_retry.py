@@ -6,7 +6,7 @@ from email.utils import formatdate
 
 import pytest
 
-from flask_koala.retry import RETRY_AFTER_MAX, RetryPolicy, is_retryable, parse_retry_after
+from flask_koala._retry import RETRY_AFTER_MAX, RetryPolicy, is_retryable, parse_retry_after
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504, 599])

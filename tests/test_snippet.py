@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from markupsafe import Markup
 
-from flask_koala.snippet import (
+from flask_koala._snippet import (
     DEFAULT_SDK_URL,
     STUB_METHODS,
     default_sdk_url,

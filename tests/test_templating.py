@@ -15,7 +15,7 @@ from flask import Flask, Response, g, jsonify, render_template_string, request, 
 from flask_login import login_required, logout_user
 
 from flask_koala import Koala
-from flask_koala.templating import RESET_KEY
+from flask_koala._templating import RESET_KEY
 
 PAGE = "<!doctype html><html><head>{{ koala_script() }}</head><body><p>hi</p></body></html>"
 BARE = "<!doctype html><html><head></head><body><p>hi</p></body></html>"

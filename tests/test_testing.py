@@ -15,7 +15,7 @@ import pytest
 import requests
 from flask import Flask
 
-import flask_koala.receiver
+import flask_koala._receiver
 import flask_koala.testing
 from flask_koala import Koala
 from flask_koala.testing import KoalaReceiver, ReceivedCall, check_body
@@ -306,9 +306,9 @@ def test_koala_receiver_is_a_running_receiver(koala_receiver: KoalaReceiver) -> 
 
 
 def test_receiver_names_are_re_exported() -> None:
-    assert KoalaReceiver is flask_koala.receiver.KoalaReceiver
-    assert ReceivedCall is flask_koala.receiver.ReceivedCall
-    assert check_body is flask_koala.receiver.check_body
+    assert KoalaReceiver is flask_koala._receiver.KoalaReceiver
+    assert ReceivedCall is flask_koala._receiver.ReceivedCall
+    assert check_body is flask_koala._receiver.check_body
 
 
 def test_module_imports_without_pytest() -> None:

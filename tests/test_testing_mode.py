@@ -8,7 +8,7 @@ from typing import Any, Callable
 from flask import Flask
 
 from flask_koala import Koala, signals
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 
 from .support import OTHER_PROFILE_ID, PROFILE_ID
 

@@ -10,7 +10,7 @@ from flask import Flask, jsonify, request
 from flask_login import login_user
 
 from flask_koala import Koala, signals
-from flask_koala.receiver import KoalaReceiver
+from flask_koala._receiver import KoalaReceiver
 
 from .support import OTHER_PROFILE_ID, PROFILE_ID, USERS, delivered
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from flask_koala.delivery import headers
-from flask_koala.receiver import KoalaReceiver
-from flask_koala.transport import HTTPTransport, TransportError
+from flask_koala._delivery import headers
+from flask_koala._receiver import KoalaReceiver
+from flask_koala._transport import HTTPTransport, TransportError
 
 from .support import PROFILE_ID
 

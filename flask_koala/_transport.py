@@ -27,7 +27,7 @@ import urllib3
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_environ_proxies
 from urllib3.util import wait_for_read
 
-from .config import Timeout
+from ._config import Timeout
 
 __all__ = ["HTTPTransport", "Response", "Transport", "TransportError", "TransportFactory"]
 

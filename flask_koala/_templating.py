@@ -1,7 +1,7 @@
 """The Flask side of the browser pixel: ``koala_script()`` in templates, the reset after a
 logout, and the optional insertion of the snippet into HTML pages.
 
-The markup itself and its escaping live in :mod:`flask_koala.snippet`; this module only
+The markup itself and its escaping live in :mod:`flask_koala._snippet`; this module only
 gathers the request's values for it. Nothing here may break a page: a failure is logged and
 the page is served without the snippet.
 """
@@ -17,11 +17,11 @@ from flask import Flask, Response, current_app, has_app_context, has_request_con
 from flask_login import current_user, user_logged_out
 from markupsafe import Markup
 
-from .payload import clean_email, clean_traits
-from .snippet import MARKER, default_sdk_url, render_snippet
+from ._payload import clean_email, clean_traits
+from ._snippet import MARKER, default_sdk_url, render_snippet
 
 if TYPE_CHECKING:
-    from .config import KoalaConfig
+    from ._config import KoalaConfig
 
 __all__ = ["init_app", "koala_script"]
 

@@ -1,7 +1,7 @@
 """Koala's browser pixel as HTML: the loader, its settings and the calls queued for it.
 
 Plain Python, no Flask: everything that decides what reaches the page, and how it is escaped,
-is here and can be tested on its own. :mod:`flask_koala.templating` only gathers the values
+is here and can be tested on its own. :mod:`flask_koala._templating` only gathers the values
 (settings, the logged-in user, the pending reset, the nonce) and calls :func:`render_snippet`.
 
 Every value spliced into the script is untrusted (an email, a profile trait, a setting), so

@@ -38,13 +38,13 @@ from flask import session as flask_session
 from flask.sessions import SecureCookieSessionInterface
 from flask_login import user_logged_out
 
-from .config import KoalaConfig
-from .cookies import mint_profile_id, parse_profile_id
-from .exceptions import ConfigError
-from .payload import Call, clean_email, clean_traits, fits
+from ._config import KoalaConfig
+from ._cookies import mint_profile_id, parse_profile_id
+from ._exceptions import ConfigError
+from ._payload import Call, clean_email, clean_traits, fits
 
 if TYPE_CHECKING:
-    from .extension import _KoalaState
+    from ._extension import _KoalaState
 
 __all__ = [
     "COOKIE_MAX_AGE",
@@ -263,7 +263,7 @@ def _send_deferred(state: _KoalaState) -> None:
 
 
 def _submit(state: _KoalaState, entry: _Deferred, profile_id: str) -> None:
-    from .extension import _already_identified, _current_request  # it imports this module
+    from ._extension import _already_identified, _current_request  # it imports this module
 
     ledger = state.ledger
     if state.dispatcher is None:

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Optional
 
 from . import signals
-from .payload import Call, build_body
+from ._payload import Call, build_body
 
 __all__ = ["OUTCOMES", "Ledger"]
 

@@ -32,20 +32,20 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import __version__
-from .config import DEFAULT_API_URL, KoalaConfig
-from .cookies import parse_profile_id
-from .delivery import attempt
-from .payload import Call, build_body, clean_email, encode_body
-from .receiver import SUSPENDED_ERROR, KoalaReceiver, ReceivedCall
-from .retry import is_retryable
-from .transport import Response, Transport
+from ._config import DEFAULT_API_URL, KoalaConfig
+from ._cookies import parse_profile_id
+from ._delivery import attempt
+from ._payload import Call, build_body, clean_email, encode_body
+from ._receiver import SUSPENDED_ERROR, KoalaReceiver, ReceivedCall
+from ._retry import is_retryable
+from ._transport import Response, Transport
+from ._version import __version__
 
 if TYPE_CHECKING:
     from types import FrameType
 
-    from .config import Timeout
-    from .extension import _KoalaState
+    from ._config import Timeout
+    from ._extension import _KoalaState
 
 __all__ = ["format_call", "koala_cli", "mask_key", "receiver_command"]
 

@@ -1,7 +1,7 @@
 """The Flask glue: settings, Flask-Login's signals, and the request-side half of a call.
 
 Work done here, on the request thread, is limited to reading the cookie, validating,
-copying plain values and handing a :class:`~flask_koala.payload.Call` to the app's
+copying plain values and handing a :class:`~flask_koala._payload.Call` to the app's
 dispatcher. Everything that can be slow or fail happens off-thread, and nothing here lets
 an exception reach the login.
 """
@@ -25,16 +25,16 @@ from flask import (
 )
 from flask_login import user_loaded_from_cookie, user_logged_in
 
-from . import login_view, missing_cookie, signals, templating
-from .cli import koala_cli
-from .config import KoalaConfig, load_config
-from .cookies import parse_profile_id
-from .delivery import Delivery
-from .dispatch import Dispatcher, SuppressedDispatcher, SyncDispatcher, ThreadDispatcher
-from .ledger import Ledger
-from .payload import Call, clean_email, clean_event, clean_traits, fits
-from .retry import RetryPolicy
-from .transport import HTTPTransport, TransportFactory
+from . import _identify_login, _missing_cookie, _templating, signals
+from ._cli import koala_cli
+from ._config import KoalaConfig, load_config
+from ._cookies import parse_profile_id
+from ._delivery import Delivery
+from ._dispatch import Dispatcher, SuppressedDispatcher, SyncDispatcher, ThreadDispatcher
+from ._ledger import Ledger
+from ._payload import Call, clean_email, clean_event, clean_traits, fits
+from ._retry import RetryPolicy
+from ._transport import HTTPTransport, TransportFactory
 
 __all__ = ["Koala"]
 
@@ -170,7 +170,7 @@ class Koala:
                 "per app (Koala(app) already calls it)."
             )
         config = load_config(app.config, testing=app.testing)
-        missing_cookie.check_app(app, config)
+        _missing_cookie.check_app(app, config)
         # Every check is done: from here on the app is changed, and nothing raises.
         app.extensions[_EXTENSION_KEY] = _KoalaState(self, app, config, self._transport_factory)
         app.cli.add_command(koala_cli)
@@ -180,8 +180,8 @@ class Koala:
             user_logged_in.connect(_on_user_logged_in, sender=app)
         if config.identify_on_remember:
             user_loaded_from_cookie.connect(_on_user_loaded_from_cookie, sender=app)
-        missing_cookie.init_app(app, config)
-        templating.init_app(app, config)
+        _missing_cookie.init_app(app, config)
+        _templating.init_app(app, config)
         if config.mode not in ("disabled", "suppressed", "sync"):
             app.after_request(_wake_after_response)
             app.teardown_request(_wake_at_teardown)
@@ -226,7 +226,7 @@ class Koala:
         flask-koala afterwards is logged and the response goes out unchanged. A view that
         also calls ``login_user`` sends one identify, not two.
         """
-        return login_view.identify_login(self, func)
+        return _identify_login.identify_login(self, func)
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -410,7 +410,7 @@ class Koala:
         resolved, reason = self._resolve_profile_id(state, profile_id, req)
         policy = None
         if resolved is None:
-            if profile_id is not None or not missing_cookie.applies(state.config, reason):
+            if profile_id is not None or not _missing_cookie.applies(state.config, reason):
                 ledger.skipped(reason)
                 return False
             policy = state.config.missing_cookie
@@ -423,9 +423,9 @@ class Koala:
             ledger.skipped("bad_traits", email=clean, profile_id=resolved)
             return False
         if policy == "defer":
-            return missing_cookie.defer(state, clean, plain)
+            return _missing_cookie.defer(state, clean, plain)
         if resolved is None:  # "mint"
-            resolved = missing_cookie.mint(state.config)
+            resolved = _missing_cookie.mint(state.config)
         if _already_identified(req, resolved, clean):
             ledger.skipped("duplicate", email=clean, profile_id=resolved)
             return False
@@ -488,7 +488,7 @@ class Koala:
         parsed = parse_profile_id(raw)
         if parsed is None:
             # A visitor id minted earlier in this request stands in for the cookie.
-            parsed = missing_cookie.minted_profile_id()
+            parsed = _missing_cookie.minted_profile_id()
         if parsed is not None:
             return parsed, ""
         return None, "no_cookie" if raw is None or raw == "" else "bad_cookie"

@@ -1,6 +1,6 @@
 """Getting accepted calls from the request thread to Koala.
 
-A dispatcher takes a :class:`~flask_koala.payload.Call` with :meth:`Dispatcher.submit`,
+A dispatcher takes a :class:`~flask_koala._payload.Call` with :meth:`Dispatcher.submit`,
 which never blocks and never raises, and sees it to its end. Three live here:
 
 - :class:`ThreadDispatcher`, the default: a bounded queue drained by daemon threads.
@@ -24,10 +24,10 @@ import weakref
 from collections import OrderedDict
 from typing import Optional, Protocol
 
-from .delivery import Delivery, PauseGate
-from .ledger import Ledger
-from .payload import MAX_ENTRIES, Call
-from .transport import Transport, TransportFactory
+from ._delivery import Delivery, PauseGate
+from ._ledger import Ledger
+from ._payload import MAX_ENTRIES, Call
+from ._transport import Transport, TransportFactory
 
 __all__ = [
     "Dispatcher",

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any, Callable, Optional, Union
 from urllib.parse import urlsplit
 
-from .exceptions import ConfigError
+from ._exceptions import ConfigError
 
 __all__ = ["DEFAULT_API_URL", "KoalaConfig", "Timeout", "load_config"]
 

@@ -1,7 +1,7 @@
 """Sending one batch to Koala until it is delivered or has finally failed.
 
-:class:`Delivery` applies the retry policy around a :class:`~flask_koala.transport.Transport`
-and reports the end to the :class:`~flask_koala.ledger.Ledger`. Threads, queues and Flask
+:class:`Delivery` applies the retry policy around a :class:`~flask_koala._transport.Transport`
+and reports the end to the :class:`~flask_koala._ledger.Ledger`. Threads, queues and Flask
 live elsewhere; this is the part every way of sending shares.
 """
 
@@ -13,12 +13,12 @@ import time
 from collections.abc import Sequence
 from typing import Callable, Optional
 
-from . import __version__
-from .config import Timeout
-from .ledger import Ledger
-from .payload import Call, build_body, encode_body
-from .retry import RetryPolicy, is_retryable, parse_retry_after
-from .transport import Response, Transport, TransportError
+from ._config import Timeout
+from ._ledger import Ledger
+from ._payload import Call, build_body, encode_body
+from ._retry import RetryPolicy, is_retryable, parse_retry_after
+from ._transport import Response, Transport, TransportError
+from ._version import __version__
 
 __all__ = ["USER_AGENT", "Delivery", "Outcome", "PauseGate", "attempt", "error_text", "headers"]
 

@@ -19,7 +19,7 @@ from flask import Response, current_app, make_response
 from flask_login import current_user
 
 if TYPE_CHECKING:
-    from .extension import Koala
+    from ._extension import Koala
 
 __all__ = ["identify_login"]
 
