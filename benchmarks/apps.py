@@ -122,6 +122,7 @@ def _with_koala(app: Flask) -> None:
             return koala.flush(timeout=60)
 
     app.extensions["bench_flush"] = flush
+    app.extensions["bench_koala"] = koala
 
 
 def _with_segment(app: Flask, segment_url: str) -> None:

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> dict[str, Any]:
             cpu[name].append(time.process_time() - start)
     per = {name: median(values) / n for name, values in cpu.items()}
     with koala_app.app_context():
-        koala_app.extensions["koala"].extension.shutdown(timeout=5)
+        koala_app.extensions["bench_koala"].shutdown(timeout=5)
     return {
         "koala_per_call": per["koala"] - per["bare"],
         "raw_per_call": per["raw"],

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     round_trip = _round_trip(url)
     app = build("koala", url)
     with app.app_context():
-        koala = app.extensions["koala"].extension
+        koala = app.extensions["bench_koala"]
         workers = koala.config.max_workers
         people = [str(uuid.uuid4()) for _ in range(calls)]
         start = time.perf_counter()

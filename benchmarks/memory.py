@@ -52,7 +52,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     url, calls = argv[0], int(argv[1])
     app = build("koala", url, config={"KOALA_TIMEOUT": 600.0})  # no retries meanwhile
     with app.app_context():
-        koala = app.extensions["koala"].extension
+        koala = app.extensions["bench_koala"]
         koala.identify("warm@example.com", {}, profile_id=str(uuid.uuid4()))
         gc.collect()
         before = rss_bytes()

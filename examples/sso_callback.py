@@ -1,7 +1,7 @@
 """An SSO sign-in whose callback never calls ``login_user``, identified with a decorator.
 
 Many OAuth and SSO callbacks keep the signed-in user in the session themselves, so
-Flask-Login's ``user_logged_in`` never fires. ``@koala.identify_login(get_user)`` covers
+Flask-Login's ``user_logged_in`` never fires. ``@koala.identify_login(get_user=get_user)`` covers
 them: once the callback has answered below 400, ``get_user()`` says who signed in.
 
 The identity provider is a fake inside this app, so nothing leaves the machine:
@@ -109,7 +109,7 @@ def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
         return redirect(url_for("sso_callback", code=code, state=request.args["state"]))
 
     @app.get("/sso/callback")
-    @koala.identify_login(signed_in_user)
+    @koala.identify_login(get_user=signed_in_user)
     def sso_callback() -> Any:
         """Finish the sign-in; identified to Koala only when this answers below 400."""
         if request.args.get("state") != session.pop("sso_state", None):

@@ -32,12 +32,12 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from ._config import DEFAULT_API_URL, KoalaConfig
+from ._config import DEFAULT_API_URL, SUSPENDED_ERROR, KoalaConfig
 from ._cookies import parse_profile_id
 from ._delivery import attempt
 from ._payload import Call, build_body, clean_email, encode_body
-from ._receiver import SUSPENDED_ERROR, KoalaReceiver, ReceivedCall
 from ._retry import is_retryable
+from ._state import AppState, state_of
 from ._transport import Response, Transport
 from ._version import __version__
 
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from ._config import Timeout
-    from ._extension import _KoalaState
+    from ._receiver import ReceivedCall
 
 __all__ = ["format_call", "koala_cli", "mask_key", "receiver_command"]
 
@@ -249,7 +249,7 @@ def identify_command(
     who = f"profile_id {profile_id}" if profile_id else "no profile_id (email only)"
     click.echo(f"POST {_masked_endpoint(config)}")
     click.echo(f"  email {email}, {who}, message_id {call.message_id}")
-    transport = _KeepAnswer(state.extension._transport_factory())
+    transport = _KeepAnswer(state.transport_factory())
     try:
         outcome = attempt(transport, config.endpoint, body, config.timeout)
     finally:
@@ -311,6 +311,8 @@ def receiver_command(host: str, port: int) -> None:
     Point KOALA_API_URL at the URL it prints. Each call is checked against Koala's
     contract; violations are printed and answered 400, as a strict collector would.
     """
+    from ._receiver import KoalaReceiver  # a test server: loaded only when asked for
+
     printer = _Printer(click.echo)
     receiver = KoalaReceiver(host, port, on_call=printer)
     try:
@@ -429,8 +431,8 @@ def _shorten(text: str) -> str:
 # -- plumbing ------------------------------------------------------------------------------
 
 
-def _state() -> _KoalaState:
-    state: Optional[_KoalaState] = current_app.extensions.get("koala")
+def _state() -> AppState:
+    state = state_of(current_app)
     if state is None:
         raise click.ClickException(
             f"flask-koala is not initialised on app {current_app.name!r}: call "

@@ -18,9 +18,11 @@ from urllib.parse import urlsplit
 
 from ._exceptions import ConfigError
 
-__all__ = ["DEFAULT_API_URL", "KoalaConfig", "Timeout", "load_config"]
+__all__ = ["DEFAULT_API_URL", "SUSPENDED_ERROR", "KoalaConfig", "Timeout", "load_config"]
 
 DEFAULT_API_URL = "https://api2.getkoala.com"
+#: Koala's error text on every call since its ingest was suspended (see koala-api.md).
+SUSPENDED_ERROR = "Koala ingest suspended"
 MISSING_COOKIE_POLICIES = ("skip", "defer", "mint")
 DISPATCHERS = ("thread", "celery")
 
@@ -45,6 +47,8 @@ class KoalaConfig:
     cookie_name: str = "ko_id"
     enabled: bool = True
     suppress_send: bool = False
+    #: ``KOALA_SUPPRESS_SEND`` is unset: suppression follows ``app.testing`` at each call.
+    suppress_follows_testing: bool = False
     sync: bool = False
     identify_on_login: bool = True
     identify_on_remember: bool = True
@@ -107,6 +111,7 @@ def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaCon
         cookie_name=_cookie_name(config),
         enabled=enabled,
         suppress_send=suppress,
+        suppress_follows_testing="KOALA_SUPPRESS_SEND" not in config,
         sync=_bool(config, "KOALA_SYNC", d.sync),
         identify_on_login=_bool(config, "KOALA_IDENTIFY_ON_LOGIN", d.identify_on_login),
         identify_on_remember=_bool(config, "KOALA_IDENTIFY_ON_REMEMBER", d.identify_on_remember),

@@ -2,9 +2,8 @@
 
 Many OAuth and SSO callbacks never call ``login_user`` (or log in through a request loader,
 which sends no signal). Decorating the view identifies whoever it logged in once it has
-returned a response below 400. Both forms are one call with one callable, so they are told
-apart when the result is called: Flask calls a view with keyword arguments only, while
-decorating calls it with exactly one positional callable.
+returned a response below 400. The form is decided when decorating: bare, the logged-in
+Flask-Login user; with ``get_user=``, whoever that getter returns.
 """
 
 from __future__ import annotations
@@ -12,100 +11,80 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
-from flask import Response, current_app, make_response
-from flask_login import current_user
+from flask import Response, make_response
 
-if TYPE_CHECKING:
-    from ._extension import Koala
+from ._hooks import current_user, request_scope
+from ._pipeline import describe_error
+from ._state import current_state
 
-__all__ = ["identify_login"]
+__all__ = ["UserGetter", "decorate"]
 
 logger = logging.getLogger("flask_koala")
 
+#: Called in the request context after the view: a user (through the identity loader), an
+#: email, a traits dict with ``"email"``, or ``None`` for nobody.
 UserGetter = Callable[[], Any]
+V = TypeVar("V", bound=Callable[..., Any])
 
 
-def identify_login(koala: Koala, func: Callable[..., Any]) -> Callable[..., Any]:
-    """``koala.identify_login(view)`` or ``koala.identify_login(get_user)(view)``."""
-    if inspect.iscoroutinefunction(func):
-        # ``get_user`` is called plainly, so a coroutine function can only be a view.
-        return _wrap(koala, func, None)
-    bare = _wrap(koala, func, None)
-
-    @functools.wraps(func)
-    def view_or_decorator(*args: Any, **kwargs: Any) -> Any:
-        if len(args) == 1 and not kwargs and callable(args[0]):
-            return _wrap(koala, args[0], func)
-        return bare(*args, **kwargs)
-
-    return view_or_decorator
+def decorate(owner: object, view: Optional[V], get_user: Optional[UserGetter]) -> Any:
+    """``view`` wrapped, or (``view`` is ``None``) a decorator that wraps one."""
+    if view is None:
+        if get_user is None:
+            raise TypeError("identify_login() takes a view, or get_user= to decorate one with")
+        return functools.partial(_wrap, owner, get_user=get_user)
+    if get_user is not None:
+        raise TypeError("identify_login(view, get_user=...): pass get_user alone, then the view")
+    if not callable(view):
+        raise TypeError(f"identify_login() decorates a view function, not {view!r}")
+    return _wrap(owner, view, get_user=None)
 
 
-def _wrap(
-    koala: Koala, view: Callable[..., Any], get_user: Optional[UserGetter]
-) -> Callable[..., Any]:
+def _wrap(owner: object, view: V, *, get_user: Optional[UserGetter]) -> V:
     if inspect.iscoroutinefunction(view):
 
         @functools.wraps(view)
         async def async_login_view(*args: Any, **kwargs: Any) -> Response:
             response = make_response(await view(*args, **kwargs))
-            _identify_after(koala, response, get_user)
+            _identify_after(owner, response, get_user)
             return response
 
-        return async_login_view
+        return async_login_view  # type: ignore[return-value]
 
     @functools.wraps(view)
     def login_view(*args: Any, **kwargs: Any) -> Response:
         response = make_response(view(*args, **kwargs))
-        _identify_after(koala, response, get_user)
+        _identify_after(owner, response, get_user)
         return response
 
-    return login_view
+    return login_view  # type: ignore[return-value]
 
 
-def _identify_after(koala: Koala, response: Response, get_user: Optional[UserGetter]) -> None:
+def _identify_after(owner: object, response: Response, get_user: Optional[UserGetter]) -> None:
     """Identify who the view logged in; never raises into the response."""
     if response.status_code >= 400:
         logger.debug("flask-koala: login view answered %d; not identifying", response.status_code)
         return
     try:
-        state = koala._state()
+        pipeline = current_state(owner).pipeline
+        environ, cookie = request_scope(pipeline.config.cookie_name)
         if get_user is None:
-            user = _current_user()
+            user = current_user()
             if user is None:
                 logger.debug("flask-koala: login view left nobody logged in; not identifying")
                 return
-            koala._identify_user(state, user)
+            pipeline.identify_user(user, environ, cookie)
             return
         try:
-            result = get_user()
-        except Exception:
-            logger.exception("flask-koala: get_user raised; this login is skipped")
-            state.ledger.skipped("loader_error")
+            found = get_user()
+        except Exception as exc:
+            logger.error(
+                "flask-koala: get_user raised %s; this login is skipped", describe_error(exc)
+            )
+            pipeline.ledger.skipped("loader_error")
             return
-        if result is None:
-            logger.debug("flask-koala: get_user found nobody; not identifying")
-        elif isinstance(result, str):
-            koala._identify(state, result, None, None)
-        elif isinstance(result, Mapping):
-            email = result.get("email")
-            if not email:
-                state.ledger.skipped("no_email")
-                return
-            koala._identify(state, email, result, None)
-        else:
-            koala._identify_user(state, result)
+        pipeline.identify_result(found, environ, cookie)
     except Exception:
         logger.exception("flask-koala: identifying after a login view failed; the response goes on")
-
-
-def _current_user() -> Any:
-    """Flask-Login's current user when authenticated, else ``None``."""
-    if getattr(current_app, "login_manager", None) is None:
-        return None
-    if not current_user.is_authenticated:
-        return None
-    return current_user._get_current_object()

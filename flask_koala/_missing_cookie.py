@@ -1,7 +1,9 @@
 """What a login without a usable ``ko_id`` cookie does: ``KOALA_MISSING_COOKIE``.
 
-``"skip"`` (the default) is what Koala's identify guide says, and needs nothing here. The
-other two policies cover logins that land before Koala's pixel has run, which SSO and OAuth
+Each policy is an object the pipeline calls when a request has no usable cookie
+(:class:`~flask_koala._pipeline.MissingCookiePolicy`); :func:`policy_for` picks it from
+the setting. ``"skip"`` (the default) is what Koala's identify guide says, and needs nothing
+here. The other two cover logins that land before Koala's pixel has run, which SSO and OAuth
 callbacks often do:
 
 ``"defer"``
@@ -31,7 +33,7 @@ import math
 import time
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Union
 
 from flask import Flask, Response, after_this_request, current_app, has_request_context, request
 from flask import session as flask_session
@@ -41,23 +43,21 @@ from flask_login import user_logged_out
 from ._config import KoalaConfig
 from ._cookies import mint_profile_id, parse_profile_id
 from ._exceptions import ConfigError
-from ._payload import Call, clean_email, clean_traits, fits
-
-if TYPE_CHECKING:
-    from ._extension import _KoalaState
+from ._ledger import Ledger
+from ._payload import Call, clean_email, clean_traits
+from ._pipeline import MINTED_KEY, SKIP, Environ, MissingCookiePolicy, Pipeline
+from ._state import state_of
 
 __all__ = [
     "COOKIE_MAX_AGE",
     "MAX_DEFERRED",
     "MAX_DEFERRED_TRAITS_BYTES",
     "SESSION_KEY",
-    "applies",
+    "DeferPolicy",
+    "MintPolicy",
     "check_app",
-    "defer",
     "init_app",
-    "mint",
-    "minted_profile_id",
-    "send_deferred",
+    "policy_for",
 ]
 
 logger = logging.getLogger("flask_koala")
@@ -72,11 +72,14 @@ MAX_DEFERRED_TRAITS_BYTES = 256
 #: A minted ``ko_id`` lives one year.
 COOKIE_MAX_AGE = 365 * 24 * 60 * 60
 
-# Per request, in the WSGI environ rather than ``g``: ``g`` belongs to the app context,
-# which several requests share when one was pushed around them.
-_MINTED_KEY = "flask_koala.minted_profile_id"
-# The reasons a request's cookie is unusable; an explicit bad profile_id is never "missing".
-_UNUSABLE = frozenset({"no_cookie", "bad_cookie"})
+
+def policy_for(config: KoalaConfig, ledger: Ledger) -> MissingCookiePolicy:
+    """The policy object ``KOALA_MISSING_COOKIE`` names."""
+    if config.missing_cookie == "mint":
+        return MintPolicy(config)
+    if config.missing_cookie == "defer":
+        return DeferPolicy(ledger)
+    return SKIP
 
 
 def check_app(app: Flask, config: KoalaConfig) -> None:
@@ -105,43 +108,39 @@ def init_app(app: Flask, config: KoalaConfig) -> None:
     user_logged_out.connect(_on_user_logged_out, sender=app)
 
 
-def applies(config: KoalaConfig, reason: str) -> bool:
-    """Whether a policy other than ``"skip"`` takes over a call skipped for ``reason``."""
-    return config.missing_cookie != "skip" and reason in _UNUSABLE and has_request_context()
-
-
 # -- mint --------------------------------------------------------------------------------
 
 
-def minted_profile_id() -> Optional[str]:
-    """The visitor id minted earlier in this request, if any."""
-    if not has_request_context():
-        return None
-    minted: Optional[str] = request.environ.get(_MINTED_KEY)
-    return minted
+class MintPolicy:
+    """``"mint"``: a new visitor id, set as the cookie on this request's response."""
 
+    takes_over = True
 
-def mint(config: KoalaConfig) -> str:
-    """Mint a visitor id for this request and set it as the cookie on its response.
+    def __init__(self, config: KoalaConfig) -> None:
+        self._config = config
 
-    At most once per request: later calls get the same id. The cookie is set through
-    ``after_this_request``, so it reaches the response whether the login happened in the
-    view (Flask-Login's signal) or after it (``@identify_login``).
-    """
-    existing = minted_profile_id()
-    if existing is not None:
-        return existing
-    profile_id = mint_profile_id()
-    request.environ[_MINTED_KEY] = profile_id
-    cookie = _MintedCookie(
-        name=config.cookie_name,
-        value=profile_id,
-        domain=config.cookie_domain,
-        secure=request.is_secure,
-    )
-    after_this_request(cookie.set_on)
-    logger.debug("flask-koala: minted a visitor id for a login without one")
-    return profile_id
+    def handle(self, email: str, traits: dict[str, Any], environ: Environ) -> Union[str, bool]:
+        """Mint at most once per request: later calls get the same id.
+
+        The cookie is set through ``after_this_request``, so it reaches the response
+        whether the login happened in the view (Flask-Login's signal) or after it
+        (``@identify_login``).
+        """
+        existing: Optional[str] = environ.get(MINTED_KEY)
+        if existing is not None:
+            return existing
+        profile_id = mint_profile_id()
+        environ[MINTED_KEY] = profile_id
+        config = self._config
+        cookie = _MintedCookie(
+            name=config.cookie_name,
+            value=profile_id,
+            domain=config.cookie_domain,
+            secure=request.is_secure,
+        )
+        after_this_request(cookie.set_on)
+        logger.debug("flask-koala: minted a visitor id for a login without one")
+        return profile_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,35 +185,42 @@ class _Deferred:
         return {"email": self.email, "traits": self.traits, "at": self.at, "id": self.message_id}
 
 
-def defer(state: _KoalaState, email: str, traits: dict[str, Any]) -> bool:
-    """Park an identify (already checked) in the session until a ``ko_id`` arrives.
+class DeferPolicy:
+    """``"defer"``: park the identify in the session until a ``ko_id`` arrives."""
 
-    Returns:
-        ``True`` when it was parked; ``False`` when it was skipped instead: the same email
-        already waits (``duplicate``) or the app has no usable session (``no_session``).
-    """
-    ledger = state.ledger
-    pending, invalid = _read(flask_session.get(SESSION_KEY))
-    if any(entry.email == email for entry in pending):
-        ledger.skipped("duplicate", email=email)
-        return False
-    extra = {key: value for key, value in traits.items() if key != "email"}
-    trimmed = bool(extra) and len(_encode(extra)) > MAX_DEFERRED_TRAITS_BYTES
-    if trimmed:
-        extra = {}
-    pending.append(_Deferred(email, extra, time.time(), str(uuid.uuid4())))
-    overflow, pending = pending[:-MAX_DEFERRED], pending[-MAX_DEFERRED:]
-    try:
-        flask_session[SESSION_KEY] = [entry.to_session() for entry in pending]
-    except RuntimeError:  # Flask's NullSession: no SECRET_KEY after all
-        ledger.skipped("no_session", email=email)
-        return False
-    ledger.deferred("without_traits" if trimmed else None)
-    for _ in range(invalid):
-        ledger.skipped("defer_invalid")
-    for entry in overflow:
-        ledger.skipped("defer_overflow", email=entry.email)
-    return True
+    takes_over = True
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def handle(self, email: str, traits: dict[str, Any], environ: Environ) -> Union[str, bool]:
+        """Park an identify (already checked); ``True`` when it was parked.
+
+        ``False`` when it was skipped instead: the same email already waits
+        (``duplicate``) or the app has no usable session (``no_session``).
+        """
+        ledger = self._ledger
+        pending, invalid = _read(flask_session.get(SESSION_KEY))
+        if any(entry.email == email for entry in pending):
+            ledger.skipped("duplicate", email=email)
+            return False
+        extra = {key: value for key, value in traits.items() if key != "email"}
+        trimmed = bool(extra) and len(_encode(extra)) > MAX_DEFERRED_TRAITS_BYTES
+        if trimmed:
+            extra = {}
+        pending.append(_Deferred(email, extra, time.time(), str(uuid.uuid4())))
+        overflow, pending = pending[:-MAX_DEFERRED], pending[-MAX_DEFERRED:]
+        try:
+            flask_session[SESSION_KEY] = [entry.to_session() for entry in pending]
+        except RuntimeError:  # Flask's NullSession: no SECRET_KEY after all
+            ledger.skipped("no_session", email=email)
+            return False
+        ledger.deferred("without_traits" if trimmed else None)
+        for _ in range(invalid):
+            ledger.skipped("defer_invalid")
+        for entry in overflow:
+            ledger.skipped("defer_overflow", email=entry.email)
+        return True
 
 
 def send_deferred() -> None:
@@ -231,16 +237,14 @@ def send_deferred() -> None:
             return
         if SESSION_KEY not in flask_session:
             return
-        state = app.extensions.get("koala")
+        state = state_of(app)
         if state is not None:
-            _send_deferred(state)
+            _send_deferred(state.ledger, state.config, state.pipeline)
     except Exception:
         logger.exception("flask-koala: sending deferred identifies failed; the request goes on")
 
 
-def _send_deferred(state: _KoalaState) -> None:
-    ledger = state.ledger
-    config = state.config
+def _send_deferred(ledger: Ledger, config: KoalaConfig, pipeline: Pipeline) -> None:
     pending, invalid = _read(flask_session.get(SESSION_KEY))
     for _ in range(invalid):
         ledger.skipped("defer_invalid")
@@ -259,28 +263,11 @@ def _send_deferred(state: _KoalaState) -> None:
     if profile_id is None:
         return
     for entry in fresh:
-        _submit(state, entry, profile_id)
-
-
-def _submit(state: _KoalaState, entry: _Deferred, profile_id: str) -> None:
-    from ._extension import _already_identified, _current_request  # it imports this module
-
-    ledger = state.ledger
-    if state.dispatcher is None:
-        ledger.skipped("disabled", email=entry.email, profile_id=profile_id)
-        return
-    req = _current_request()
-    if _already_identified(req, profile_id, entry.email):
-        ledger.skipped("duplicate", email=entry.email, profile_id=profile_id)
-        return
-    traits = dict(entry.traits)
-    traits["email"] = entry.email
-    # The login's own time and id: sent_at is when it happened, not when it went out.
-    call = Call("identify", entry.message_id, profile_id, entry.email, entry.at, traits)
-    if not fits(call, len(_encode(traits))):
-        ledger.skipped("too_large", email=entry.email, profile_id=profile_id)
-        return
-    state.submit(call, req)
+        traits = dict(entry.traits)
+        traits["email"] = entry.email
+        # The login's own time and id: sent_at is when it happened, not when it went out.
+        call = Call("identify", entry.message_id, profile_id, entry.email, entry.at, traits)
+        pipeline.submit_deferred(call, request.environ)
 
 
 def _on_user_logged_out(sender: Any, user: Any = None, **extra: Any) -> None:
@@ -289,7 +276,7 @@ def _on_user_logged_out(sender: Any, user: Any = None, **extra: Any) -> None:
         if not has_request_context() or SESSION_KEY not in flask_session:
             return
         raw = flask_session.pop(SESSION_KEY, None)
-        state = sender.extensions.get("koala")
+        state = state_of(sender)
         if state is None:
             return
         pending, invalid = _read(raw)

@@ -39,6 +39,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, cast
 
+from ._config import SUSPENDED_ERROR
+
 if TYPE_CHECKING:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from types import TracebackType
@@ -49,9 +51,6 @@ logger = logging.getLogger(__name__)
 
 #: How many entries Koala takes per array in one request.
 MAX_ENTRIES = 30
-
-#: What Koala's real hosts answer to everything since ingest was suspended.
-SUSPENDED_ERROR = "Koala ingest suspended"
 
 _TOP_LEVEL_KEYS = frozenset({"profile_id", "email", "identifies", "events", "page_views"})
 _ARRAYS = ("identifies", "events", "page_views")

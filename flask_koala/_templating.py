@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
 from flask import Flask, Response, current_app, has_app_context, has_request_context, session
-from flask_login import current_user, user_logged_out
+from flask_login import user_logged_out
 from markupsafe import Markup
 
+from ._hooks import current_user
 from ._payload import clean_email, clean_traits
+from ._pipeline import Resolver
 from ._snippet import MARKER, default_sdk_url, render_snippet
+from ._state import state_of
 
 if TYPE_CHECKING:
     from ._config import KoalaConfig
@@ -67,10 +69,10 @@ def _render(nonce: Optional[str]) -> Markup:
     if not has_app_context():
         return Markup("")
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    state = app.extensions.get("koala")
+    state = state_of(app)
     if state is None:
         return Markup("")
-    config: KoalaConfig = state.config
+    config = state.config
     if not config.enabled:
         return Markup("")
     if config.sdk_url is not None:
@@ -85,7 +87,7 @@ def _render(nonce: Optional[str]) -> Markup:
                 "KOALA_SDK_URL to load Koala's pixel from"
             )
         return Markup("")
-    email, traits = _identity(state.extension) if config.snippet_identify else (None, None)
+    email, traits = _identity(state.pipeline.resolver) if config.snippet_identify else (None, None)
     return render_snippet(
         sdk_url,
         settings=config.sdk_settings,
@@ -96,22 +98,19 @@ def _render(nonce: Optional[str]) -> Markup:
     )
 
 
-def _identity(extension: Any) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+def _identity(resolver: Resolver) -> tuple[Optional[str], Optional[dict[str, Any]]]:
     """The logged-in user's email and traits, through the same identity loader as logins."""
-    if not has_request_context() or not getattr(current_user, "is_authenticated", False):
+    user = current_user()
+    if user is None:
         return None, None
-    try:
-        found = extension._identity_loader(current_user._get_current_object())
-    except Exception:
-        logger.exception("flask-koala: the identity loader raised; page served without identify")
+    found = resolver.user(user)
+    if isinstance(found, str):
         return None, None
-    if not isinstance(found, Mapping):
-        return None, None
-    email = clean_email(found.get("email"))
+    email = clean_email(found.email)
     if email is None:
         logger.debug("flask-koala: no usable email for the logged-in user; no ko.identify")
         return None, None
-    traits, _ = clean_traits(found)
+    traits, _ = clean_traits(found.traits)
     if traits is None:
         return None, None
     # The email is identify's first argument; repeating it in the traits adds nothing.
@@ -154,7 +153,7 @@ def _on_user_logged_out(sender: Any, user: Any = None, **extra: Any) -> None:
     try:
         if not getattr(user, "is_authenticated", False):
             return
-        state = sender.extensions.get("koala")
+        state = state_of(sender)
         if state is None or not state.config.enabled:
             return
         session[RESET_KEY] = True

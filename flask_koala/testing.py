@@ -35,11 +35,12 @@ pytest warning that it was imported too early.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
+from ._hooks import record_calls
 from ._receiver import KoalaReceiver, ReceivedCall, check_body
+from ._state import state_of
 
 __all__ = ["KoalaReceiver", "ReceivedCall", "check_body", "main"]
 
@@ -53,17 +54,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def _recorded_calls(app: Any) -> Iterator[list[dict[str, Any]]]:
     """Hold ``record_calls()`` of the app's Koala open while the caller yields."""
-    state = getattr(app, "extensions", {}).get("koala")
-    if state is None:
+    if state_of(app) is None:
         raise RuntimeError(
             "koala_calls needs an `app` fixture returning a Flask app on which "
             "koala.init_app(app) was called"
         )
-    with contextlib.ExitStack() as stack:
-        # record_calls() finds the app through the app context; once entered, the
-        # recording does not need the context any more.
-        with app.app_context():
-            calls = stack.enter_context(state.extension.record_calls())
+    with record_calls(app) as calls:
         yield calls
 
 

@@ -18,7 +18,7 @@ from flask import Flask
 from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID, build_app
+from .support import PROFILE_ID, build_app, koala_of
 
 # pytester runs the testing plugin as a user's suite would; the plugin itself is used here too.
 pytest_plugins = ["pytester", "flask_koala.testing"]
@@ -43,9 +43,8 @@ def make_app(receiver: KoalaReceiver) -> Iterator[Callable[..., Flask]]:
 
     yield make
     for app in apps:
-        state = app.extensions["koala"]
         with app.app_context():
-            state.extension.shutdown(timeout=5)
+            koala_of(app).shutdown(timeout=5)
 
 
 @pytest.fixture

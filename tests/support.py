@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +62,37 @@ def build_app(config: dict[str, Any] | None = None, koala: Koala | None = None) 
     def whoami() -> Any:
         return jsonify(user=getattr(current_user, "id", None))
 
-    (koala or Koala()).init_app(app)
+    koala = koala or Koala()
+    koala.init_app(app)
+    _KOALAS[app] = koala
     return app
 
 
-def flushed_stats(app: Flask) -> dict[str, int]:
+# The Koala instance behind each app build_app made: tests drive apps through it, as an
+# app's own code does, rather than through flask-koala's internals.
+_KOALAS: weakref.WeakKeyDictionary[Flask, Koala] = weakref.WeakKeyDictionary()
+
+
+def koala_of(app: Flask) -> Koala:
+    """The Koala instance that :func:`build_app` set ``app`` up with."""
+    return _KOALAS[app]
+
+
+def flushed_stats(app: Flask, koala: Koala | None = None) -> dict[str, int]:
     """The app's counters once every accepted call has ended."""
+    koala = koala or koala_of(app)
     with app.app_context():
-        koala: Koala = app.extensions["koala"].extension
         koala.flush(5)
         return dict(koala.stats)
 
 
-def delivered(app: Flask, receiver: Any) -> list[dict[str, Any]]:
-    """Every body the receiver took, once the app's calls have ended, none breaking the contract."""
+def delivered(app: Flask, receiver: Any, koala: Koala | None = None) -> list[dict[str, Any]]:
+    """Every body the receiver took, once the app's calls have ended, none breaking the contract.
+
+    ``koala`` is the instance the app was set up with; by default the one of :func:`build_app`.
+    """
     with app.app_context():
-        assert app.extensions["koala"].extension.flush(5)
+        assert (koala or koala_of(app)).flush(5)
     assert receiver.violations == []
     return list(receiver.bodies)
 

@@ -23,9 +23,10 @@ from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
 from flask_koala._receiver import KoalaReceiver
 from flask_koala._retry import RetryPolicy
+from flask_koala._state import state_of
 from flask_koala.celery import TASK_NAME, CeleryDispatcher, DeliveryFailed, task_kwargs
 
-from .support import PROFILE_ID, readme_section
+from .support import PROFILE_ID, koala_of, readme_section
 
 pytest.importorskip("redis", reason="kombu's Redis transport needs the redis package")
 
@@ -103,7 +104,9 @@ def test_celery_app_in_flask_extensions_is_used(celery_app: Celery) -> None:
     app.extensions["celery"] = celery_app
     Koala(app)
     assert TASK_NAME in celery_app.tasks
-    assert isinstance(app.extensions["koala"].dispatcher, CeleryDispatcher)
+    state = state_of(app)
+    assert state is not None
+    assert isinstance(state.pipeline.dispatcher, CeleryDispatcher)
 
 
 def test_publish_timeout_must_be_positive(make_app: Callable[..., Flask]) -> None:
@@ -242,7 +245,7 @@ def test_broker_refusing_does_not_fail_the_login(make_app: Callable[..., Flask])
     app, client = celery_client(make_app, closed_port_url())
     assert client.post("/login/jane").status_code == 200
     with app.app_context():
-        koala = app.extensions["koala"].extension
+        koala = koala_of(app)
         assert koala.flush(30)
         assert koala.stats["dropped.broker_error"] == 1
         assert koala.stats["pending"] == 0
@@ -254,7 +257,7 @@ def test_broker_down_is_logged(
     app, client = celery_client(make_app, closed_port_url())
     client.post("/login/jane")
     with app.app_context():
-        app.extensions["koala"].extension.flush(30)
+        koala_of(app).flush(30)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("could not publish to the Celery broker" in w for w in warnings)
     assert any("dropped 1 call(s) (broker_error)" in w for w in warnings)
@@ -266,7 +269,7 @@ def test_hung_broker_does_not_hold_the_login(
     app, client = celery_client(make_app, hung_broker, KOALA_CELERY_PUBLISH_TIMEOUT=2)
     assert client.post("/login/jane").status_code == 200
     with app.app_context():
-        koala = app.extensions["koala"].extension
+        koala = koala_of(app)
         # The login returned while the publish was still waiting on the broker.
         assert koala.stats["dropped"] == 0
         assert koala.flush(30)

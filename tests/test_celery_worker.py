@@ -35,7 +35,7 @@ from .celery_support import (
     skip_without_redis,
     wait_until,
 )
-from .support import PROFILE_ID
+from .support import PROFILE_ID, koala_of
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_every_call_is_delivered_exactly_once(
         for _ in range(20):
             assert client.post("/login/jane").status_code == 200
     with app.app_context():
-        koala = app.extensions["koala"].extension
+        koala = koala_of(app)
         assert koala.flush(30)
         assert koala.stats["published"] == 20
     sent = sorted(ids)
@@ -203,7 +203,7 @@ def test_4xx_is_final(
     app, client = celery_app_client(make_app, broker, queue)
     client.post("/login/jane")
     with app.app_context():
-        assert app.extensions["koala"].extension.flush(30)
+        assert koala_of(app).flush(30)
     assert receiver.wait_for_calls(1, 60), worker.output.text()
     assert settled(broker, queue)
     assert [c.status for c in receiver.calls] == [400]

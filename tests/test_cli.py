@@ -22,7 +22,7 @@ from flask import Flask
 from flask_koala._cli import format_call, mask_key
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
-from .support import PROFILE_ID
+from .support import PROFILE_ID, koala_of
 
 ROOT = Path(__file__).resolve().parent.parent
 MASKED = "pk_t…st"  # pk_test, as `check` and `identify` print it
@@ -253,7 +253,7 @@ def test_identify_leaves_the_apps_counters_alone(app: Flask) -> None:
     invoke(app, "identify", "jane@example.com")
 
     with app.app_context():
-        assert app.extensions["koala"].extension.stats["queued"] == 0
+        assert koala_of(app).stats["queued"] == 0
 
 
 @pytest.mark.parametrize(

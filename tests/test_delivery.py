@@ -12,7 +12,7 @@ from flask import Flask
 from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID
+from .support import PROFILE_ID, koala_of
 
 
 def person(n: int) -> str:
@@ -21,7 +21,7 @@ def person(n: int) -> str:
 
 def identify_many(app: Flask, count: int) -> list[str]:
     """Accept ``count`` identifies about distinct people; return their message ids."""
-    koala: Koala = app.extensions["koala"].extension
+    koala: Koala = koala_of(app)
     ids: list[str] = []
     with app.app_context(), koala.record_calls() as bodies:
         for n in range(count):
@@ -33,7 +33,7 @@ def identify_many(app: Flask, count: int) -> list[str]:
 
 def stats(app: Flask) -> dict[str, int]:
     with app.app_context():
-        return dict(app.extensions["koala"].extension.stats)
+        return dict(koala_of(app).stats)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -47,7 +47,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 def flush(app: Flask, timeout: float) -> bool:
     with app.app_context():
-        return app.extensions["koala"].extension.flush(timeout)
+        return koala_of(app).flush(timeout)
 
 
 def test_outage_then_recovery_delivers_each_call_once(

@@ -49,7 +49,7 @@ def test_sign_in_identifies_the_visitor(
     page = client.get("/login?user=ada", follow_redirects=True)
     assert "Signed in as ada@example.com" in page.get_data(as_text=True)
     assert PROFILE_ID in page.get_data(as_text=True)
-    (body,) = delivered(app, receiver)
+    (body,) = delivered(app, receiver, sso_callback.koala)
     assert body["profile_id"] == PROFILE_ID
     traits = body["identifies"][0]["traits"]
     assert traits == {"email": "ada@example.com", "name": "Ada Lovelace"}
@@ -64,7 +64,7 @@ def test_sign_in_without_a_cookie_mints_one(
     cookie = client.get_cookie("ko_id")
     assert cookie is not None
     assert parse_profile_id(cookie.value) == cookie.value
-    (body,) = delivered(app, receiver)
+    (body,) = delivered(app, receiver, sso_callback.koala)
     assert (body["profile_id"], body["email"]) == (cookie.value, "grace@example.com")
 
 
@@ -77,7 +77,7 @@ def test_forged_state_is_refused_and_sends_nothing(
     client.get("/login?user=ada")  # starts a sign-in, sets the state
     response = client.get("/sso/callback?code=whatever&state=forged")
     assert response.status_code == 400
-    assert delivered(app, receiver) == []
+    assert delivered(app, receiver, sso_callback.koala) == []
 
 
 def test_replayed_code_is_refused_and_sends_once(
@@ -93,7 +93,7 @@ def test_replayed_code_is_refused_and_sends_once(
     with client.session_transaction() as session:
         session["sso_state"] = "s1"
     assert client.get(callback).status_code == 401
-    assert len(delivered(app, receiver)) == 1
+    assert len(delivered(app, receiver, sso_callback.koala)) == 1
 
 
 def test_unknown_user_is_refused_by_the_provider(make_example: Callable[..., Flask]) -> None:

@@ -10,7 +10,7 @@ from flask import Flask
 from flask_koala import Koala, signals
 from flask_koala._receiver import KoalaReceiver
 
-from .support import OTHER_PROFILE_ID, PROFILE_ID
+from .support import OTHER_PROFILE_ID, PROFILE_ID, koala_of
 
 
 def test_identify_accepts_and_delivers(app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
@@ -145,7 +145,7 @@ def test_remember_off_ignores_cookie_restore(
     app = make_app({"KOALA_IDENTIFY_ON_REMEMBER": False})
     restored_session(app).get("/whoami")
     with app.app_context():
-        app.extensions["koala"].extension.flush(5)
+        koala_of(app).flush(5)
     assert len(receiver.bodies) == 1
 
 

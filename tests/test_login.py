@@ -11,14 +11,14 @@ from flask import Flask
 from flask_koala import Koala, __version__
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID
+from .support import PROFILE_ID, koala_of
 
 SENT_AT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
 def flush(app: Flask, timeout: float = 5) -> bool:
     with app.app_context():
-        return app.extensions["koala"].extension.flush(timeout)
+        return koala_of(app).flush(timeout)
 
 
 def test_login_delivers_one_identify(app: Flask, client: Any, receiver: KoalaReceiver) -> None:

@@ -56,7 +56,7 @@ def test_oauth_callback_with_get_user_identifies_the_provider_user(
     exchange = add_fake_identity_provider(app)
 
     @app.get("/oauth/callback")
-    @koala.identify_login(lambda: g.get("sso_user"))
+    @koala.identify_login(get_user=lambda: g.get("sso_user"))
     def oauth_callback() -> Any:
         """Finish the sign-in without Flask-Login, as many SSO callbacks do."""
         if request.args.get("state") != "xyz":
@@ -80,7 +80,7 @@ def test_oauth_callback_with_a_spent_code_sends_nothing(
     exchange = add_fake_identity_provider(app)
 
     @app.get("/oauth/callback")
-    @koala.identify_login(lambda: g.get("sso_user"))
+    @koala.identify_login(get_user=lambda: g.get("sso_user"))
     def oauth_callback() -> Any:
         g.sso_user = exchange(request.args["code"])
         if g.sso_user is None:
@@ -172,7 +172,7 @@ def sso_app(make_app: Callable[..., Flask], koala: Koala, get_user: Callable[[],
     app = make_app(koala=koala)
 
     @app.post("/sso")
-    @koala.identify_login(get_user)
+    @koala.identify_login(get_user=get_user)
     def sso() -> Any:
         return jsonify(ok=True)
 
@@ -270,7 +270,7 @@ def test_error_responses_send_nothing(
         return "sam@example.com"
 
     @app.post("/sso")
-    @koala.identify_login(get_user)
+    @koala.identify_login(get_user=get_user)
     def sso() -> Any:
         return jsonify(error="no"), status
 
@@ -285,7 +285,7 @@ def test_aborted_view_sends_nothing(
     app = make_app(koala=koala)
 
     @app.post("/sso-abort")
-    @koala.identify_login(lambda: "sam@example.com")
+    @koala.identify_login(get_user=lambda: "sam@example.com")
     def sso_abort() -> Any:
         abort(403)
 
@@ -299,12 +299,12 @@ def test_redirect_and_created_responses_identify(
     app = make_app(koala=koala)
 
     @app.post("/a")
-    @koala.identify_login(lambda: "a@example.com")
+    @koala.identify_login(get_user=lambda: "a@example.com")
     def a() -> Any:
         return redirect("/whoami")
 
     @app.post("/b")
-    @koala.identify_login(lambda: "b@example.com")
+    @koala.identify_login(get_user=lambda: "b@example.com")
     def b() -> Any:
         return {"created": True}, 201, {"X-Extra": "1"}
 
@@ -325,7 +325,7 @@ def test_an_exception_in_the_view_propagates_and_sends_nothing(
         pass
 
     @app.post("/sso")
-    @koala.identify_login(lambda: "sam@example.com")
+    @koala.identify_login(get_user=lambda: "sam@example.com")
     def sso() -> Any:
         raise CallbackError("provider said no")
 
@@ -342,7 +342,7 @@ def test_an_app_without_koala_still_gets_its_response(
     app = Flask(__name__)
 
     @app.post("/sso")
-    @koala.identify_login(lambda: "sam@example.com")
+    @koala.identify_login(get_user=lambda: "sam@example.com")
     def sso() -> Any:
         return jsonify(ok=True)
 
@@ -359,7 +359,7 @@ def test_async_view_identifies(
     app = make_app(koala=koala)
 
     @app.post("/sso")
-    @koala.identify_login(lambda: "sam@example.com")
+    @koala.identify_login(get_user=lambda: "sam@example.com")
     async def sso() -> Any:
         return jsonify(ok=True)
 
@@ -388,7 +388,7 @@ def test_async_view_error_response_sends_nothing(
     app = make_app(koala=koala)
 
     @app.post("/sso")
-    @koala.identify_login(lambda: "sam@example.com")
+    @koala.identify_login(get_user=lambda: "sam@example.com")
     async def sso() -> Any:
         return "denied", 403
 
@@ -427,7 +427,9 @@ async def async_view(user_id: str) -> str:
 @pytest.mark.parametrize("view", [plain_view, async_view])
 @pytest.mark.parametrize("bare", [True, False])
 def test_keeps_name_docstring_and_kind(koala: Koala, view: Any, bare: bool) -> None:
-    wrapped = koala.identify_login(view) if bare else koala.identify_login(lambda: None)(view)
+    wrapped = (
+        koala.identify_login(view) if bare else koala.identify_login(get_user=lambda: None)(view)
+    )
     assert wrapped.__name__ == view.__name__
     assert wrapped.__doc__ == view.__doc__
     assert wrapped.__wrapped__ is view
@@ -453,7 +455,7 @@ def test_one_koala_serves_two_apps(
     first = make_app(koala=koala)
     second = make_app({"KOALA_PUBLIC_KEY": "pk_second"}, koala=koala)
 
-    @koala.identify_login(lambda: "sam@example.com")
+    @koala.identify_login(get_user=lambda: "sam@example.com")
     def sso() -> Any:
         return jsonify(ok=True)
 

@@ -17,7 +17,7 @@ from flask_koala._missing_cookie import COOKIE_MAX_AGE, MAX_DEFERRED, SESSION_KE
 from flask_koala._payload import format_sent_at
 from flask_koala._receiver import KoalaReceiver
 
-from .support import OTHER_PROFILE_ID, PROFILE_ID, USERS, User, delivered, flushed_stats
+from .support import OTHER_PROFILE_ID, PROFILE_ID, USERS, User, delivered, flushed_stats, koala_of
 
 
 def pending(client: Any) -> list[dict[str, Any]]:
@@ -248,14 +248,14 @@ def test_defer_sends_right_away_when_the_cookie_is_there(
 
 
 def test_defer_does_not_take_an_explicit_bad_profile_id(defer_app: Flask) -> None:
-    koala: Koala = defer_app.extensions["koala"].extension
+    koala: Koala = koala_of(defer_app)
     with defer_app.test_request_context():
         assert koala.identify("jane@example.com", profile_id="nope") is False
     assert flushed_stats(defer_app)["skipped.bad_cookie"] == 1
 
 
 def test_defer_outside_a_request_skips(defer_app: Flask) -> None:
-    koala: Koala = defer_app.extensions["koala"].extension
+    koala: Koala = koala_of(defer_app)
     with defer_app.app_context():
         assert koala.identify("jane@example.com") is False
     assert flushed_stats(defer_app)["skipped.no_cookie"] == 1
@@ -264,7 +264,7 @@ def test_defer_outside_a_request_skips(defer_app: Flask) -> None:
 def test_defer_with_decorator_and_login_user_keeps_one_entry(
     defer_app: Flask, receiver: KoalaReceiver
 ) -> None:
-    koala: Koala = defer_app.extensions["koala"].extension
+    koala: Koala = koala_of(defer_app)
 
     @defer_app.post("/sso")
     @koala.identify_login
@@ -409,10 +409,10 @@ def test_mint_leaves_a_valid_cookie_alone(mint_app: Flask, receiver: KoalaReceiv
 
 
 def test_mint_from_the_decorator_after_the_view(mint_app: Flask, receiver: KoalaReceiver) -> None:
-    koala: Koala = mint_app.extensions["koala"].extension
+    koala: Koala = koala_of(mint_app)
 
     @mint_app.get("/sso")
-    @koala.identify_login(lambda: "sam@example.com")
+    @koala.identify_login(get_user=lambda: "sam@example.com")
     def sso() -> Any:
         return jsonify(ok=True)
 
@@ -422,7 +422,7 @@ def test_mint_from_the_decorator_after_the_view(mint_app: Flask, receiver: Koala
 
 
 def test_mint_once_per_request(mint_app: Flask, receiver: KoalaReceiver) -> None:
-    koala: Koala = mint_app.extensions["koala"].extension
+    koala: Koala = koala_of(mint_app)
 
     @mint_app.post("/sso")
     @koala.identify_login
@@ -444,7 +444,7 @@ def test_mint_once_per_request(mint_app: Flask, receiver: KoalaReceiver) -> None
 def test_mint_then_track_in_the_same_request_shares_the_id(
     mint_app: Flask, receiver: KoalaReceiver
 ) -> None:
-    koala: Koala = mint_app.extensions["koala"].extension
+    koala: Koala = koala_of(mint_app)
 
     @mint_app.post("/signup")
     def signup() -> Any:
@@ -459,7 +459,7 @@ def test_mint_then_track_in_the_same_request_shares_the_id(
 
 
 def test_track_alone_does_not_mint(mint_app: Flask) -> None:
-    koala: Koala = mint_app.extensions["koala"].extension
+    koala: Koala = koala_of(mint_app)
     with mint_app.test_request_context():
         assert koala.track("Viewed Pricing") is False
     assert flushed_stats(mint_app)["skipped.no_cookie"] == 1
@@ -475,10 +475,10 @@ def test_mint_two_requests_mint_two_ids_without_a_cookie_jar(
 
 
 def test_mint_from_an_async_view(mint_app: Flask, receiver: KoalaReceiver) -> None:
-    koala: Koala = mint_app.extensions["koala"].extension
+    koala: Koala = koala_of(mint_app)
 
     @mint_app.get("/sso")
-    @koala.identify_login(lambda: "sam@example.com")
+    @koala.identify_login(get_user=lambda: "sam@example.com")
     async def sso() -> Any:
         return jsonify(ok=True)
 

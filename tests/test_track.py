@@ -141,7 +141,7 @@ def test_track_works_without_flask_login(receiver: KoalaReceiver) -> None:
     try:
         with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
             assert koala.track("Exported Report")
-        assert "email" not in delivered(app, receiver)[0]
+        assert "email" not in delivered(app, receiver, koala)[0]
     finally:
         with app.app_context():
             koala.shutdown(5)

@@ -1,0 +1,98 @@
+"""What flask-koala hooks into an app, and what it reads of the current request.
+
+Flask-Login's signals and the wake after the response are connected here, with module-level
+receivers and ``sender=app``: blinker holds receivers weakly, and a closure made in
+``init_app`` would silently stop firing once collected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any, Optional
+
+from flask import Flask, Response, current_app, has_request_context, request
+from flask_login import user_loaded_from_cookie, user_logged_in
+
+from . import signals
+from ._config import KoalaConfig
+from ._pipeline import WAKE_KEY, Environ
+from ._state import state_of
+
+__all__ = ["connect", "current_user", "record_calls", "request_scope"]
+
+logger = logging.getLogger("flask_koala")
+
+
+def connect(app: Flask, config: KoalaConfig) -> None:
+    """Subscribe to the logins the settings ask for, and wake workers after responses."""
+    if config.identify_on_login:
+        user_logged_in.connect(_on_login, sender=app)
+    if config.identify_on_remember:
+        user_loaded_from_cookie.connect(_on_login, sender=app)
+    if config.mode not in ("disabled", "sync"):
+        app.after_request(_wake_after_response)
+        app.teardown_request(_wake_at_teardown)
+
+
+def request_scope(cookie_name: str) -> tuple[Optional[Environ], Optional[str]]:
+    """The current request's WSGI environ and ``cookie_name`` cookie; ``None`` outside one."""
+    if not has_request_context():
+        return None, None
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    return req.environ, req.cookies.get(cookie_name)
+
+
+def current_user() -> Any:
+    """Flask-Login's logged-in user of this request, or ``None``."""
+    if not has_request_context() or getattr(current_app, "login_manager", None) is None:
+        return None
+    from flask_login import current_user as proxy
+
+    if not getattr(proxy, "is_authenticated", False):
+        return None
+    return proxy._get_current_object()
+
+
+def _on_login(sender: Any, user: Any = None, **extra: Any) -> None:
+    """``user_logged_in`` and ``user_loaded_from_cookie`` (a remember-me login)."""
+    try:
+        state = state_of(sender)
+        if state is not None:
+            environ, cookie = request_scope(state.config.cookie_name)
+            state.pipeline.identify_user(user, environ, cookie)
+    except Exception:
+        logger.exception("flask-koala: identifying a login failed; the login goes on")
+
+
+def _wake_after_response(response: Response) -> Response:
+    """Wake the workers once the server has sent the response and closed it."""
+    dispatchers = request.environ.pop(WAKE_KEY, None)
+    if dispatchers:
+        for dispatcher in dispatchers:
+            response.call_on_close(dispatcher.wake)
+    return response
+
+
+def _wake_at_teardown(exc: Optional[BaseException]) -> None:
+    """A request that skipped ``after_request`` (an unhandled error) wakes them here."""
+    for dispatcher in request.environ.pop(WAKE_KEY, ()):
+        dispatcher.wake()
+
+
+@contextlib.contextmanager
+def record_calls(app: Flask) -> Iterator[list[dict[str, Any]]]:
+    """Collect the body of every call ``app`` accepts inside the block (``call_accepted``)."""
+    calls: list[dict[str, Any]] = []
+
+    def record(sender: object, **extra: Any) -> None:
+        calls.append(extra["body"])
+
+    # connect/disconnect by hand: blinker < 1.7's connected_to() leaves the receiver
+    # connected when the block ends by GeneratorExit (a fixture torn down by close()).
+    signals.call_accepted.connect(record, sender=app, weak=False)
+    try:
+        yield calls
+    finally:
+        signals.call_accepted.disconnect(record, sender=app)
