@@ -224,3 +224,38 @@ def test_suppressed_calls_after_shutdown_are_dropped(
         koala.shutdown()
         assert koala.identify("jane@example.com", profile_id=PROFILE_ID) is False
         assert koala.stats["dropped.shutdown"] == 1
+
+
+def test_init_app_after_first_request_changes_nothing(receiver: KoalaReceiver) -> None:
+    app = Flask(__name__)
+    app.config.update(KOALA_PUBLIC_KEY="pk_test", KOALA_API_URL=receiver.url)
+    app.get("/")(lambda: "ok")
+    app.test_client().get("/")
+
+    with pytest.raises(RuntimeError, match="already handled a request"):
+        Koala(app)
+    assert "koala" not in app.extensions
+    assert "koala" not in app.cli.commands
+
+
+def test_too_large_identify_can_be_retried_in_the_same_request(
+    app: Flask, koala: Koala, receiver: KoalaReceiver
+) -> None:
+    with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
+        assert not koala.identify("jane@example.com", {"notes": "x" * 40_000})
+        assert koala.identify("jane@example.com", {"notes": "short"})
+        assert koala.stats["skipped.too_large"] == 1
+        assert koala.stats.get("skipped.duplicate", 0) == 0
+
+
+def test_queue_full_identify_can_be_retried_in_the_same_request(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    app = make_app({"KOALA_MAX_QUEUE_SIZE": 1}, koala=koala)
+    with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
+        assert koala.identify("other@example.com")
+        assert not koala.identify("jane@example.com")  # the queue holds one, unwoken
+        assert koala.stats["dropped.queue_full"] == 1
+        assert koala.flush(5)
+        assert koala.identify("jane@example.com")
+        assert koala.stats.get("skipped.duplicate", 0) == 0

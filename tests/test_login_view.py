@@ -496,3 +496,23 @@ def test_guard_is_per_request_even_inside_one_app_context(
         client.post("/login/jane")
     delivered(app, receiver)
     assert len(receiver.message_ids()) == 2
+
+
+def test_get_user_form_is_decided_when_decorating(koala: Koala) -> None:
+    decorator = koala.identify_login(get_user=lambda: None)
+
+    def view() -> str:
+        return "ok"
+
+    wrapped = decorator(view)
+    assert wrapped.__wrapped__ is view  # type: ignore[attr-defined]
+
+
+def test_identify_login_without_view_or_getter_is_a_type_error(koala: Koala) -> None:
+    with pytest.raises(TypeError, match="get_user"):
+        koala.identify_login()  # type: ignore[call-overload]
+
+
+def test_identify_login_with_view_and_getter_is_a_type_error(koala: Koala) -> None:
+    with pytest.raises(TypeError, match="get_user alone"):
+        koala.identify_login(lambda: "ok", get_user=lambda: None)  # type: ignore[call-overload]

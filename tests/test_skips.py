@@ -126,3 +126,18 @@ def test_identify_on_login_off(make_app: Callable[..., Flask], receiver: KoalaRe
     app = make_app({"KOALA_IDENTIFY_ON_LOGIN": False})
     login(app)
     assert flushed_stats(app)["queued"] == 0
+
+
+@pytest.mark.allow_errors
+def test_loader_error_logs_type_and_place_never_the_message(
+    make_app: Callable[..., Flask], koala: Koala, caplog: pytest.LogCaptureFixture
+) -> None:
+    @koala.identity_loader
+    def broken(user: Any) -> dict[str, Any]:
+        raise LookupError(f"no row for {user.email}")
+
+    login(make_app(koala=koala))
+    text = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
+    assert "LookupError" in text
+    assert "broken" in text  # where it was raised
+    assert "jane@example.com" not in text

@@ -10,7 +10,7 @@ from flask import Flask
 from flask_koala import Koala, signals
 from flask_koala._receiver import KoalaReceiver
 
-from .support import OTHER_PROFILE_ID, PROFILE_ID
+from .support import OTHER_PROFILE_ID, PROFILE_ID, koala_of
 
 
 def koala_threads() -> list[str]:
@@ -143,3 +143,42 @@ def test_sync_counts_the_call_sent_when_the_request_returns(
     with app.app_context():
         assert koala.stats["sent"] == 1
         assert koala.stats["pending"] == 0
+
+
+def test_testing_set_after_init_app_suppresses_sending(receiver: KoalaReceiver) -> None:
+    # What many conftest.py fixtures do: the factory ran with TESTING off, then the fixture
+    # turns it on. With KOALA_SUPPRESS_SEND unset, suppression follows app.testing live.
+    app = Flask(__name__)
+    app.config.update(KOALA_PUBLIC_KEY="pk_test", KOALA_API_URL=receiver.url)
+    koala = Koala(app)
+    app.config["TESTING"] = True
+
+    with app.app_context():
+        assert koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        assert koala.stats["suppressed"] == 1
+        assert koala.flush(5)
+        koala.shutdown(5)
+    assert receiver.calls == []
+
+
+def test_testing_turned_off_later_sends_again(receiver: KoalaReceiver) -> None:
+    app = Flask(__name__)
+    app.config.update(TESTING=True, KOALA_PUBLIC_KEY="pk_test", KOALA_API_URL=receiver.url)
+    koala = Koala(app)
+    app.config["TESTING"] = False
+
+    with app.app_context():
+        assert koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        assert koala.flush(5)
+        koala.shutdown(5)
+    assert len(receiver.bodies) == 1
+
+
+def test_explicit_suppress_send_false_ignores_testing(make_app: Callable[..., Flask]) -> None:
+    app = make_app({"KOALA_SUPPRESS_SEND": False, "TESTING": True})
+    koala = koala_of(app)
+
+    with app.app_context():
+        assert koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        assert koala.flush(5)
+        assert koala.stats["sent"] == 1
