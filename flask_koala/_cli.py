@@ -33,8 +33,8 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from ._config import DEFAULT_API_URL, SUSPENDED_ERROR, KoalaConfig
-from ._cookies import parse_profile_id
 from ._delivery import attempt
+from ._ids import parse_profile_id
 from ._payload import Call, build_body, clean_email, encode_body
 from ._retry import is_retryable
 from ._state import AppState, state_of

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -41,8 +40,8 @@ from flask.sessions import SecureCookieSessionInterface
 from flask_login import user_logged_out
 
 from ._config import KoalaConfig
-from ._cookies import mint_profile_id, parse_profile_id
 from ._exceptions import ConfigError
+from ._ids import mint_profile_id, new_uuid, parse_profile_id
 from ._ledger import Ledger
 from ._payload import Call, clean_email, clean_traits
 from ._pipeline import MINTED_KEY, SKIP, Environ, MissingCookiePolicy, Pipeline
@@ -208,7 +207,7 @@ class DeferPolicy:
         trimmed = bool(extra) and len(_encode(extra)) > MAX_DEFERRED_TRAITS_BYTES
         if trimmed:
             extra = {}
-        pending.append(_Deferred(email, extra, time.time(), str(uuid.uuid4())))
+        pending.append(_Deferred(email, extra, time.time(), new_uuid()))
         overflow, pending = pending[:-MAX_DEFERRED], pending[-MAX_DEFERRED:]
         try:
             flask_session[SESSION_KEY] = [entry.to_session() for entry in pending]

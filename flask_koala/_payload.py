@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
+from ._ids import new_uuid
+
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_ENTRIES",
@@ -65,7 +67,7 @@ class Call(NamedTuple):
     @classmethod
     def identify(cls, *, profile_id: Optional[str], email: str, traits: dict[str, Any]) -> Call:
         """A new identify call, stamped now, with a fresh ``message_id``."""
-        return cls("identify", str(uuid.uuid4()), profile_id, email, time.time(), traits)
+        return cls("identify", new_uuid(), profile_id, email, time.time(), traits)
 
     @classmethod
     def track(
@@ -77,9 +79,7 @@ class Call(NamedTuple):
         properties: dict[str, Any],
     ) -> Call:
         """A new track call, stamped now, with a fresh ``message_id``."""
-        return cls(
-            "track", str(uuid.uuid4()), profile_id, email, time.time(), None, event, properties
-        )
+        return cls("track", new_uuid(), profile_id, email, time.time(), None, event, properties)
 
 
 def clean_email(value: object) -> Optional[str]:

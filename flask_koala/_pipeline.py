@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Protocol, Union
 
-from ._cookies import parse_profile_id
+from ._ids import parse_profile_id
 from ._payload import Call, clean_email, clean_event, clean_traits, fits
 
 if TYPE_CHECKING:

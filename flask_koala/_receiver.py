@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, cast
 
 from ._config import SUSPENDED_ERROR
+from ._ids import UUID_TEXT
 
 if TYPE_CHECKING:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,9 +55,7 @@ MAX_ENTRIES = 30
 
 _TOP_LEVEL_KEYS = frozenset({"profile_id", "email", "identifies", "events", "page_views"})
 _ARRAYS = ("identifies", "events", "page_views")
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_PROFILE_ID = re.compile(_UUID)
-_MESSAGE_ID = re.compile(_UUID, re.IGNORECASE)
+_UUID = re.compile(UUID_TEXT)
 _SENT_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 _ROUTE = re.compile(r"/web/projects/(?P<key>[^/]*)/(?P<kind>batch|accounts/batch)")
 _URL_SAFE_KEY = re.compile(r"[A-Za-z0-9._~-]+")
@@ -109,7 +108,8 @@ def check_body(body: object) -> list[str]:
         out.append("body must name a person: it has neither profile_id nor email")
     if "profile_id" in body:
         profile_id = body["profile_id"]
-        if not isinstance(profile_id, str) or not _PROFILE_ID.fullmatch(profile_id):
+        # The visitor id as the pixel writes it: canonical and lowercase.
+        if not _is_uuid(profile_id) or profile_id != profile_id.lower():
             out.append(f"profile_id must be a canonical lowercase UUID, got {_show(profile_id)}")
     email = body.get("email")
     if "email" in body and not _is_email(email):
@@ -187,7 +187,7 @@ def _check_sent_at(where: str, entry: dict[str, Any]) -> list[str]:
 
 
 def _is_uuid(value: object) -> bool:
-    return isinstance(value, str) and _MESSAGE_ID.fullmatch(value) is not None
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None
 
 
 def _is_email(value: object) -> bool:

@@ -17,7 +17,7 @@ import pytest
 from flask import Flask
 
 from examples import sso_callback
-from flask_koala._cookies import parse_profile_id
+from flask_koala._ids import parse_profile_id
 from flask_koala._receiver import KoalaReceiver
 
 from .support import PROFILE_ID, delivered

@@ -12,7 +12,7 @@ from flask import Flask, jsonify
 from flask_login import login_user
 
 from flask_koala import ConfigError, Koala
-from flask_koala._cookies import parse_profile_id
+from flask_koala._ids import parse_profile_id
 from flask_koala._missing_cookie import COOKIE_MAX_AGE, MAX_DEFERRED, SESSION_KEY
 from flask_koala._payload import format_sent_at
 from flask_koala._receiver import KoalaReceiver

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from flask_koala._cookies import mint_profile_id, parse_profile_id
+from flask_koala._ids import mint_profile_id, new_uuid, parse_profile_id
 
 VALID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 
@@ -45,3 +45,15 @@ def test_minted_id_is_uuid4() -> None:
     minted = mint_profile_id()
     assert uuid.UUID(minted).version == 4
     assert parse_profile_id(minted) == minted
+
+
+def test_new_uuid_is_a_canonical_version_4_uuid() -> None:
+    value = new_uuid()
+    parsed = uuid.UUID(value)
+    assert str(parsed) == value
+    assert parsed.version == 4
+    assert parsed.variant == uuid.RFC_4122
+
+
+def test_new_uuids_differ() -> None:
+    assert len({new_uuid() for _ in range(1000)}) == 1000
