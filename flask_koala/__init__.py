@@ -1,7 +1,13 @@
 """Identify every Flask-Login login to Koala, off the request thread.
 
-The public surface is what this module exports; everything else is an implementation
-detail. ``flask_koala.signals`` and ``flask_koala.testing`` are public modules too.
+The public surface is what this module exports (:data:`__all__`) and three modules:
+``flask_koala.signals`` (blinker signals for every outcome), ``flask_koala.testing`` (the
+pytest plugin and the loopback receiver, loaded only when imported) and
+``flask_koala.celery`` (what a Celery worker module needs). Every other module is private.
+
+How a login travels, module by module: ``_hooks`` (Flask-Login's signals) -> ``_state``
+(the app's state) -> ``_pipeline`` (validate, copy plain values, submit) -> the dispatcher
+-> the engine and its handler (HTTP or Celery) -> ``_transport``.
 """
 
 from __future__ import annotations

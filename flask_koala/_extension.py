@@ -96,33 +96,17 @@ class Koala:
         # Every check is done: from here on the app is changed, and nothing raises.
         ledger = Ledger(weakref.ref(app))
         app.extensions[EXTENSION_KEY] = AppState(
-            self, app, config, ledger, self._pipeline(app, config, ledger), self._transport_factory
+            self,
+            app,
+            config,
+            ledger,
+            _build_pipeline(app, config, ledger, self),
+            self._transport_factory,
         )
         app.cli.add_command(koala_cli)
         _hooks.connect(app, config)
         _missing_cookie.init_app(app, config)
         _templating.init_app(app, config)
-
-    def _pipeline(self, app: Flask, config: KoalaConfig, ledger: Ledger) -> Pipeline:
-        sends = config.enabled and not (
-            config.suppress_send and not config.suppress_follows_testing
-        )
-        celery_app = self._celery or app.extensions.get("celery")
-        app_ref = weakref.ref(app)
-        return Pipeline(
-            config,
-            ledger,
-            dispatcher=_make_dispatcher(config, ledger, self._transport_factory, celery_app)
-            if sends and config.public_key is not None
-            else None,
-            suppressed=SuppressedDispatcher(ledger) if config.enabled else None,
-            is_testing=(lambda: bool(getattr(app_ref(), "testing", False)))
-            if config.suppress_follows_testing
-            else None,
-            resolver=self._resolver,
-            policy=_missing_cookie.policy_for(config, ledger),
-            current_user=_hooks.current_user,
-        )
 
     def init_celery(self, celery_app: Any) -> None:
         """Use this Celery app in celery mode, and register the delivery task on it.
@@ -299,6 +283,27 @@ class Koala:
         assert app is not None  # it is the current app
         with _hooks.record_calls(app) as calls:
             yield calls
+
+
+def _build_pipeline(app: Flask, config: KoalaConfig, ledger: Ledger, koala: Koala) -> Pipeline:
+    """The request-side path of one app, with the dispatchers its settings ask for."""
+    sends = config.enabled and not (config.suppress_send and not config.suppress_follows_testing)
+    celery_app = koala._celery or app.extensions.get("celery")
+    app_ref = weakref.ref(app)
+    return Pipeline(
+        config,
+        ledger,
+        dispatcher=_make_dispatcher(config, ledger, koala._transport_factory, celery_app)
+        if sends and config.public_key is not None
+        else None,
+        suppressed=SuppressedDispatcher(ledger) if config.enabled else None,
+        is_testing=(lambda: bool(getattr(app_ref(), "testing", False)))
+        if config.suppress_follows_testing
+        else None,
+        resolver=koala._resolver,
+        policy=_missing_cookie.policy_for(config, ledger),
+        current_user=_hooks.current_user,
+    )
 
 
 def _make_dispatcher(
