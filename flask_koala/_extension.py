@@ -31,7 +31,7 @@ from ._config import KoalaConfig, load_config
 from ._cookies import parse_profile_id
 from ._delivery import Delivery
 from ._dispatch import Dispatcher, SuppressedDispatcher, SyncDispatcher, ThreadDispatcher
-from ._ledger import Ledger
+from ._ledger import Ledger, describe_error
 from ._payload import Call, clean_email, clean_event, clean_traits, fits
 from ._retry import RetryPolicy
 from ._transport import HTTPTransport, TransportFactory
@@ -378,8 +378,10 @@ class Koala:
             return False
         try:
             traits = self._identity_loader(user)
-        except Exception:
-            logger.exception("flask-koala: the identity loader raised; this login is skipped")
+        except Exception as exc:  # its message may hold the email: type and place only
+            logger.error(
+                "flask-koala: the identity loader raised %s; login skipped", describe_error(exc)
+            )
             state.ledger.skipped("loader_error")
             return False
         if traits is None:
@@ -503,8 +505,8 @@ class Koala:
             return None
         try:
             traits = self._identity_loader(current_user)
-        except Exception:
-            logger.exception("flask-koala: the identity loader raised")
+        except Exception as exc:  # its message may hold the email: type and place only
+            logger.error("flask-koala: the identity loader raised %s", describe_error(exc))
             return None
         if not isinstance(traits, Mapping):
             return None

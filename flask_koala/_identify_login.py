@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from flask import Response, current_app, make_response
 from flask_login import current_user
 
+from ._ledger import describe_error
+
 if TYPE_CHECKING:
     from ._extension import Koala
 
@@ -82,8 +84,8 @@ def _identify_after(koala: Koala, response: Response, get_user: Optional[UserGet
             return
         try:
             result = get_user()
-        except Exception:
-            logger.exception("flask-koala: get_user raised; this login is skipped")
+        except Exception as exc:  # its message may hold the email: type and place only
+            logger.error("flask-koala: get_user raised %s; login skipped", describe_error(exc))
             state.ledger.skipped("loader_error")
             return
         if result is None:

@@ -17,6 +17,7 @@ from flask import Flask, Response, current_app, has_app_context, has_request_con
 from flask_login import current_user, user_logged_out
 from markupsafe import Markup
 
+from ._ledger import describe_error
 from ._payload import clean_email, clean_traits
 from ._snippet import MARKER, default_sdk_url, render_snippet
 
@@ -102,8 +103,8 @@ def _identity(extension: Any) -> tuple[Optional[str], Optional[dict[str, Any]]]:
         return None, None
     try:
         found = extension._identity_loader(current_user._get_current_object())
-    except Exception:
-        logger.exception("flask-koala: the identity loader raised; page served without identify")
+    except Exception as exc:  # its message may hold the email: type and place only
+        logger.error("flask-koala: the identity loader raised %s; no identify", describe_error(exc))
         return None, None
     if not isinstance(found, Mapping):
         return None, None
