@@ -77,6 +77,9 @@ COOKIE_MAX_AGE = 365 * 24 * 60 * 60
 _MINTED_KEY = "flask_koala.minted_profile_id"
 # The reasons a request's cookie is unusable; an explicit bad profile_id is never "missing".
 _UNUSABLE = frozenset({"no_cookie", "bad_cookie"})
+# How far ahead of this server's clock a deferred entry's time may be (another server of
+# the app may have written it); anything later is not a login time.
+_MAX_CLOCK_SKEW = 86_400.0
 
 
 def check_app(app: Flask, config: KoalaConfig) -> None:
@@ -333,6 +336,8 @@ def _entry(item: object) -> Optional[_Deferred]:
         return None  # (a message id is a canonical UUID, as a visitor id is)
     if not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at):
         return None
+    if not 0 <= at <= time.time() + _MAX_CLOCK_SKEW:
+        return None  # would never expire, or become a sent_at no collector takes
     return _Deferred(email, traits, float(at), str(message_id))
 
 
