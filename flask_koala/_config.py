@@ -46,6 +46,9 @@ _URL_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
 _URL_PATH = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:/%-]*")
 #: The most delivery threads one app may start (``KOALA_MAX_WORKERS``).
 MAX_WORKERS = 64
+#: The longest ``KOALA_TIMEOUT``, ``KOALA_SHUTDOWN_TIMEOUT`` and
+#: ``KOALA_CELERY_PUBLISH_TIMEOUT``, in seconds: an hour.
+MAX_WAIT = 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +137,7 @@ def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaCon
         max_workers=_max_workers(config),
         max_queue_size=_positive_int(config, "KOALA_MAX_QUEUE_SIZE", d.max_queue_size),
         max_retries=_positive_int(config, "KOALA_MAX_RETRIES", d.max_retries),
-        shutdown_timeout=_positive_float(config, "KOALA_SHUTDOWN_TIMEOUT", d.shutdown_timeout),
+        shutdown_timeout=_wait(config, "KOALA_SHUTDOWN_TIMEOUT", d.shutdown_timeout),
         missing_cookie=_choice(
             config, "KOALA_MISSING_COOKIE", d.missing_cookie, MISSING_COOKIE_POLICIES
         ),
@@ -148,7 +151,7 @@ def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaCon
         dispatcher=dispatcher,
         celery_queue=_non_empty_str(config, "KOALA_CELERY_QUEUE", d.celery_queue),
         celery_max_retries=_positive_int(config, "KOALA_CELERY_MAX_RETRIES", d.celery_max_retries),
-        celery_publish_timeout=_positive_float(
+        celery_publish_timeout=_wait(
             config, "KOALA_CELERY_PUBLISH_TIMEOUT", d.celery_publish_timeout
         ),
     )
@@ -347,11 +350,21 @@ def _max_workers(config: Mapping[str, Any]) -> int:
     return value
 
 
-def _positive_float(config: Mapping[str, Any], key: str, default: float) -> float:
+def _positive_float(
+    config: Mapping[str, Any], key: str, default: float, maximum: Optional[float] = None
+) -> float:
     value = config.get(key, default)
     if not _number(value) or not math.isfinite(value) or value <= 0:
         raise ConfigError(key, f"must be a positive number of seconds, not {value!r}")
+    if maximum is not None and value > maximum:
+        # Sockets and locks refuse waits past what the platform's time_t holds (about
+        # 1e9 seconds): a larger value would fail every call, not wait longer.
+        raise ConfigError(key, f"must be at most {maximum:g} seconds, not {value!r}")
     return float(value)
+
+
+def _wait(config: Mapping[str, Any], key: str, default: float) -> float:
+    return _positive_float(config, key, default, MAX_WAIT)
 
 
 def _seconds(config: Mapping[str, Any], key: str, default: float) -> float:
@@ -367,10 +380,10 @@ def _timeout(config: Mapping[str, Any]) -> Timeout:
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ConfigError(key, f"must be seconds or a (connect, read) pair, not {value!r}")
-        connect = _positive_float({key: value[0]}, key, 0)
-        read = _positive_float({key: value[1]}, key, 0)
+        connect = _wait({key: value[0]}, key, 0)
+        read = _wait({key: value[1]}, key, 0)
         return (connect, read)
-    return _positive_float({key: value}, key, 0)
+    return _wait({key: value}, key, 0)
 
 
 def _choice(config: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -329,3 +330,28 @@ def test_sync_with_celery_dispatcher_refused(testing: bool) -> None:
     with pytest.raises(ConfigError, match=r"KOALA_SYNC.*KOALA_DISPATCHER") as info:
         load_config(config, testing=testing)
     assert info.value.key == "KOALA_SYNC"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("KOALA_TIMEOUT", 1e10),
+        ("KOALA_TIMEOUT", (1.0, 1e10)),
+        ("KOALA_TIMEOUT", 3600.5),
+        ("KOALA_SHUTDOWN_TIMEOUT", 1e300),
+        ("KOALA_CELERY_PUBLISH_TIMEOUT", 1e10),
+    ],
+)
+def test_waits_longer_than_an_hour_refused(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=f"{key}: must be at most 3600 seconds"):
+        init(KOALA_PUBLIC_KEY="pk", **{key: value})
+
+
+def test_wait_of_an_hour_accepted() -> None:
+    app = init(KOALA_PUBLIC_KEY="pk", KOALA_TIMEOUT=(3600, 3600), KOALA_SHUTDOWN_TIMEOUT=3600)
+    assert app.extensions["koala"].config.timeout == (3600.0, 3600.0)
+
+
+def test_defer_max_age_may_be_long() -> None:
+    config = load_config({"KOALA_DEFER_MAX_AGE": timedelta(days=30)}, testing=True)
+    assert config.defer_max_age == 30 * 86_400
