@@ -35,7 +35,22 @@ _UNSAFE_KEY = re.compile(r"[/?#%\s\x00-\x1f\x7f]")
 # can be spliced into the path as is (Koala's keys are pk_ and hex).
 _KEY = re.compile(r"[A-Za-z0-9._~-]+")
 _URL_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
-_COOKIE_NAME = re.compile(r"^[!#$&'*+\-.^_`|~0-9A-Za-z]+$")
+# RFC 6265's cookie-name: a token, so it cannot end a header line or start an attribute.
+_COOKIE_NAME = re.compile(r"[!#$&'*+\-.^_`|~0-9A-Za-z]+")
+# A DNS name, optionally with the leading dot browsers ignore: labels of letters, digits,
+# '-' and '_' (no ';', ',', '=', whitespace: nothing that can add a cookie attribute).
+_DOMAIN_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_COOKIE_DOMAIN = re.compile(rf"\.?{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*")
+# The API URL's host: a name or IPv4 address, or an IPv6 address in brackets.
+_URL_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
+# What a URL path may hold as is (RFC 3986 pchar and '/'): what an HTTP client sends
+# unchanged, so the URL validated here is the URL requested.
+_URL_PATH = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:/%-]*")
+#: The most delivery threads one app may start (``KOALA_MAX_WORKERS``).
+MAX_WORKERS = 64
+#: The longest ``KOALA_TIMEOUT``, ``KOALA_SHUTDOWN_TIMEOUT`` and
+#: ``KOALA_CELERY_PUBLISH_TIMEOUT``, in seconds: an hour.
+MAX_WAIT = 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +120,14 @@ def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaCon
     enabled = _bool(config, "KOALA_ENABLED", d.enabled)
     suppress = _bool(config, "KOALA_SUPPRESS_SEND", testing)
     public_key = _public_key(config, required=enabled and not suppress)
+    sync = _bool(config, "KOALA_SYNC", d.sync)
+    dispatcher = _choice(config, "KOALA_DISPATCHER", d.dispatcher, DISPATCHERS)
+    if sync and dispatcher == "celery":
+        raise ConfigError(
+            "KOALA_SYNC",
+            "True sends each call on the thread that makes it, and KOALA_DISPATCHER = "
+            "'celery' hands it to a Celery worker: set only one of the two",
+        )
     values = KoalaConfig(
         public_key=public_key,
         api_url=_api_url(config),
@@ -112,28 +135,28 @@ def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaCon
         enabled=enabled,
         suppress_send=suppress,
         suppress_follows_testing="KOALA_SUPPRESS_SEND" not in config,
-        sync=_bool(config, "KOALA_SYNC", d.sync),
+        sync=sync,
         identify_on_login=_bool(config, "KOALA_IDENTIFY_ON_LOGIN", d.identify_on_login),
         identify_on_remember=_bool(config, "KOALA_IDENTIFY_ON_REMEMBER", d.identify_on_remember),
         timeout=_timeout(config),
-        max_workers=_positive_int(config, "KOALA_MAX_WORKERS", d.max_workers),
+        max_workers=_max_workers(config),
         max_queue_size=_positive_int(config, "KOALA_MAX_QUEUE_SIZE", d.max_queue_size),
         max_retries=_positive_int(config, "KOALA_MAX_RETRIES", d.max_retries),
-        shutdown_timeout=_positive_float(config, "KOALA_SHUTDOWN_TIMEOUT", d.shutdown_timeout),
+        shutdown_timeout=_wait(config, "KOALA_SHUTDOWN_TIMEOUT", d.shutdown_timeout),
         missing_cookie=_choice(
             config, "KOALA_MISSING_COOKIE", d.missing_cookie, MISSING_COOKIE_POLICIES
         ),
         defer_max_age=_seconds(config, "KOALA_DEFER_MAX_AGE", d.defer_max_age),
-        cookie_domain=_optional_str(config, "KOALA_COOKIE_DOMAIN"),
+        cookie_domain=_cookie_domain(config),
         sdk_url=_sdk_url(config),
         sdk_settings=_sdk_settings(config),
         snippet_identify=_bool(config, "KOALA_SNIPPET_IDENTIFY", d.snippet_identify),
         csp_nonce=_optional_callable(config, "KOALA_CSP_NONCE"),
         inject_script=_bool(config, "KOALA_INJECT_SCRIPT", d.inject_script),
-        dispatcher=_choice(config, "KOALA_DISPATCHER", d.dispatcher, DISPATCHERS),
+        dispatcher=dispatcher,
         celery_queue=_non_empty_str(config, "KOALA_CELERY_QUEUE", d.celery_queue),
         celery_max_retries=_positive_int(config, "KOALA_CELERY_MAX_RETRIES", d.celery_max_retries),
-        celery_publish_timeout=_positive_float(
+        celery_publish_timeout=_wait(
             config, "KOALA_CELERY_PUBLISH_TIMEOUT", d.celery_publish_timeout
         ),
     )
@@ -160,6 +183,10 @@ def _public_key(config: Mapping[str, Any], *, required: bool) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise ConfigError(key, f"must be a string, not {type(value).__name__}")
+    if not value.strip("."):
+        # "." and ".." are path segments that clients and proxies collapse: the calls
+        # would go to another URL than /web/projects/{key}/batch.
+        raise ConfigError(key, f"must be a workspace key (pk_...), not {value!r}")
     if _UNSAFE_KEY.search(value) or not _KEY.fullmatch(value):
         raise ConfigError(
             key,
@@ -173,19 +200,64 @@ def _api_url(config: Mapping[str, Any]) -> str:
     key = "KOALA_API_URL"
     value = config.get(key, DEFAULT_API_URL)
     if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"must be an http(s) URL, not {value!r}")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"must be an http(s) URL, not {type(value).__name__}")
+    # First, and without showing the value: it may hold a password.
+    if "@" in value:
+        raise ConfigError(
+            key,
+            "must not hold user:password@ (or any '@'): credentials in this URL are never "
+            "sent; put an authenticating proxy in HTTPS_PROXY instead",
+        )
+    if _URL_UNSAFE.search(value) or "\\" in value or not value.isascii():
+        # A backslash is a path separator to some parsers and not to others, so the host
+        # checked here and the host a proxy connects to could differ.
+        raise ConfigError(
+            key,
+            f"must not contain whitespace, control characters, backslashes or non-ASCII "
+            f"characters (use the xn-- form of a host name), not {value!r}",
+        )
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # Python >= 3.11.4 checks a bracketed IPv6 host itself
+        raise ConfigError(key, f"has a bad host: {value!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(key, f"must be an http:// or https:// URL with a host, not {value!r}")
-    if parts.query or parts.fragment:
+    if parts.query or parts.fragment or "?" in value or "#" in value:
         raise ConfigError(key, "must not carry a query string or fragment")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    host = _host_and_port(key, parts.netloc)
+    if not _URL_PATH.fullmatch(parts.path):
+        raise ConfigError(key, f"has characters a URL path cannot hold: {value!r}")
+    if parts.scheme == "http" and not _is_loopback(host):
         raise ConfigError(
             key,
             "plain http:// is only allowed to a loopback host (localhost, 127.0.0.0/8, ::1); "
             "use https:// for anything else",
         )
     return value.rstrip("/")
+
+
+def _host_and_port(key: str, netloc: str) -> str:
+    """The host of ``host[:port]``, once both are known to be well formed."""
+    if netloc.startswith("["):
+        host, bracket, rest = netloc.partition("]")
+        host += bracket
+        if rest and not rest.startswith(":"):
+            rest = "?"  # text after the bracket that is not a port: refused below
+        port = rest[1:] if rest else None
+    else:
+        host, colon, port_text = netloc.partition(":")
+        port = port_text if colon else None
+    if not _URL_HOST.fullmatch(host):
+        raise ConfigError(key, f"must name a host (a DNS name or an IP address), not {host!r}")
+    if port is not None and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise ConfigError(key, f"has a bad port {port!r}: give a number from 1 to 65535")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ConfigError(key, f"has a bad IPv6 address {host!r}") from None
+        return host[1:-1]
+    return host
 
 
 def _sdk_url(config: Mapping[str, Any]) -> Optional[str]:
@@ -239,8 +311,24 @@ def _is_loopback(host: str) -> bool:
 def _cookie_name(config: Mapping[str, Any]) -> str:
     key = "KOALA_COOKIE_NAME"
     value = config.get(key, "ko_id")
-    if not isinstance(value, str) or not _COOKIE_NAME.match(value):
+    if not isinstance(value, str) or not _COOKIE_NAME.fullmatch(value):
         raise ConfigError(key, f"must be a valid cookie name, not {value!r}")
+    return value
+
+
+def _cookie_domain(config: Mapping[str, Any]) -> Optional[str]:
+    key = "KOALA_COOKIE_DOMAIN"
+    value = _optional_str(config, key)
+    if value is None:
+        return None
+    # Werkzeug writes the value into the Set-Cookie header as is: anything but a domain
+    # would add attributes of its own ("; SameSite=None") or break the header.
+    if len(value) > 254 or not _COOKIE_DOMAIN.fullmatch(value):
+        raise ConfigError(
+            key,
+            f"must be a domain such as 'example.com' or '.example.com', not {value!r} "
+            "(letters, digits, '-', '_' and dots only; use the xn-- form of a non-ASCII name)",
+        )
     return value
 
 
@@ -255,11 +343,33 @@ def _positive_int(config: Mapping[str, Any], key: str, default: int) -> int:
     return value
 
 
-def _positive_float(config: Mapping[str, Any], key: str, default: float) -> float:
+def _max_workers(config: Mapping[str, Any]) -> int:
+    key = "KOALA_MAX_WORKERS"
+    value = _positive_int(config, key, KoalaConfig.max_workers)
+    if value > MAX_WORKERS:
+        raise ConfigError(
+            key,
+            f"must be at most {MAX_WORKERS}, not {value}: one app's calls go to one "
+            "collector, and more threads only add memory and contention",
+        )
+    return value
+
+
+def _positive_float(
+    config: Mapping[str, Any], key: str, default: float, maximum: Optional[float] = None
+) -> float:
     value = config.get(key, default)
     if not _number(value) or not math.isfinite(value) or value <= 0:
         raise ConfigError(key, f"must be a positive number of seconds, not {value!r}")
+    if maximum is not None and value > maximum:
+        # Sockets and locks refuse waits past what the platform's time_t holds (about
+        # 1e9 seconds): a larger value would fail every call, not wait longer.
+        raise ConfigError(key, f"must be at most {maximum:g} seconds, not {value!r}")
     return float(value)
+
+
+def _wait(config: Mapping[str, Any], key: str, default: float) -> float:
+    return _positive_float(config, key, default, MAX_WAIT)
 
 
 def _seconds(config: Mapping[str, Any], key: str, default: float) -> float:
@@ -275,10 +385,10 @@ def _timeout(config: Mapping[str, Any]) -> Timeout:
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ConfigError(key, f"must be seconds or a (connect, read) pair, not {value!r}")
-        connect = _positive_float({key: value[0]}, key, 0)
-        read = _positive_float({key: value[1]}, key, 0)
+        connect = _wait({key: value[0]}, key, 0)
+        read = _wait({key: value[1]}, key, 0)
         return (connect, read)
-    return _positive_float({key: value}, key, 0)
+    return _wait({key: value}, key, 0)
 
 
 def _choice(config: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:

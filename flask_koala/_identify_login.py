@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, TypeVar
 from flask import Response, make_response
 
 from ._hooks import current_user, request_scope
-from ._pipeline import describe_error
+from ._ledger import describe_error
 from ._state import current_state
 
 __all__ = ["UserGetter", "decorate"]

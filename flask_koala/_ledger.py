@@ -11,6 +11,7 @@ Log lines never carry an email, a cookie value or a key; the warnings that can r
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import Any, Callable, Optional
 from . import signals
 from ._payload import Call, build_body
 
-__all__ = ["OUTCOMES", "Ledger"]
+__all__ = ["OUTCOMES", "Ledger", "describe_error", "redact"]
 
 logger = logging.getLogger("flask_koala")
 
@@ -42,7 +43,10 @@ OUTCOMES = (
 )
 
 _WARN_INTERVAL = 60.0
-_EMAILISH = re.compile(r"[^\s@\"'<>]+@[^\s@\"'<>]+")
+# An '@' as a collector may echo it: plain, URL-encoded once or twice (a query string, a
+# path), as an HTML entity or a JSON escape.
+_AT = r"(?:@|%40|%2540|&#0*64;|&#x0*40;|\\u0040)"
+_EMAILISH = re.compile(rf"[^\s@\"'<>]+?{_AT}[^\s@\"'<>]+", re.IGNORECASE)
 # A collector may echo what it was sent: visitor ids (UUIDs) and workspace keys too.
 _UUIDISH = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -60,6 +64,22 @@ def redact(text: str, limit: int = 200) -> str:
     text = _UUIDISH.sub("<uuid>", text)
     text = _KEYISH.sub("<key>", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_error(exc: BaseException) -> str:
+    """The exception's type and where it was raised, e.g. ``LookupError at app.py:12 in load``.
+
+    For exceptions raised by the host's code (an identity loader, a signal receiver): their
+    message may hold an email or a token, so neither it nor a traceback is logged.
+    """
+    tb = exc.__traceback__
+    if tb is None:
+        return type(exc).__name__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    where = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"
+    return f"{type(exc).__name__} at {where}"
 
 
 class Throttle:
@@ -275,5 +295,10 @@ class Ledger:
     def _send(signal: Any, sender: object, **kwargs: Any) -> None:
         try:
             signal.send(sender, **kwargs)
-        except Exception:
-            logger.exception("flask-koala: a receiver of the %s signal raised", signal.name)
+        except Exception as exc:
+            # The host's code: its message may quote the email it was handed.
+            logger.error(
+                "flask-koala: a receiver of the %s signal raised %s",
+                signal.name,
+                describe_error(exc),
+            )

@@ -81,6 +81,11 @@ def policy_for(config: KoalaConfig, ledger: Ledger) -> MissingCookiePolicy:
     return SKIP
 
 
+# How far ahead of this server's clock a deferred entry's time may be (another server of
+# the app may have written it); anything later is not a login time.
+_MAX_CLOCK_SKEW = 86_400.0
+
+
 def check_app(app: Flask, config: KoalaConfig) -> None:
     """Refuse a policy the app cannot support; ``init_app`` calls it before changing anything.
 
@@ -319,6 +324,8 @@ def _entry(item: object) -> Optional[_Deferred]:
         return None  # (a message id is a canonical UUID, as a visitor id is)
     if not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at):
         return None
+    if not 0 <= at <= time.time() + _MAX_CLOCK_SKEW:
+        return None  # would never expire, or become a sent_at no collector takes
     return _Deferred(email, traits, float(at), str(message_id))
 
 

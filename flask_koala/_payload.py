@@ -30,7 +30,9 @@ __all__ = [
     "clean_event",
     "clean_traits",
     "encode_body",
+    "fits",
     "format_sent_at",
+    "size_bound",
 ]
 
 logger = logging.getLogger("flask_koala")
@@ -42,9 +44,13 @@ MAX_BODY_BYTES = 32 * 1024
 _MAX_EMAIL = 254
 _MAX_EVENT = 255
 _MAX_DEPTH = 8
-# Room for the envelope around the traits: ids, timestamps, keys, punctuation.
+# Room for the envelope around the traits: ids, timestamps, keys, punctuation (about 220
+# bytes today).
 _ENVELOPE_BYTES = 512
-_BAD_EMAIL_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+# Lone surrogates (U+D800..U+DFFF) are what a JSON API hands over for a broken "\ud83d"
+# escape; they cannot be encoded as UTF-8, so a value holding one can never be sent.
+_BAD_EMAIL_CHARS = re.compile("[\\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Call(NamedTuple):
@@ -112,14 +118,26 @@ class _Drop:
 _DROP = _Drop()
 
 
+class _Unencodable(ValueError):
+    """A string that no UTF-8 body can carry: the whole mapping is refused."""
+
+
+def _check_text(text: str) -> None:
+    # isascii() is O(1) in CPython: only non-ASCII text pays for the search.
+    if not text.isascii() and _SURROGATE.search(text):
+        raise _Unencodable
+
+
 def clean_traits(value: object) -> tuple[Optional[dict[str, Any]], int]:
     """Copy traits into plain JSON values.
 
     Returns:
-        ``(traits, size)``: ``traits`` is ``None`` when ``value`` is not a mapping;
-        ``size`` bounds the encoded size from above (exact when it matters). Datetimes and
-        dates become ISO strings, ``Decimal`` and ``UUID`` strings. A key that is not a
-        string, or a value JSON cannot encode, drops that one key, logged at DEBUG.
+        ``(traits, size)``: ``traits`` is ``None`` when ``value`` is not a mapping, or
+        when a key or string anywhere in it holds a lone surrogate (UTF-8 cannot encode
+        it); ``size`` bounds the encoded size in bytes from above. Datetimes and dates
+        become ISO strings, ``Decimal`` and ``UUID`` strings. A key that is not a string,
+        or a value JSON cannot encode (NaN, infinities, huge ints), drops that one key,
+        logged at DEBUG.
     """
     if value is None:
         return {}, 2
@@ -128,21 +146,27 @@ def clean_traits(value: object) -> tuple[Optional[dict[str, Any]], int]:
     try:
         return _plain_mapping(value, 0)
     except (RecursionError, RuntimeError, TypeError, ValueError):
-        # A mapping that changes while we read it, or a pathological __iter__.
+        # A lone surrogate, a mapping that changes while we read it, or a pathological
+        # __iter__.
         return None, 0
 
 
 def _plain_mapping(value: Mapping[Any, Any], depth: int) -> tuple[dict[str, Any], int]:
-    # Size bounds: a str's JSON form is at most 6 bytes a character (\u00XX escapes).
+    # Size bounds: a str's JSON form is at most 6 bytes a character (\u00XX escapes; a
+    # character outside the BMP is one str character and 4 UTF-8 bytes).
     out: dict[str, Any] = {}
     size = 2
     for key, item in value.items():
         if type(key) is not str and not isinstance(key, str):
             logger.debug("flask-koala: dropped a trait with a non-string key")
             continue
-        kind = type(item)
         # The common cases first, without a call: this runs on the request thread.
+        if not key.isascii():
+            _check_text(key)
+        kind = type(item)
         if kind is str:
+            if not item.isascii():
+                _check_text(item)
             size += 6 * (len(key) + len(item)) + 6
             out[key] = item
             continue
@@ -163,6 +187,7 @@ def _plain(value: Any, depth: int) -> tuple[Any, int]:
     if value is None or isinstance(value, bool):
         return value, 5
     if isinstance(value, str):
+        _check_text(value)
         return value, 6 * len(value) + 2
     if isinstance(value, int):
         if abs(value) >= 10**30:
@@ -173,7 +198,8 @@ def _plain(value: Any, depth: int) -> tuple[Any, int]:
             return _DROP, 0
         return value, 25
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-        return value.isoformat(), 40
+        text = value.isoformat()  # ASCII digits and signs; up to 42 characters
+        return text, len(text) + 2
     if isinstance(value, (decimal.Decimal, uuid.UUID)):
         text = str(value)
         return text, len(text) + 2
@@ -194,13 +220,29 @@ def _plain(value: Any, depth: int) -> tuple[Any, int]:
     return _DROP, 0
 
 
-def fits(call: Call, size_bound: int) -> bool:
-    """Whether the body of this single call stays within :data:`MAX_BODY_BYTES`.
+def size_bound(call: Call, traits_bound: int) -> int:
+    """An upper bound of the encoded body of this call alone, in bytes, in O(1).
 
-    The cheap bound from :func:`clean_traits` settles nearly every call; only a call near
-    the limit pays for an exact encoding.
+    Args:
+        traits_bound: the bound :func:`clean_traits` gave for the traits or properties.
+            The email, the event name and the envelope are added here: the email twice
+            for an identify (at the top and in the traits), once for a track.
     """
-    if size_bound + _ENVELOPE_BYTES <= MAX_BODY_BYTES:
+    bound = traits_bound + _ENVELOPE_BYTES
+    if call.email is not None:
+        bound += (2 if call.kind == "identify" else 1) * (6 * len(call.email) + 12)
+    if call.event is not None:
+        bound += 6 * len(call.event) + 2
+    return bound
+
+
+def fits(call: Call, traits_bound: int) -> bool:
+    """Whether the body of this single call, encoded, is at most :data:`MAX_BODY_BYTES`.
+
+    The O(1) :func:`size_bound` settles nearly every call; only one whose bound is over
+    the limit pays for encoding the body exactly as it would be sent.
+    """
+    if size_bound(call, traits_bound) <= MAX_BODY_BYTES:
         return True
     return len(encode_body(build_body([call]))) <= MAX_BODY_BYTES
 

@@ -10,11 +10,11 @@ the request's WSGI environ (for per-request marks) and its ``ko_id`` cookie as p
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Protocol, Union
 
 from ._ids import parse_profile_id
+from ._ledger import describe_error
 from ._payload import Call, clean_email, clean_event, clean_traits, fits
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ __all__ = [
     "Pipeline",
     "Resolver",
     "default_identity_loader",
-    "describe_error",
 ]
 
 logger = logging.getLogger("flask_koala")
@@ -54,15 +53,6 @@ def default_identity_loader(user: Any) -> Optional[dict[str, Any]]:
     if not email:
         return None
     return {"email": email}
-
-
-def describe_error(exc: BaseException) -> str:
-    """The exception's type and where it was raised, never its message (it may hold PII)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return type(exc).__name__
-    last = frames[-1]
-    return f"{type(exc).__name__} at {last.filename}:{last.lineno} in {last.name}"
 
 
 class Identity(NamedTuple):
@@ -233,7 +223,7 @@ class Pipeline:
             return False
         plain["email"] = clean
         call = Call.identify(profile_id=resolved, email=clean, traits=plain)
-        if not fits(call, size + len(clean)):
+        if not fits(call, size):
             ledger.skipped("too_large", email=clean, profile_id=resolved)
             return False
         return self._submit(dispatcher, call, environ)
@@ -274,7 +264,7 @@ class Pipeline:
             ledger.skipped("bad_properties", kind="track", email=clean, profile_id=resolved)
             return False
         call = Call.track(profile_id=resolved, email=clean, event=name, properties=plain)
-        if not fits(call, size + len(name)):
+        if not fits(call, size):
             ledger.skipped("too_large", kind="track", email=clean, profile_id=resolved)
             return False
         return self._submit(dispatcher, call, environ)
@@ -291,7 +281,7 @@ class Pipeline:
         if _identified(environ, profile_id, email):
             ledger.skipped("duplicate", email=email, profile_id=profile_id)
             return False
-        if not fits(call, len(email) + _traits_size(call.traits)):
+        if not fits(call, _traits_size(call.traits)):
             ledger.skipped("too_large", email=email, profile_id=profile_id)
             return False
         return self._submit(dispatcher, call, environ)

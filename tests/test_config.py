@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -203,3 +204,154 @@ def test_failed_init_app_leaves_the_app_untouched() -> None:
     assert "koala" not in app.extensions
     app.secret_key = "now-set"
     Koala(app)  # the fix works without a fresh app
+
+
+# -- values that used to slip through ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ko_id\n", "ko_id\r\n", "ko id", "ko;id", ""])
+def test_cookie_name_must_be_a_token(name: str) -> None:
+    with pytest.raises(ConfigError, match="KOALA_COOKIE_NAME"):
+        init(KOALA_PUBLIC_KEY="pk", KOALA_COOKIE_NAME=name)
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "example.com; HttpOnly; SameSite=None",
+        "example.com\r\nSet-Cookie: x=1",
+        "example.com\n",
+        "exa mple.com",
+        "example.com,other.com",
+        "example..com",
+        "example.com.",
+        "-example.com",
+        "bücher.example",
+        "http://example.com",
+        "example.com:443",
+        "a" * 64 + ".com",
+    ],
+)
+def test_cookie_domain_must_be_a_domain(domain: str) -> None:
+    with pytest.raises(ConfigError, match="KOALA_COOKIE_DOMAIN"):
+        init(KOALA_PUBLIC_KEY="pk", KOALA_COOKIE_DOMAIN=domain)
+
+
+@pytest.mark.parametrize(
+    "domain", ["example.com", ".example.com", "shop.example.co.uk", "xn--bcher-kva.example"]
+)
+def test_cookie_domain_accepted(domain: str) -> None:
+    app = init(KOALA_PUBLIC_KEY="pk", KOALA_COOKIE_DOMAIN=domain)
+    assert app.extensions["koala"].config.cookie_domain == domain
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://koala.example.com\r\n",
+        "https://koala.example.com/\nx",
+        "https://koala.example.com/a b",
+        "https://koala example.com",
+        "https://koala.example.com:0",
+        "https://koala.example.com:65536",
+        "https://koala.example.com:99999",
+        "https://koala.example.com:+443",
+        "https://koala.example.com:http",
+        "https://koala.example.com:",
+        "http://[::1]x:80",
+        "http://[::g]:80",
+        "https://evil.example.com\\.127.0.0.1",
+        "http://evil.example.com\\@127.0.0.1/",
+        "http://127.0.0.1\\evil.example.com/",
+        "https://koala.example.com/p\u00e4th",
+        "https://koala.example.com/<x>",
+    ],
+)
+def test_api_url_with_bad_characters_or_port_rejected(url: str) -> None:
+    with pytest.raises(ConfigError, match="KOALA_API_URL"):
+        init(KOALA_PUBLIC_KEY="pk", KOALA_API_URL=url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:s3cr3t-pw@koala.example.com",
+        "http://user:s3cr3t-pw@127.0.0.1:8787",
+        "ftp://user:s3cr3t-pw@koala.example.com",
+        "https://user:s3cr3t-pw@koala.example.com:99999",
+        "https://user:s3cr3t-pw/x@koala.example.com",
+    ],
+)
+def test_api_url_with_credentials_rejected_without_showing_them(url: str) -> None:
+    with pytest.raises(ConfigError, match="KOALA_API_URL") as info:
+        init(KOALA_PUBLIC_KEY="pk", KOALA_API_URL=url)
+    assert "s3cr3t" not in str(info.value)
+    assert "password@" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://koala.example.com:443/collect",
+        "https://koala.example.com/a/b-c_d.e~f%20g",
+        "http://localhost",
+        "https://koala_proxy:8443",
+    ],
+)
+def test_api_url_with_port_or_path_accepted(url: str) -> None:
+    app = init(KOALA_PUBLIC_KEY="pk", KOALA_API_URL=url)
+    assert app.extensions["koala"].config.api_url == url
+
+
+@pytest.mark.parametrize("key", [".", "..", "..."])
+def test_public_key_of_dots_rejected(key: str) -> None:
+    with pytest.raises(ConfigError, match="KOALA_PUBLIC_KEY"):
+        init(KOALA_PUBLIC_KEY=key)
+
+
+def test_public_key_with_dots_inside_accepted() -> None:
+    app = init(KOALA_PUBLIC_KEY="pk_a.b")
+    assert app.extensions["koala"].config.public_key == "pk_a.b"
+
+
+def test_max_workers_is_bounded() -> None:
+    with pytest.raises(ConfigError, match=r"KOALA_MAX_WORKERS.*at most 64"):
+        init(KOALA_PUBLIC_KEY="pk", KOALA_MAX_WORKERS=65)
+
+
+def test_max_workers_at_the_bound_accepted() -> None:
+    app = init(KOALA_PUBLIC_KEY="pk", KOALA_MAX_WORKERS=64)
+    assert app.extensions["koala"].config.max_workers == 64
+
+
+@pytest.mark.parametrize("testing", [False, True])
+def test_sync_with_celery_dispatcher_refused(testing: bool) -> None:
+    config = {"KOALA_PUBLIC_KEY": "pk", "KOALA_SYNC": True, "KOALA_DISPATCHER": "celery"}
+    with pytest.raises(ConfigError, match=r"KOALA_SYNC.*KOALA_DISPATCHER") as info:
+        load_config(config, testing=testing)
+    assert info.value.key == "KOALA_SYNC"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("KOALA_TIMEOUT", 1e10),
+        ("KOALA_TIMEOUT", (1.0, 1e10)),
+        ("KOALA_TIMEOUT", 3600.5),
+        ("KOALA_SHUTDOWN_TIMEOUT", 1e300),
+        ("KOALA_CELERY_PUBLISH_TIMEOUT", 1e10),
+    ],
+)
+def test_waits_longer_than_an_hour_refused(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=f"{key}: must be at most 3600 seconds"):
+        init(KOALA_PUBLIC_KEY="pk", **{key: value})
+
+
+def test_wait_of_an_hour_accepted() -> None:
+    app = init(KOALA_PUBLIC_KEY="pk", KOALA_TIMEOUT=(3600, 3600), KOALA_SHUTDOWN_TIMEOUT=3600)
+    assert app.extensions["koala"].config.timeout == (3600.0, 3600.0)
+
+
+def test_defer_max_age_may_be_long() -> None:
+    config = load_config({"KOALA_DEFER_MAX_AGE": timedelta(days=30)}, testing=True)
+    assert config.defer_max_age == 30 * 86_400

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from flask_koala._ledger import Ledger, Throttle, redact
+from flask_koala._ledger import Ledger, Throttle, describe_error, redact
 from flask_koala._payload import Call
 
 PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
@@ -44,3 +44,104 @@ def test_varying_error_text_warns_once_per_cause_within_the_bound(
     ledger.failed([call()], "http_400", status=400, error="Koala ingest suspended")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
+
+
+EMAIL = "jane.doe@example.com"
+SECRETS = ("jane.doe", "example.com", PROFILE_ID, "pk_live123")
+
+
+@pytest.mark.parametrize(
+    "echoed",
+    [
+        "jane.doe%40example.com",
+        "jane.doe%2540example.com",
+        "JANE.DOE%40EXAMPLE.COM",
+        "jane.doe&#64;example.com",
+        "jane.doe&#x40;example.com",
+        "jane.doe\\u0040example.com",
+        "email=jane.doe%2Bnews%40example.com&plan=pro",
+    ],
+)
+def test_redact_masks_encoded_emails(echoed: str) -> None:
+    text = redact(f"invalid email {echoed} in request")
+    assert text.startswith("invalid email ***@***")
+    assert "jane" not in text.lower()
+    assert "example" not in text.lower()
+
+
+def test_redact_leaves_percent_signs_alone() -> None:
+    assert redact("50%40 off, 100% sure") == "50%40 off, 100% sure"
+
+
+def collector_error() -> str:
+    return f"bad profile {PROFILE_ID} for {EMAIL} and jane.doe%40example.com in pk_live123"
+
+
+def failing_ledger(app: object) -> Ledger:
+    ledger = Ledger(lambda: app, clock=lambda: 0.0)
+    ledger.accepted(call())
+    return ledger
+
+
+def test_failed_warning_redacts_koalas_error_text(caplog: pytest.LogCaptureFixture) -> None:
+    failing_ledger(None).failed([call()], "http_400", status=400, error=collector_error())
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "HTTP 400" in warning
+    assert "***@***" in warning
+    assert not [s for s in SECRETS if s in warning]
+
+
+def test_call_failed_signal_carries_redacted_error() -> None:
+    from flask import Flask
+
+    from flask_koala import signals
+
+    app = Flask(__name__)
+    seen: list[dict[str, object]] = []
+
+    def on_failed(sender: object, **extra: object) -> None:
+        seen.append(extra)
+
+    with signals.call_failed.connected_to(on_failed, sender=app):
+        failing_ledger(app).failed([call()], "http_400", status=400, error=collector_error())
+    (extra,) = seen
+    error = str(extra["error"])
+    assert "***@***" in error
+    assert not [s for s in SECRETS if s in error]
+
+
+def raise_with_email() -> None:
+    raise LookupError(f"no account for {EMAIL}")
+
+
+def test_describe_error_names_type_and_place_not_message() -> None:
+    try:
+        raise_with_email()
+    except LookupError as exc:
+        text = describe_error(exc)
+    assert text.startswith("LookupError at test_ledger.py:")
+    assert text.endswith(" in raise_with_email")
+    assert EMAIL not in text
+
+
+@pytest.mark.allow_errors
+def test_a_signal_receiver_that_raises_is_logged_without_its_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from flask import Flask
+
+    from flask_koala import signals
+
+    app = Flask(__name__)
+
+    def on_failed(sender: object, **extra: object) -> None:
+        raise_with_email()
+
+    with signals.call_failed.connected_to(on_failed, sender=app):
+        failing_ledger(app).failed([call()], "http_400", status=400)
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.getMessage().startswith(
+        "flask-koala: a receiver of the koala-call-failed signal raised LookupError at "
+    )
+    assert error.exc_info is None
+    assert EMAIL not in caplog.text

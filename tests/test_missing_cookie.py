@@ -305,6 +305,50 @@ def test_defer_skips_entries_it_cannot_read(defer_app: Flask, receiver: KoalaRec
     assert flushed_stats(defer_app)["skipped.defer_invalid"] == 2
 
 
+def add_to_session(client: Any, *entries: Any) -> None:
+    with client.session_transaction() as session:
+        session[SESSION_KEY] = [*session.get(SESSION_KEY, []), *entries]
+
+
+def test_defer_drops_unreadable_entries_from_the_session(defer_app: Flask) -> None:
+    client = defer_app.test_client()
+    client.post("/login/jane")
+    (entry,) = pending(client)
+    add_to_session(client, {"email": "x@example.com"}, "junk")
+    client.get("/whoami")  # no ko_id yet: the readable entry keeps waiting
+    assert pending(client) == [entry]
+    client.get("/whoami")
+    assert flushed_stats(defer_app)["skipped.defer_invalid"] == 2  # counted once each
+
+
+def test_defer_drops_unreadable_entries_when_it_parks_another(defer_app: Flask) -> None:
+    client = defer_app.test_client()
+    client.get("/whoami")  # a session cookie, so the hook reads the session
+    add_to_session(client, {"email": "x@example.com"}, "junk")
+    client.post("/login/jane")
+    assert [entry["email"] for entry in pending(client)] == ["jane@example.com"]
+    assert flushed_stats(defer_app)["skipped.defer_invalid"] == 2
+
+
+@pytest.mark.parametrize("at", [1e20, -1.0, 10**12, True, float("inf"), "1700000000"])
+def test_defer_entry_with_an_impossible_time_is_unreadable(
+    defer_app: Flask, receiver: KoalaReceiver, at: Any
+) -> None:
+    client = defer_app.test_client()
+    client.post("/login/jane")
+    with client.session_transaction() as session:
+        entries = session[SESSION_KEY]
+        entries[0]["at"] = at
+        session[SESSION_KEY] = entries
+    client.set_cookie("ko_id", PROFILE_ID)
+    client.get("/whoami")
+    assert delivered(defer_app, receiver) == []
+    counts = flushed_stats(defer_app)
+    assert counts["skipped.defer_invalid"] == 1
+    assert counts["failed"] == 0
+    assert pending(client) == []
+
+
 def test_defer_requires_a_secret_key(receiver: KoalaReceiver) -> None:
     app = Flask(__name__)
     app.config.update(KOALA_SUPPRESS_SEND=True, KOALA_MISSING_COOKIE="defer")

@@ -20,6 +20,7 @@ from flask_koala._payload import (
     encode_body,
     fits,
     format_sent_at,
+    size_bound,
 )
 from flask_koala._receiver import check_body
 
@@ -46,6 +47,9 @@ def test_email_is_stripped() -> None:
         "jane@exa\x00mple.com",
         "jane@exa\u0085mple.com",
         "a" * 250 + "@x.io",
+        "jane\udc80@example.com",
+        "jane@example.com\ud83d",
+        "\ud83d\ude00\ud83d@example.com",
     ],
 )
 def test_bad_emails(value: object) -> None:
@@ -85,6 +89,37 @@ def test_unencodable_trait_drops_only_that_key() -> None:
     assert traits == {"plan": "pro"}
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), [1.0, float("-inf")]])
+def test_infinite_trait_drops_only_that_key(value: Any) -> None:
+    traits, _ = clean_traits({"plan": "pro", "score": value})
+    assert traits == {"plan": "pro"}
+    assert b"Infinity" not in encode_body({"traits": traits})
+
+
+def test_email_with_astral_characters_passes() -> None:
+    email = "jan\U0001f600@example.com"
+    assert clean_email(email) == email
+
+
+@pytest.mark.parametrize(
+    "traits",
+    [
+        {"name": "Jane \ud83d"},
+        {"name\udc00": "Jane"},
+        {"tags": ["ok", "\udfff"]},
+        {"org": {"name": "Acme \ud800 Inc"}},
+        {"bio": "x" * 40_000 + "\ud83d"},
+    ],
+)
+def test_traits_with_a_lone_surrogate_are_refused(traits: dict[str, Any]) -> None:
+    assert clean_traits(traits) == (None, 0)
+
+
+def test_traits_with_astral_characters_pass() -> None:
+    traits, _ = clean_traits({"name": "Jan\U0001f600 \u00e9"})
+    assert traits == {"name": "Jan\U0001f600 \u00e9"}
+
+
 def test_non_string_keys_are_dropped() -> None:
     traits, _ = clean_traits({1: "one", "two": 2})
     assert traits == {"two": 2}
@@ -110,6 +145,42 @@ def test_size_bound_covers_encoded_size() -> None:
     assert bound >= len(json.dumps(traits, separators=(",", ":"), ensure_ascii=False).encode())
 
 
+def test_size_bound_covers_a_datetime_with_a_second_offset() -> None:
+    zone = dt.timezone(dt.timedelta(hours=5, minutes=30, seconds=15, microseconds=1))
+    traits, bound = clean_traits({"": dt.datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=zone)})
+    assert bound >= len(json.dumps(traits, separators=(",", ":")).encode())
+
+
+EMOJI_EMAIL = "\U0001f600" * 235 + "@example.com"  # 247 characters, 952 bytes
+
+
+def traits_of_every_kind() -> dict[str, Any]:
+    return {
+        "name": '"Jane" \\ \x01 \U0001f600' * 20,
+        "ids": list(range(10**6, 10**6 + 200)),
+        "at": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+        "n": -(10**17),
+        "x": 1e300,
+        "org": {"\U0001f600" * 10: [None, True, "\x00" * 30]},
+    }
+
+
+def track_call(email: str | None, properties: dict[str, Any], event: str = "e") -> Call:
+    return Call.track(profile_id=PROFILE_ID, email=email, event=event, properties=properties)
+
+
+@pytest.mark.parametrize("email", [EMOJI_EMAIL, '"\\"@example.com' * 15, "a@b"])
+@pytest.mark.parametrize("kind", ["identify", "track"])
+def test_size_bound_is_an_upper_bound_of_the_encoded_body(email: str, kind: str) -> None:
+    traits, traits_bound = clean_traits(traits_of_every_kind())
+    assert traits is not None
+    if kind == "identify":
+        call = identify(traits, email=email)
+    else:
+        call = track_call(email, traits, event='\U0001f600"' * 120)
+    assert size_bound(call, traits_bound) >= len(encode_body(build_body([call])))
+
+
 def identify(traits: dict[str, Any] | None = None, email: str = "jane@example.com") -> Call:
     return Call.identify(
         profile_id=PROFILE_ID, email=email, traits={**(traits or {}), "email": email}
@@ -128,6 +199,41 @@ def test_large_call_does_not_fit() -> None:
 def test_call_near_the_limit_is_measured_exactly() -> None:
     call = identify({"bio": "x" * (MAX_BODY_BYTES - 1024)})
     assert fits(call, 6 * MAX_BODY_BYTES)
+
+
+def padded(make: Any, size: int) -> tuple[Call, int]:
+    """A call made by ``make(traits)`` whose body is exactly ``size`` bytes, and the bound
+    :func:`clean_traits` gives for its traits (without the email, as the request path has it).
+
+    The padding is a list of small ints, whose size bound is close to exact, so the bound
+    cannot hide a miscounted email: only an honest one keeps the call within the limit.
+    """
+    base = len(encode_body(build_body([make({"pad": []})])))
+    zeros, odd = divmod(size - base + 1, 2)  # "[0,0,...]" grows 2 bytes an element
+    traits: dict[str, Any] = {"pad": [0] * zeros}
+    if odd:
+        traits["pad"][0] = 10
+    call = make(traits)
+    assert len(encode_body(build_body([call]))) == size
+    return call, clean_traits(traits)[1]
+
+
+def identify_emoji(traits: dict[str, Any]) -> Call:
+    return identify(traits, email=EMOJI_EMAIL)
+
+
+def track_emoji(traits: dict[str, Any]) -> Call:
+    return track_call(EMOJI_EMAIL, traits)
+
+
+@pytest.mark.parametrize("make", [identify_emoji, track_emoji])
+def test_body_of_exactly_the_limit_fits(make: Any) -> None:
+    assert fits(*padded(make, MAX_BODY_BYTES))
+
+
+@pytest.mark.parametrize("make", [identify_emoji, track_emoji])
+def test_body_one_byte_over_the_limit_does_not_fit(make: Any) -> None:
+    assert not fits(*padded(make, MAX_BODY_BYTES + 1))
 
 
 def test_sent_at_format() -> None:
