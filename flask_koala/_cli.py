@@ -249,7 +249,7 @@ def identify_command(
     who = f"profile_id {profile_id}" if profile_id else "no profile_id (email only)"
     click.echo(f"POST {_masked_endpoint(config)}")
     click.echo(f"  email {email}, {who}, message_id {call.message_id}")
-    transport = _KeepAnswer(state.extension._transport_factory())
+    transport = _KeepAnswer(state.transport_factory())
     try:
         outcome = attempt(transport, config.endpoint, body, config.timeout)
     finally:

@@ -9,6 +9,7 @@ an exception reach the login.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import Iterator, Mapping
@@ -60,7 +61,15 @@ def default_identity_loader(user: Any) -> Optional[dict[str, Any]]:
 class _KoalaState:
     """What one app needs: its settings, its ledger and its dispatcher."""
 
-    __slots__ = ("__weakref__", "app_ref", "config", "dispatcher", "extension", "ledger")
+    __slots__ = (
+        "__weakref__",
+        "app_ref",
+        "config",
+        "dispatcher",
+        "extension",
+        "ledger",
+        "transport_factory",
+    )
 
     def __init__(
         self,
@@ -71,6 +80,7 @@ class _KoalaState:
     ) -> None:
         self.extension = extension
         self.config = config
+        self.transport_factory = transport_factory
         self.app_ref = weakref.ref(app)
         self.ledger = Ledger(self.app_ref)
         celery_app = extension._celery or app.extensions.get("celery")
@@ -146,7 +156,7 @@ class Koala:
         celery: Any = None,
     ) -> None:
         self._identity_loader: IdentityLoader = default_identity_loader
-        self._transport_factory: TransportFactory = transport_factory or HTTPTransport
+        self._transport_factory: Optional[TransportFactory] = transport_factory
         self._celery: Any = None
         if celery is not None:
             self.init_celery(celery)
@@ -172,7 +182,10 @@ class Koala:
         config = load_config(app.config, testing=app.testing)
         _missing_cookie.check_app(app, config)
         # Every check is done: from here on the app is changed, and nothing raises.
-        app.extensions[_EXTENSION_KEY] = _KoalaState(self, app, config, self._transport_factory)
+        transport_factory = self._transport_factory or functools.partial(
+            HTTPTransport, ca_bundle=config.ca_bundle
+        )
+        app.extensions[_EXTENSION_KEY] = _KoalaState(self, app, config, transport_factory)
         app.cli.add_command(koala_cli)
         # Module-level receivers with sender=app: blinker holds receivers weakly, and a
         # closure made here would silently stop firing once collected.
