@@ -267,7 +267,7 @@ class _BadAnswer(Exception):
 class _Answer:
     """httptools' callbacks for one answer: keeps Retry-After and the first 2 KiB of body."""
 
-    __slots__ = ("body", "complete", "head_done", "kept", "retry_after")
+    __slots__ = ("body", "complete", "connection", "head_done", "kept", "retry_after")
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -275,10 +275,13 @@ class _Answer:
         self.head_done = False
         self.complete = False
         self.retry_after: Optional[str] = None
+        self.connection = b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 11 and name.lower() == b"retry-after":
             self.retry_after = value.decode("latin-1").strip()
+        elif len(name) == 10 and name.lower() == b"connection":
+            self.connection += b"," + value.lower()
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -338,7 +341,13 @@ def _read_answer(sock: _Socket, deadline: float, *, tunnel: bool) -> tuple[int, 
     if status < 200:
         raise _BadAnswer(f"an interim answer ({status}) where a final one was expected")
     text = b"".join(answer.body).decode("utf-8", "replace")
-    kept = answer.complete and parser.should_keep_alive()
+    # llhttp's should_keep_alive() is reset once the message is complete, so this is its
+    # rule taken by hand: HTTP/1.1 unless "Connection: close", HTTP/1.0 only if asked for.
+    tokens = {token.strip() for token in answer.connection.split(b",")}
+    if parser.get_http_version() == "1.1":
+        kept = answer.complete and b"close" not in tokens
+    else:
+        kept = answer.complete and b"keep-alive" in tokens
     return (status if kept else -status), Response(status, text, answer.retry_after)
 
 
