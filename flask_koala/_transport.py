@@ -193,8 +193,8 @@ class HTTPTransport:
         if route.tunnel:
             sock.settimeout(_remaining(deadline))
             sock.sendall(route.tunnel)
-            status, answer = _read_answer(sock, deadline, tunnel=True)
-            if not 200 <= status <= 299:
+            answer = _read_answer(sock, deadline, tunnel=True)[1]
+            if not 200 <= answer.status <= 299:
                 self._drop()
                 return answer
             assert route.context is not None

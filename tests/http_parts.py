@@ -13,9 +13,25 @@ import ssl
 import threading
 from typing import Callable, Optional
 
+import pytest
 import trustme
 
+from flask_koala import _transport
+
 Handler = Callable[[socket.socket], None]
+
+NETWORK_VARIABLES = (
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+)  # fmt: skip
+
+
+def clean_network_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what a test sets: none of the machine's proxies, and each error reported anew."""
+    for name in NETWORK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setattr(_transport, "_reported", set())
 
 
 def read_request(conn: socket.socket) -> Optional[tuple[bytes, bytes]]:
@@ -91,8 +107,9 @@ class Server:
                 self.connections += 1
                 self._open.append(conn)
             thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
-            self._threads.append(thread)
             thread.start()
+            with self._lock:
+                self._threads.append(thread)
 
     def _run(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError, ssl.SSLError):
@@ -112,9 +129,9 @@ class Server:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
                 conn.close()
+        self._accepting.join(5)
         for thread in self._threads:
             thread.join(5)
-        self._accepting.join(5)
 
     def __enter__(self) -> Server:
         return self
