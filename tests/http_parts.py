@@ -176,13 +176,17 @@ class ForwardProxy:
         connections: client connections accepted.
     """
 
-    def __init__(self, credentials: Optional[tuple[str, str]] = None) -> None:
+    def __init__(
+        self,
+        credentials: Optional[tuple[str, str]] = None,
+        context: Optional[ssl.SSLContext] = None,
+    ) -> None:
         self._expected = None
         if credentials is not None:
             token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
             self._expected = f"Basic {token}"
         self.requests: list[tuple[str, str, Optional[str]]] = []
-        self._server = Server(self._handle)
+        self._server = Server(self._handle, context)
         self.port = self._server.port
 
     @property

@@ -274,3 +274,28 @@ def test_a_long_answer_through_a_tunnel_is_dropped_after_2_kib(
         transport.close()
         assert hung_up.wait(5)
     assert (response.status, response.text) == (400, "x" * 2048)
+
+
+def test_an_https_proxy_is_spoken_to_over_tls(
+    monkeypatch: pytest.MonkeyPatch, receiver: KoalaReceiver, ca: TestCA
+) -> None:
+    with ForwardProxy(context=ca.server_context) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"https://127.0.0.1:{proxy.port}")
+        response = _post(f"{receiver.url}/web/projects/pk_test/batch", ca_bundle=ca.bundle)
+    assert response.status == 200
+    assert len(proxy.requests) == 1
+
+
+def test_an_https_url_through_an_https_proxy_is_tls_inside_tls(
+    monkeypatch: pytest.MonkeyPatch, tls_server: Server, ca: TestCA
+) -> None:
+    with ForwardProxy(credentials=("koala", "secret"), context=ca.server_context) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", f"https://koala:secret@127.0.0.1:{proxy.port}")
+        transport = HTTPTransport(ca_bundle=ca.bundle)
+        for _ in range(2):
+            assert transport.post(tls_server.url, BODY, headers(), 5.0).status == 200
+        transport.close()
+    assert proxy.requests == [
+        ("CONNECT", f"127.0.0.1:{tls_server.port}", _basic("koala", "secret"))
+    ]
+    assert len(tls_server.requests) == 2
