@@ -98,7 +98,6 @@ class _Route:
     tls: bool  # TLS to ``host``
     tunnel: bytes  # a CONNECT request to send first (an https target through a proxy)
     target_host: str  # the name TLS checks when tunnelling
-    target_tls: bool
     head: bytes  # the request line and headers up to "Content-Length: "
     context: Optional[ssl.SSLContext]
     refusal: Optional[TransportError]  # set when the environment cannot work
@@ -427,11 +426,18 @@ def _route(url: str, headers: Mapping[str, str], ca_bundle: Optional[str]) -> _R
     if not proxy or refusal is not None:
         head = f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n{lines}{extra}Content-Length: "
         return _Route(
-            host, port, scheme == "https", b"", host, scheme == "https",
-            head.encode("latin-1"), context, refusal,
-        )  # fmt: skip
+            host=host,
+            port=port,
+            tls=scheme == "https",
+            tunnel=b"",
+            target_host=host,
+            head=head.encode("latin-1"),
+            context=context,
+            refusal=refusal,
+        )
     if scheme == "https":
-        tunnel = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}\r\n"
+        where = _authority(host, port, "")  # always with the port, as CONNECT wants
+        tunnel = f"CONNECT {where} HTTP/1.1\r\nHost: {where}\r\n{auth}\r\n"
         head = f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n{lines}{extra}Content-Length: "
     else:
         # An http:// target through a proxy: the whole URL on the request line.
@@ -441,9 +447,15 @@ def _route(url: str, headers: Mapping[str, str], ca_bundle: Optional[str]) -> _R
             f"POST {target} HTTP/1.1\r\nHost: {authority}\r\n{auth}{lines}{extra}Content-Length: "
         )
     return _Route(
-        proxy_host, proxy_port, proxy_scheme == "https", tunnel.encode("latin-1"), host,
-        scheme == "https", head.encode("latin-1"), context, None,
-    )  # fmt: skip
+        host=proxy_host,
+        port=proxy_port,
+        tls=proxy_scheme == "https",
+        tunnel=tunnel.encode("latin-1"),
+        target_host=host,
+        head=head.encode("latin-1"),
+        context=context,
+        refusal=None,
+    )
 
 
 def _authority(host: str, port: int, scheme: str) -> str:
