@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,3 +132,17 @@ def test_koala_ca_bundle_reaches_the_default_transport(server: Server, ca: TestC
     stats = flushed_stats(app)
     assert stats["sent"] == 1, stats
     assert server.requests[0].startswith(b"POST /web/projects/pk_test/batch HTTP/1.1")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_a_ca_directory_is_trusted(server: Server, ca: TestCA, tmp_path: Path) -> None:
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    shutil.copy(ca.bundle, directory / "test-ca.pem")
+    subprocess.run(["openssl", "rehash", str(directory)], check=True, capture_output=True)
+    assert _post(server.url, str(directory)).status == 200
+
+
+def test_a_koala_ca_bundle_that_is_not_a_path_stops_init_app() -> None:
+    with pytest.raises(ConfigError, match="KOALA_CA_BUNDLE"):
+        build_app({"KOALA_CA_BUNDLE": 5})
