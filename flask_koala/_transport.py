@@ -380,14 +380,18 @@ def _route(url: str, headers: Mapping[str, str], ca_bundle: Optional[str]) -> _R
         # The very calls requests.post makes: proxies from the environment (NO_PROXY
         # included), and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE over certifi's bundle.
         settings = session.merge_environment_settings(url, {}, None, None, None)
-        proxy = select_proxy(url, settings["proxies"])
-        if proxy:
-            proxy = prepend_scheme_if_needed(proxy, "http")
-            adapter = cast(HTTPAdapter, session.get_adapter(url))
-            headers_for = cast(Callable[[str], dict[str, str]], adapter.proxy_headers)
-            proxy_headers = headers_for(proxy)  # Proxy-Authorization from user:pw@
-        else:
-            proxy_headers = {}
+        named = select_proxy(url, settings["proxies"])
+        proxy = named
+        proxy_headers: dict[str, str] = {}
+        malformed = False
+        if named:
+            try:
+                proxy = prepend_scheme_if_needed(named, "http")
+                adapter = cast(HTTPAdapter, session.get_adapter(url))
+                headers_for = cast(Callable[[str], dict[str, str]], adapter.proxy_headers)
+                proxy_headers = headers_for(proxy)  # Proxy-Authorization from user:pw@
+            except ValueError:  # urllib3's LocationParseError among them
+                malformed = True
     finally:
         session.close()
     verify = settings["verify"]
@@ -399,16 +403,18 @@ def _route(url: str, headers: Mapping[str, str], ca_bundle: Optional[str]) -> _R
     needs_tls = scheme == "https"
 
     if proxy:
-        variable = _proxy_variable(proxy, scheme)
-        proxy_parts = urlsplit(proxy)
-        proxy_scheme = proxy_parts.scheme.lower()
+        variable = _proxy_variable(named or "", scheme)
+        proxy_scheme, proxy_host, proxy_port = "", "", 0
         try:
+            proxy_parts = urlsplit(proxy)
+            proxy_scheme = proxy_parts.scheme.lower()
             proxy_host = proxy_parts.hostname or ""
             proxy_port = proxy_parts.port or _DEFAULT_PORTS.get(proxy_scheme, 80)
         except ValueError:
-            proxy_host = ""
-            proxy_port = 0
-        if proxy_scheme not in ("http", "https"):
+            malformed = True
+        if malformed:
+            refusal = _refuse("proxy_invalid", f"{variable} names a proxy URL that cannot be read")
+        elif proxy_scheme not in ("http", "https"):
             refusal = _refuse(
                 "proxy_unsupported",
                 f"{variable} names a {proxy_scheme}:// proxy, which flask-koala cannot use "
@@ -471,8 +477,7 @@ def _proxy_variable(proxy: str, scheme: str) -> str:
     """The environment variable that named ``proxy``, for messages (never its value)."""
     for key in (scheme, "all"):
         for name in (f"{key}_proxy", f"{key.upper()}_PROXY"):
-            value = os.environ.get(name)
-            if value and prepend_scheme_if_needed(value, "http") == proxy:
+            if os.environ.get(name) == proxy:
                 return name
     return f"{scheme.upper()}_PROXY"
 

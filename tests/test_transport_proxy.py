@@ -299,3 +299,16 @@ def test_an_https_url_through_an_https_proxy_is_tls_inside_tls(
         ("CONNECT", f"127.0.0.1:{tls_server.port}", _basic("koala", "secret"))
     ]
     assert len(tls_server.requests) == 2
+
+
+@pytest.mark.allow_errors
+@pytest.mark.parametrize("proxy_url", ["http://[bad", "http://:3128", "http://proxy:port"])
+def test_a_malformed_proxy_fails_each_call_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, proxy_url: str
+) -> None:
+    monkeypatch.setenv("https_proxy", proxy_url)
+    with pytest.raises(TransportError) as raised:
+        _post("https://127.0.0.1:9/batch")
+    assert raised.value.reason == "proxy_invalid"
+    assert raised.value.retryable is False
+    assert "https_proxy" in caplog.text
