@@ -303,10 +303,12 @@ def _read_answer(sock: _Socket, deadline: float, *, tunnel: bool) -> tuple[int, 
     """
     answer = _Answer()
     parser = httptools.HttpResponseParser(answer)
-    buffer = bytearray(4096)
+    # Reads of at most 2 KiB: whatever part of a read is body counts against the 2 KiB,
+    # so no more than 2 KiB of body ever leaves the socket.
+    buffer = bytearray(_MAX_TEXT)
     view = memoryview(buffer)
     received = 0
-    want = 4096
+    want = _MAX_TEXT
     while True:
         sock.settimeout(_remaining(deadline))
         try:
@@ -333,7 +335,7 @@ def _read_answer(sock: _Socket, deadline: float, *, tunnel: bool) -> tuple[int, 
             if answer.kept >= _MAX_TEXT:
                 break  # the rest is not read; the connection is dropped instead of drained
             # Never read more of the body than the 2 KiB still wanted.
-            want = max(1, min(4096, _MAX_TEXT - answer.kept))
+            want = _MAX_TEXT - answer.kept
         elif received > _MAX_HEAD:
             raise _BadAnswer("the answer's head is larger than 64 KiB")
     status = parser.get_status_code()
