@@ -7,11 +7,13 @@ shuffled order:
 - ``bare``: N logins through the Flask test client, Flask-Login only;
 - ``koala``: N logins with flask-koala, then ``flush()``, so every identify was delivered
   (a fresh visitor id per login, so none is merged with another);
-- ``raw``: N POSTs of the same identify body over one keep-alive ``http.client`` connection.
+- ``raw``: N POSTs of the same identify body over one keep-alive ``http.client`` connection;
+- ``transport``: N POSTs of that body through flask-koala's own transport alone, so the
+  HTTP part of the worker's cost can be told from the rest.
 
 CPU is ``time.process_time()``: every thread of this process, user and system, so the
 delivery threads and their wake-ups are counted. Per identify: ``(koala - bare) / N``,
-medians over the rounds.
+medians over the rounds; the ratio to ``raw`` is also given per round, for its spread.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import time
 import uuid
 from typing import Any, Callable
 from urllib.parse import urlsplit
+
+from flask_koala._transport import HTTPTransport
 
 from .apps import PUBLIC_KEY, USER, build, koala_body
 from .stats import median
@@ -61,7 +65,14 @@ def main(argv: list[str]) -> dict[str, Any]:
             response = connection.getresponse()
             response.read()
 
-    runs = {"bare": run_bare, "koala": run_koala, "raw": run_raw}
+    transport = HTTPTransport()
+    endpoint = f"{url}{path}"
+
+    def run_transport() -> None:
+        for _ in range(n):
+            transport.post(endpoint, body, headers, 5.0)
+
+    runs = {"bare": run_bare, "koala": run_koala, "raw": run_raw, "transport": run_transport}
     for run in runs.values():  # warm up: imports, connections, worker threads
         run()
     cpu: dict[str, list[float]] = {name: [] for name in runs}
@@ -73,12 +84,18 @@ def main(argv: list[str]) -> dict[str, Any]:
             runs[name]()
             cpu[name].append(time.process_time() - start)
     per = {name: median(values) / n for name, values in cpu.items()}
+    transport.close()
     with koala_app.app_context():
         koala_app.extensions["bench_koala"].shutdown(timeout=5)
+    ratios = [(k - b) / r for k, b, r in zip(cpu["koala"], cpu["bare"], cpu["raw"])]
     return {
         "koala_per_call": per["koala"] - per["bare"],
         "raw_per_call": per["raw"],
+        "transport_per_call": per["transport"],
         "bare_per_login": per["bare"],
+        "ratio_median": median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
         "calls": n * rounds,
     }
 

@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
@@ -87,6 +88,9 @@ class KoalaConfig:
     # 4 hours (15.75 s for the first six, then 994 x 15 s = 14,926 s).
     celery_max_retries: int = 1000
     celery_publish_timeout: float = 1.0
+    # A CA bundle file or directory for TLS to Koala (and to an https:// proxy); None: as
+    # requests would (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, else certifi's bundle).
+    ca_bundle: Optional[str] = None
 
     @property
     def sending(self) -> bool:
@@ -159,6 +163,7 @@ def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaCon
         celery_publish_timeout=_wait(
             config, "KOALA_CELERY_PUBLISH_TIMEOUT", d.celery_publish_timeout
         ),
+        ca_bundle=_ca_bundle(config),
     )
     return values
 
@@ -297,6 +302,21 @@ def _sdk_settings(config: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
             key, f"must hold only JSON values (dicts, lists, strings, numbers, bools): {exc}"
         ) from None
     return copy
+
+
+def _ca_bundle(config: Mapping[str, Any]) -> Optional[str]:
+    key = "KOALA_CA_BUNDLE"
+    value = config.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(key, f"must be the path of a CA bundle file or directory, not {value!r}")
+    path = os.fspath(value)
+    if not isinstance(path, str) or not os.path.exists(path):
+        raise ConfigError(
+            key, f"names {value!r}, which does not exist: give a CA bundle file or directory"
+        )
+    return path
 
 
 def _is_loopback(host: str) -> bool:

@@ -69,7 +69,7 @@ def attempt(transport: Transport, url: str, body: bytes, timeout: Timeout) -> Ou
     try:
         response = transport.post(url, body, headers(), timeout)
     except TransportError as exc:
-        return Outcome(retry=True, reason=exc.reason, error=exc.detail)
+        return Outcome(retry=exc.retryable, reason=exc.reason, error=exc.detail)
     status = response.status
     if 200 <= status <= 299:
         return Outcome(delivered=True, status=status)

@@ -7,6 +7,7 @@ this module only wires them to an app and forwards calls.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import weakref
@@ -62,7 +63,7 @@ class Koala:
         celery: Any = None,
     ) -> None:
         self._resolver = Resolver()
-        self._transport_factory: TransportFactory = transport_factory or HTTPTransport
+        self._transport_factory = transport_factory
         self._celery: Any = None
         if celery is not None:
             self.init_celery(celery)
@@ -95,13 +96,15 @@ class Koala:
         _missing_cookie.check_app(app, config)
         # Every check is done: from here on the app is changed, and nothing raises.
         ledger = Ledger(weakref.ref(app))
+        transport_factory = self._transport_factory or functools.partial(
+            HTTPTransport, ca_bundle=config.ca_bundle
+        )
+        celery_app = self._celery or app.extensions.get("celery")
+        pipeline = _build_pipeline(
+            app, config, ledger, self._resolver, transport_factory, celery_app
+        )
         app.extensions[EXTENSION_KEY] = AppState(
-            self,
-            app,
-            config,
-            ledger,
-            _build_pipeline(app, config, ledger, self),
-            self._transport_factory,
+            self, app, config, ledger, pipeline, transport_factory
         )
         app.cli.add_command(koala_cli)
         _hooks.connect(app, config)
@@ -285,22 +288,28 @@ class Koala:
             yield calls
 
 
-def _build_pipeline(app: Flask, config: KoalaConfig, ledger: Ledger, koala: Koala) -> Pipeline:
+def _build_pipeline(
+    app: Flask,
+    config: KoalaConfig,
+    ledger: Ledger,
+    resolver: Resolver,
+    transport_factory: TransportFactory,
+    celery_app: Any,
+) -> Pipeline:
     """The request-side path of one app, with the dispatchers its settings ask for."""
     sends = config.enabled and not (config.suppress_send and not config.suppress_follows_testing)
-    celery_app = koala._celery or app.extensions.get("celery")
     app_ref = weakref.ref(app)
     return Pipeline(
         config,
         ledger,
-        dispatcher=_make_dispatcher(config, ledger, koala._transport_factory, celery_app)
+        dispatcher=_make_dispatcher(config, ledger, transport_factory, celery_app)
         if sends and config.public_key is not None
         else None,
         suppressed=SuppressedDispatcher(ledger) if config.enabled else None,
         is_testing=(lambda: bool(getattr(app_ref(), "testing", False)))
         if config.suppress_follows_testing
         else None,
-        resolver=koala._resolver,
+        resolver=resolver,
         policy=_missing_cookie.policy_for(config, ledger),
         current_user=_hooks.current_user,
     )

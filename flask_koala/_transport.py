@@ -7,32 +7,41 @@ or point the default one at a loopback receiver.
 
 Exceptions::
 
-    TransportError        no HTTP answer: timeout, refused, reset (always worth a retry)
+    TransportError        no HTTP answer: timeout, refused, reset (worth a retry), or a
+                          setting of the environment that cannot work (``retryable`` False)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import http.client
-import io
+import logging
+import os
 import socket
 import ssl
 import time
 import weakref
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Protocol, cast
+from typing import Any, Callable, Optional, Protocol, Union, cast
 from urllib.parse import urlsplit
 
-import urllib3
-from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_environ_proxies
-from urllib3.util import wait_for_read
+import httptools
+import requests
+from requests.adapters import HTTPAdapter
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
+from requests.utils import prepend_scheme_if_needed as _untyped_prepend_scheme
 
 from ._config import Timeout
 
 __all__ = ["HTTPTransport", "Response", "Transport", "TransportError", "TransportFactory"]
 
+logger = logging.getLogger("flask_koala")
+
 # What is kept of an answer's body: enough for Koala's {"error": "..."}.
 _MAX_TEXT = 2048
+# An answer's status line and headers may take this much; more is not an HTTP answer we want.
+_MAX_HEAD = 65536
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +57,18 @@ class TransportError(Exception):
     """The request got no HTTP answer.
 
     Attributes:
-        reason: ``"timeout"`` or ``"connection_error"``, used as the retry/failure reason.
+        reason: ``"timeout"``, ``"connection_error"``, or for a setting that cannot work
+            ``"proxy_unsupported"``, ``"proxy_invalid"`` or ``"ca_bundle_missing"``; used
+            as the retry/failure reason.
+        retryable: ``False`` when trying again cannot help (the environment names a proxy
+            or a CA bundle that cannot be used): the call should end ``failed`` at once.
     """
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, *, retryable: bool = True) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.retryable = retryable
 
 
 class Transport(Protocol):
@@ -71,156 +85,433 @@ class Transport(Protocol):
 
 TransportFactory = Callable[[], Transport]
 
+# A socket, a TLS socket, or TLS inside a TLS tunnel (an https:// proxy).
+_Socket = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """Where one URL's requests go, decided once per URL as ``requests.post`` would."""
+
+    host: str  # where the TCP connection goes: the target, or the proxy
+    port: int
+    tls: bool  # TLS to ``host``
+    tunnel: bytes  # a CONNECT request to send first (an https target through a proxy)
+    target_host: str  # the name TLS checks when tunnelling
+    head: bytes  # the request line and headers up to "Content-Length: "
+    context: Optional[ssl.SSLContext]
+    refusal: Optional[TransportError]  # set when the environment cannot work
+
 
 class HTTPTransport:
-    """Keep-alive HTTP(S) for one thread: one connection, reused from call to call.
+    """Keep-alive HTTP/1.1 for one thread: one connection, reused from call to call.
 
-    ``requests.Session.post`` spends several times the CPU of the request itself on
-    merging settings and hooks that a fixed JSON POST never uses, and urllib3's pool
-    manager still doubles the cost of a bare ``http.client`` POST. A worker posts small
-    bodies to one URL, so ``http.client`` does it, with what requests would have taken
-    from the environment: its CA bundle, and ``HTTPS_PROXY``/``NO_PROXY`` (a URL that
-    goes through a proxy is sent with urllib3's proxy support instead).
+    The request line and headers are rendered once per URL and written with the body in
+    one ``sendall``; the answer is parsed by ``httptools`` (llhttp, the parser uvicorn and
+    Node use), reading at most 2 KiB of its body. The whole attempt, connecting included,
+    gets ``connect + read`` seconds, so a server that trickles its answer cannot hold a
+    worker. Proxies, proxy credentials and the CA bundle come from the environment exactly
+    as ``requests.post`` takes them, read again whenever the URL changes.
+
+    Args:
+        ca_bundle: a CA bundle file or directory (``KOALA_CA_BUNDLE``); when set it wins
+            over ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` and certifi's bundle.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ca_bundle: Optional[str] = None) -> None:
+        self._ca_bundle = ca_bundle
         self._url = ""
-        self._path = ""
-        self._connection: Optional[http.client.HTTPConnection] = None
-        self._proxy: Optional[urllib3.ProxyManager] = None
-        self._finalizer: Optional[weakref.finalize[[], HTTPTransport]] = None
-        self._deadline = 0.0  # when the attempt in flight must have its whole answer
-
-    def _target(self, url: str) -> None:
-        """Aim at ``url``: decide on the proxy (it reads the environment) once per URL."""
-        self.close()
-        self._url = url
-        proxy = get_environ_proxies(url).get(url.split(":", 1)[0])
-        if proxy:
-            self._proxy = urllib3.ProxyManager(proxy, maxsize=1, ca_certs=DEFAULT_CA_BUNDLE_PATH)
-            return
-        parts = urlsplit(url)
-        self._path = parts.path or "/"
-        if parts.scheme == "https":
-            context = ssl.create_default_context(cafile=DEFAULT_CA_BUNDLE_PATH)
-            self._connection = http.client.HTTPSConnection(
-                parts.hostname or "", parts.port, context=context
-            )
-        else:
-            self._connection = http.client.HTTPConnection(parts.hostname or "", parts.port)
-        self._connection.response_class = self._response  # type: ignore[assignment]
-        # A transport dropped without close() (a sync app never shut down) must not leak
-        # its socket, as urllib3's pools do not.
-        self._finalizer = weakref.finalize(self, self._connection.close)
-        # Not at exit: finalizers run before the exit flush, and would cut the connection
-        # under a worker still delivering; the process closes the socket anyway.
-        self._finalizer.atexit = False
+        self._headers: dict[str, str] = {}
+        self._route: Optional[_Route] = None
+        self._sock: _Socket = None
+        self._finalizer: Optional[weakref.finalize] = None  # type: ignore[type-arg]
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
         connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        if url != self._url:
-            self._target(url)
-        connection = self._connection
-        if connection is None:
-            return self._post_via_proxy(url, body, headers, connect, read)
         # A per-read timeout alone lets a server that trickles its answer hold a worker
         # (and a flush) forever: the whole attempt gets connect + read seconds.
-        self._deadline = time.monotonic() + connect + read
-        try:
-            if connection.sock is not None and _dropped(connection.sock):
-                connection.close()  # the server hung up while it was idle
-            if connection.sock is None:
-                connection.timeout = connect
-                connection.connect()
-            cast(socket.socket, connection.sock).settimeout(read)
-            # Body as bytes: http.client sends it in the same write as the headers.
-            connection.request("POST", self._path, body, dict(headers))
-            answer = connection.getresponse()
-            data = answer.read(_MAX_TEXT)
-        except socket.timeout as exc:  # TimeoutError from Python 3.10
-            connection.close()
-            raise TransportError("timeout", type(exc).__name__) from None
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            raise TransportError("connection_error", type(exc).__name__) from None
-        if answer.will_close or not answer.isclosed():
-            connection.close()  # the server said so, or left more body than we read
-        text = data[:_MAX_TEXT].decode("utf-8", "replace")
-        return Response(answer.status, text, answer.getheader("Retry-After"))
-
-    def _response(self, sock: socket.socket, *args: Any, **kwargs: Any) -> http.client.HTTPResponse:
-        """http.client's response, reading through the attempt's deadline."""
-        return http.client.HTTPResponse(_DeadlineSocket(sock, self._deadline), *args, **kwargs)  # type: ignore[arg-type]
-
-    def _post_via_proxy(
-        self, url: str, body: bytes, headers: Mapping[str, str], connect: float, read: float
-    ) -> Response:
-        assert self._proxy is not None
-        try:
-            answer = self._proxy.request(
-                "POST",
-                url,
-                body=body,
-                headers=dict(headers),
-                timeout=urllib3.Timeout(connect=connect, read=read),
-                retries=False,
-                redirect=False,
-                preload_content=True,
-            )
-        except urllib3.exceptions.NewConnectionError as exc:
-            # Checked first: urllib3 derives it from ConnectTimeoutError for history's sake.
-            raise TransportError("connection_error", type(exc).__name__) from None
-        except urllib3.exceptions.TimeoutError as exc:
-            raise TransportError("timeout", type(exc).__name__) from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TransportError("connection_error", type(exc).__name__) from None
-        text = answer.data[:_MAX_TEXT].decode("utf-8", "replace")
-        return Response(answer.status, text, answer.headers.get("Retry-After"))
+        deadline = time.monotonic() + connect + read
+        route = self._route
+        if route is None or url != self._url or headers != self._headers:
+            route = self._aim(url, headers)
+        if route.refusal is not None:
+            raise route.refusal
+        request = b"%b%d\r\n\r\n%b" % (route.head, len(body), body)
+        while True:
+            fresh = self._sock is None
+            try:
+                if fresh:
+                    answer = self._connect(route, connect, deadline)
+                    if answer is not None:
+                        return answer  # the proxy refused the tunnel (e.g. 407)
+                return self._exchange(request, deadline, reused=not fresh)
+            except _Stale:
+                # The server closed an idle keep-alive connection: nothing of an answer
+                # came, so sending again is safe (Koala drops a repeated message_id).
+                self._drop()
+            except socket.timeout as exc:  # TimeoutError from Python 3.10
+                self._drop()
+                raise TransportError("timeout", str(exc) or type(exc).__name__) from None
+            except _Silent:
+                self._drop()
+                raise TransportError(
+                    "connection_error", "the connection closed without an answer"
+                ) from None
+            except (OSError, httptools.HttpParserError, _BadAnswer) as exc:
+                self._drop()
+                raise TransportError("connection_error", str(exc) or type(exc).__name__) from None
 
     def close(self) -> None:
+        self._drop()
+        self._url = ""
+        self._route = None
+
+    # -- the connection --------------------------------------------------------------
+
+    def _aim(self, url: str, headers: Mapping[str, str]) -> _Route:
+        """Decide the route for ``url`` (it reads the environment) and render its head."""
+        self.close()
+        route = _route(url, headers, self._ca_bundle)
+        self._url = url
+        self._headers = dict(headers)
+        self._route = route
+        return route
+
+    def _connect(self, route: _Route, connect: float, deadline: float) -> Optional[Response]:
+        """Open the connection (through the proxy's tunnel if any); an answer if refused."""
+        sock: _Socket = socket.create_connection(
+            (route.host, route.port), timeout=min(connect, _remaining(deadline))
+        )
+        self._keep(sock)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if route.tls:
+            assert route.context is not None
+            sock.settimeout(_remaining(deadline))
+            sock = route.context.wrap_socket(sock, server_hostname=route.host)
+            self._keep(sock)
+        if route.tunnel:
+            sock.settimeout(_remaining(deadline))
+            sock.sendall(route.tunnel)
+            answer = _read_answer(sock, deadline, tunnel=True)[1]
+            if not 200 <= answer.status <= 299:
+                self._drop()
+                return answer
+            assert route.context is not None
+            sock.settimeout(_remaining(deadline))
+            if route.tls:  # TLS inside the proxy's TLS
+                from urllib3.util.ssltransport import SSLTransport
+
+                sock = SSLTransport(sock, route.context, route.target_host)
+            else:
+                sock = route.context.wrap_socket(sock, server_hostname=route.target_host)
+            self._keep(sock)
+        return None
+
+    def _exchange(self, request: bytes, deadline: float, *, reused: bool) -> Response:
+        sock = self._sock
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.sendall(request)
+        except socket.timeout:
+            raise
+        except OSError:
+            if reused:
+                raise _Stale() from None
+            raise
+        try:
+            status, answer = _read_answer(sock, deadline, tunnel=False)
+        except _Silent:
+            if reused:
+                raise _Stale() from None
+            raise _BadAnswer("the server closed the connection without answering") from None
+        if status < 0:  # not kept alive: the server said so, or the body was left unread
+            self._drop()
+        return answer
+
+    def _keep(self, sock: _Socket) -> None:
+        """Hold ``sock`` as the connection; it is closed when this transport is collected."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._sock = sock
+        # A transport dropped without close() (a sync app never shut down) must not keep
+        # its socket. The finalizer holds the socket only, never this transport, or the
+        # transport could never be collected.
+        self._finalizer = weakref.finalize(self, sock.close)
+        # Not at exit: finalizers run before the exit flush, and would cut the connection
+        # under a worker still delivering; the process closes the socket anyway.
+        self._finalizer.atexit = False  # type: ignore[misc,unused-ignore]
+
+    def _drop(self) -> None:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        if self._connection is not None:
-            self._connection.close()
-        if self._proxy is not None:
-            self._proxy.clear()
-        self._url = ""
-        self._connection = self._proxy = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
-class _DeadlineSocket:
-    """What ``HTTPResponse`` needs of a socket (``makefile``), reads bounded by a deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self._sock = sock
-        self._deadline = deadline
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+class _Stale(Exception):
+    """A reused keep-alive connection turned out closed before any byte of an answer."""
 
 
-class _DeadlineReader(io.RawIOBase):
-    """Each read waits at most until the deadline; the socket stays open on close."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self._sock = sock
-        self._deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("the answer took longer than KOALA_TIMEOUT allows")
-        self._sock.settimeout(remaining)
-        return self._sock.recv_into(buffer)
+class _Silent(Exception):
+    """The connection ended before any byte of an answer."""
 
 
-def _dropped(sock: socket.socket) -> bool:
-    """Whether an idle keep-alive connection was closed (or sent something) by the server."""
+class _BadAnswer(Exception):
+    """What came back is not an HTTP answer we can use."""
+
+
+class _Answer:
+    """httptools' callbacks for one answer: keeps Retry-After and the first 2 KiB of body."""
+
+    __slots__ = ("body", "complete", "connection", "head_done", "kept", "retry_after")
+
+    def __init__(self) -> None:
+        self.body: list[bytes] = []
+        self.kept = 0
+        self.head_done = False
+        self.complete = False
+        self.retry_after: Optional[str] = None
+        self.connection = b""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 11 and name.lower() == b"retry-after":
+            self.retry_after = value.decode("latin-1").strip()
+        elif len(name) == 10 and name.lower() == b"connection":
+            self.connection += b"," + value.lower()
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def on_body(self, body: bytes) -> None:
+        room = _MAX_TEXT - self.kept
+        if room > 0:
+            self.body.append(body[:room])
+        self.kept += len(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def _read_answer(sock: _Socket, deadline: float, *, tunnel: bool) -> tuple[int, Response]:
+    """Read one answer, at most 2 KiB of its body; the status is negative unless kept alive.
+
+    With ``tunnel`` (the answer to a CONNECT) a 2xx ends at its head: what follows is the
+    tunnel.
+    """
+    answer = _Answer()
+    parser = httptools.HttpResponseParser(answer)
+    # Reads of at most 2 KiB: whatever part of a read is body counts against the 2 KiB,
+    # so no more than 2 KiB of body ever leaves the socket.
+    buffer = bytearray(_MAX_TEXT)
+    view = memoryview(buffer)
+    received = 0
+    want = _MAX_TEXT
+    while True:
+        sock.settimeout(_remaining(deadline))
+        try:
+            n = sock.recv_into(view[:want])
+        except socket.timeout:
+            raise
+        except OSError:
+            if received == 0:
+                raise _Silent() from None
+            raise
+        if n == 0:
+            if received == 0:
+                raise _Silent()
+            if not answer.head_done:
+                raise _BadAnswer("the connection closed in the middle of the answer's head")
+            break  # a body that ends with the connection, or cut short: the status stands
+        received += n
+        parser.feed_data(view[:n])
+        if answer.complete:
+            break
+        if answer.head_done:
+            if tunnel and 200 <= parser.get_status_code() <= 299:
+                break
+            if answer.kept >= _MAX_TEXT:
+                break  # the rest is not read; the connection is dropped instead of drained
+            # Never read more of the body than the 2 KiB still wanted.
+            want = _MAX_TEXT - answer.kept
+        elif received > _MAX_HEAD:
+            raise _BadAnswer("the answer's head is larger than 64 KiB")
+    status = parser.get_status_code()
+    if status < 200:
+        raise _BadAnswer(f"an interim answer ({status}) where a final one was expected")
+    text = b"".join(answer.body).decode("utf-8", "replace")
+    # llhttp's should_keep_alive() is reset once the message is complete, so this is its
+    # rule taken by hand: HTTP/1.1 unless "Connection: close", HTTP/1.0 only if asked for.
+    tokens = {token.strip() for token in answer.connection.split(b",")}
+    if parser.get_http_version() == "1.1":
+        kept = answer.complete and b"close" not in tokens
+    else:
+        kept = answer.complete and b"keep-alive" in tokens
+    return (status if kept else -status), Response(status, text, answer.retry_after)
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("the attempt took longer than KOALA_TIMEOUT allows")
+    return remaining
+
+
+# -- the route, as requests.post would take it ------------------------------------------
+
+_contexts: dict[str, ssl.SSLContext] = {}
+prepend_scheme_if_needed = cast(Callable[[str, str], str], _untyped_prepend_scheme)
+_reported: set[str] = set()
+
+
+def _route(url: str, headers: Mapping[str, str], ca_bundle: Optional[str]) -> _Route:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    port = parts.port or _DEFAULT_PORTS.get(scheme, 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    authority = _authority(host, port, scheme)
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    extra = "" if _has(headers, "accept-encoding") else "Accept-Encoding: identity\r\n"
+    refusal: Optional[TransportError] = None
+
+    session = requests.Session()
     try:
-        return bool(wait_for_read(sock, timeout=0.0))
-    except OSError:
-        return True
+        # The very calls requests.post makes: proxies from the environment (NO_PROXY
+        # included), and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE over certifi's bundle.
+        settings = session.merge_environment_settings(url, {}, None, None, None)
+        named = select_proxy(url, settings["proxies"])
+        proxy = named
+        proxy_headers: dict[str, str] = {}
+        malformed = False
+        if named:
+            try:
+                proxy = prepend_scheme_if_needed(named, "http")
+                adapter = cast(HTTPAdapter, session.get_adapter(url))
+                headers_for = cast(Callable[[str], dict[str, str]], adapter.proxy_headers)
+                proxy_headers = headers_for(proxy)  # Proxy-Authorization from user:pw@
+            except ValueError:  # urllib3's LocationParseError among them
+                malformed = True
+    finally:
+        session.close()
+    verify = settings["verify"]
+    context: Optional[ssl.SSLContext] = None
+    if ca_bundle is not None:
+        verify = ca_bundle  # KOALA_CA_BUNDLE wins
+    if verify is True or verify is None:
+        verify = DEFAULT_CA_BUNDLE_PATH
+    needs_tls = scheme == "https"
+
+    if proxy:
+        variable = _proxy_variable(named or "", scheme)
+        proxy_scheme, proxy_host, proxy_port = "", "", 0
+        try:
+            proxy_parts = urlsplit(proxy)
+            proxy_scheme = proxy_parts.scheme.lower()
+            proxy_host = proxy_parts.hostname or ""
+            proxy_port = proxy_parts.port or _DEFAULT_PORTS.get(proxy_scheme, 80)
+        except ValueError:
+            malformed = True
+        if malformed:
+            refusal = _refuse("proxy_invalid", f"{variable} names a proxy URL that cannot be read")
+        elif proxy_scheme not in ("http", "https"):
+            refusal = _refuse(
+                "proxy_unsupported",
+                f"{variable} names a {proxy_scheme}:// proxy, which flask-koala cannot use "
+                "(it speaks to http:// and https:// proxies, as requests does without extras)",
+            )
+        elif not proxy_host:
+            refusal = _refuse("proxy_invalid", f"{variable} names a proxy URL without a host")
+        needs_tls = needs_tls or proxy_scheme == "https"
+    if needs_tls and refusal is None:
+        context, problem = _context(verify, "KOALA_CA_BUNDLE" if ca_bundle else None)
+        if problem is not None:
+            refusal = problem
+    auth = "".join(f"{name}: {value}\r\n" for name, value in proxy_headers.items())
+
+    if not proxy or refusal is not None:
+        head = f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n{lines}{extra}Content-Length: "
+        return _Route(
+            host=host,
+            port=port,
+            tls=scheme == "https",
+            tunnel=b"",
+            target_host=host,
+            head=head.encode("latin-1"),
+            context=context,
+            refusal=refusal,
+        )
+    if scheme == "https":
+        where = _authority(host, port, "")  # always with the port, as CONNECT wants
+        tunnel = f"CONNECT {where} HTTP/1.1\r\nHost: {where}\r\n{auth}\r\n"
+        head = f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n{lines}{extra}Content-Length: "
+    else:
+        # An http:// target through a proxy: the whole URL on the request line.
+        tunnel = ""
+        target = f"http://{authority}{path}"
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: {authority}\r\n{auth}{lines}{extra}Content-Length: "
+        )
+    return _Route(
+        host=proxy_host,
+        port=proxy_port,
+        tls=proxy_scheme == "https",
+        tunnel=tunnel.encode("latin-1"),
+        target_host=host,
+        head=head.encode("latin-1"),
+        context=context,
+        refusal=None,
+    )
+
+
+def _authority(host: str, port: int, scheme: str) -> str:
+    name = f"[{host}]" if ":" in host else host
+    return name if port == _DEFAULT_PORTS.get(scheme) else f"{name}:{port}"
+
+
+def _has(headers: Mapping[str, str], name: str) -> bool:
+    return any(key.lower() == name for key in headers)
+
+
+def _proxy_variable(proxy: str, scheme: str) -> str:
+    """The environment variable that named ``proxy``, for messages (never its value)."""
+    for key in (scheme, "all"):
+        for name in (f"{key}_proxy", f"{key.upper()}_PROXY"):
+            if os.environ.get(name) == proxy:
+                return name
+    return f"{scheme.upper()}_PROXY"
+
+
+def _context(
+    verify: Union[str, bool], key: Optional[str]
+) -> tuple[Optional[ssl.SSLContext], Optional[TransportError]]:
+    """The TLS context that trusts ``verify`` (a file or directory), shared by transports."""
+    if verify is False:
+        verify = DEFAULT_CA_BUNDLE_PATH  # never switch verification off
+    path = str(verify)
+    context = _contexts.get(path)
+    if context is not None:
+        return context, None
+    if not os.path.exists(path):
+        variable = key or (
+            "REQUESTS_CA_BUNDLE" if os.environ.get("REQUESTS_CA_BUNDLE") else "CURL_CA_BUNDLE"
+        )
+        return None, _refuse(
+            "ca_bundle_missing", f"{variable} names a CA bundle that does not exist"
+        )
+    if os.path.isdir(path):
+        context = ssl.create_default_context(capath=path)
+    else:
+        context = ssl.create_default_context(cafile=path)
+    _contexts[path] = context
+    return context, None
+
+
+def _refuse(reason: str, message: str) -> TransportError:
+    """The error every call gets for a setting that cannot work, logged once per process."""
+    if message not in _reported:
+        _reported.add(message)
+        logger.error("flask-koala: %s; calls to Koala fail until this is changed", message)
+    return TransportError(reason, message, retryable=False)

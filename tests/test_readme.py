@@ -70,7 +70,9 @@ def test_runnable_blocks_run(lang: str, code: str, line: int, tmp_path: Path) ->
 def test_every_config_key_is_documented() -> None:
     source = (ROOT / "flask_koala" / "_config.py").read_text()
     keys = set(CONFIG_KEY.findall(source))
-    missing = sorted(k for k in keys if f"| `{k}` |" not in README)
+    # A key added in this release may still be documented in its docs/incoming page.
+    incoming = "".join(p.read_text() for p in (ROOT / "docs" / "incoming").glob("*.md"))
+    missing = sorted(k for k in keys if f"| `{k}` |" not in README + incoming)
     assert missing == []
 
 

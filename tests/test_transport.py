@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from typing import Optional
 
 import pytest
 
 from flask_koala._delivery import headers
 from flask_koala._receiver import KoalaReceiver
-from flask_koala._transport import HTTPTransport, TransportError
+from flask_koala._transport import HTTPTransport, Response, TransportError
 
+from .http_parts import Server, answer, answering, header, read_request
 from .support import PROFILE_ID
 
 BODY = (
@@ -114,3 +117,135 @@ def test_a_long_answer_is_read_only_as_far_as_needed(receiver: KoalaReceiver) ->
     # The rest of the body was left unread, so the connection is not reused.
     assert transport.post(_url(receiver), BODY, headers(), 5.0).status == 200
     transport.close()
+
+
+def _ok(n: int, head: bytes) -> bytes:
+    return answer(200, b'{"ok":true}')
+
+
+def test_one_connection_carries_many_requests() -> None:
+    with answering(_ok) as server:
+        transport = HTTPTransport()
+        for _ in range(3):
+            assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        transport.close()
+    assert server.connections == 1
+    assert len(server.requests) == 3
+
+
+def test_the_request_is_correct_http_1_1() -> None:
+    with answering(_ok) as server:
+        transport = HTTPTransport()
+        transport.post(server.url, BODY, headers(), 5.0)
+        transport.close()
+    head = server.requests[0]
+    assert head.startswith(b"POST /web/projects/pk_test/batch HTTP/1.1\r\n")
+    assert header(head, "Host") == f"127.0.0.1:{server.port}"
+    assert header(head, "Content-Length") == str(len(BODY))
+    assert header(head, "Content-Type") == "application/json"
+    assert (header(head, "User-Agent") or "").startswith("flask-koala/")
+
+
+def test_a_chunked_answer_is_read_and_the_connection_kept() -> None:
+    chunked = (
+        b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'9\r\n{"error":\r\n11\r\n "Koala is away"}\r\n0\r\n\r\n'
+    )
+    with answering(lambda n, head: chunked) as server:
+        transport = HTTPTransport()
+        first = transport.post(server.url, BODY, headers(), 5.0)
+        second = transport.post(server.url, BODY, headers(), 5.0)
+        transport.close()
+    assert (first.status, first.text) == (400, '{"error": "Koala is away"}')
+    assert second.text == first.text
+    assert server.connections == 1
+
+
+def test_connection_close_in_the_answer_opens_a_new_connection() -> None:
+    with answering(lambda n, head: answer(200, extra="Connection: close\r\n")) as server:
+        transport = HTTPTransport()
+        assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        transport.close()
+    assert server.connections == 2
+    assert len(server.requests) == 2
+
+
+def test_an_answer_that_ends_with_the_connection_is_read_to_its_end() -> None:
+    def until_close(n: int, head: bytes) -> bytes:
+        return b'HTTP/1.1 503 Busy\r\nConnection: close\r\nRetry-After: 7\r\n\r\n{"error":"busy"}'
+
+    with Server(lambda conn: _answer_then_close(conn, until_close(0, b""))) as server:
+        transport = HTTPTransport()
+        response = transport.post(server.url, BODY, headers(), 5.0)
+        transport.close()
+    assert response == Response(503, '{"error":"busy"}', "7")
+
+
+def _answer_then_close(conn: socket.socket, data: bytes) -> None:
+    read_request(conn)
+    conn.sendall(data)
+
+
+def test_a_reused_connection_closed_before_answering_is_sent_again_on_a_new_one() -> None:
+    # The first connection takes one request, then hangs up on the next without a byte
+    # of answer, as a server closing an idle keep-alive connection does.
+    def first_only(n: int, head: bytes) -> Optional[bytes]:
+        return answer(200) if n == 0 else None
+
+    with answering(first_only) as server:
+        transport = HTTPTransport()
+        assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        transport.close()
+    assert server.connections == 2
+    assert len(server.requests) == 3  # the lost one, sent again once
+
+
+def test_a_new_connection_closed_before_answering_is_a_connection_error() -> None:
+    with answering(lambda n, head: None) as server:
+        transport = HTTPTransport()
+        with pytest.raises(TransportError) as raised:
+            transport.post(server.url, BODY, headers(), 5.0)
+        transport.close()
+    assert raised.value.reason == "connection_error"
+    assert len(server.requests) == 1  # not sent again: nothing says it was not taken
+
+
+def test_a_100_kb_answer_is_dropped_after_2_kib_not_drained() -> None:
+    # The server sends the head and 8 KiB of a 100 KB body, then sends nothing more until
+    # the client hangs up. A transport that drained the body would wait for the rest
+    # until its deadline and fail; one that stops at 2 KiB answers and hangs up.
+    hung_up = threading.Event()
+
+    def long_answer(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 400 Bad\r\nContent-Length: 100000\r\n\r\n" + b"x" * 8192)
+        conn.settimeout(10)
+        try:
+            if conn.recv(1) == b"":
+                hung_up.set()
+        except ConnectionResetError:  # closed with our bytes unread: a reset
+            hung_up.set()
+
+    with Server(long_answer) as server:
+        transport = HTTPTransport()
+        response = transport.post(server.url, BODY, headers(), (2.0, 2.0))
+        assert hung_up.wait(5)
+        transport.close()
+    assert response.status == 400
+    assert response.text == "x" * 2048
+
+
+def test_an_answer_head_without_end_is_cut_at_the_deadline_not_read_forever() -> None:
+    def endless_head(conn: socket.socket) -> None:
+        read_request(conn)
+        with contextlib.suppress(OSError):
+            conn.sendall(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 20_000)
+
+    with Server(endless_head) as server:
+        transport = HTTPTransport()
+        with pytest.raises(TransportError) as raised:
+            transport.post(server.url, BODY, headers(), (1.0, 1.0))
+        transport.close()
+    assert raised.value.reason == "connection_error"
