@@ -198,3 +198,23 @@ def test_make_targets_run_what_the_docs_say(target: str, runs: str, page: str) -
         ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert runs in result.stdout
+
+
+LINK = re.compile(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_links_to_pages_lead_somewhere(page: Path) -> None:
+    targets = LINK.findall(page.read_text(encoding="utf-8"))
+    missing = [t for t in targets if not (page.parent / t).resolve().is_file()]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "module", ["flask_koala", "flask_koala.signals", "flask_koala.testing", "flask_koala.celery"]
+)
+def test_api_page_documents_every_public_name(module: str) -> None:
+    imported = __import__(module, fromlist=["__all__"])
+    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    names = [n for n in imported.__all__ if n not in ("signals", "__version__")]
+    assert [n for n in names if n not in api] == []
