@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 from flask import Flask
@@ -13,15 +14,31 @@ from flask_koala._receiver import KoalaReceiver
 
 from .support import OTHER_PROFILE_ID, PROFILE_ID
 
+# Flask-Login 0.6.3 stamps the remember-me cookie with datetime.utcnow(), deprecated on 3.12+.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:datetime.datetime.utcnow:DeprecationWarning:flask_login"
+)
+
 
 @pytest.fixture
-def recipe_app(receiver: KoalaReceiver) -> Iterator[Flask]:
-    app = remember_me.create_app(
-        {"TESTING": True, "KOALA_SUPPRESS_SEND": False, "KOALA_API_URL": receiver.url}
-    )
-    yield app
-    with app.app_context():
-        remember_me.koala.shutdown(5)
+def make_recipe_app(receiver: KoalaReceiver) -> Iterator[Callable[..., Flask]]:
+    apps: list[Flask] = []
+
+    def make(**config: Any) -> Flask:
+        base = {"TESTING": True, "KOALA_SUPPRESS_SEND": False, "KOALA_API_URL": receiver.url}
+        app = remember_me.create_app({**base, **config})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        with app.app_context():
+            remember_me.koala.shutdown(5)
+
+
+@pytest.fixture
+def recipe_app(make_recipe_app: Callable[..., Flask]) -> Flask:
+    return make_recipe_app()
 
 
 def returning_browser(app: Flask) -> FlaskClient:
@@ -50,19 +67,11 @@ def test_restored_session_is_identified(recipe_app: Flask, receiver: KoalaReceiv
     )
 
 
-def test_restores_are_not_identified_when_turned_off(receiver: KoalaReceiver) -> None:
-    app = remember_me.create_app(
-        {
-            "TESTING": True,
-            "KOALA_SUPPRESS_SEND": False,
-            "KOALA_API_URL": receiver.url,
-            "KOALA_IDENTIFY_ON_REMEMBER": False,
-        }
-    )
+def test_restores_are_not_identified_when_turned_off(
+    make_recipe_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_recipe_app(KOALA_IDENTIFY_ON_REMEMBER=False)
+
     returning_browser(app).get("/account")
 
-    try:
-        assert delivered_emails(app, receiver) == [("jane@example.com", PROFILE_ID)]
-    finally:
-        with app.app_context():
-            remember_me.koala.shutdown(5)
+    assert delivered_emails(app, receiver) == [("jane@example.com", PROFILE_ID)]
