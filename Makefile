@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 VENV_MIN ?= .venv-min
 
-.PHONY: test test-min demo bench clean
+.PHONY: test test-min demo bench clean docs dist wheel-test
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); } || { \
@@ -43,5 +43,23 @@ $(VENV)/.bench-installed: $(STAMP)
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.run
 
+# The docs site (Sphinx + MyST, docs/), warnings as errors as Read the Docs builds it.
+$(VENV)/.docs-installed: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,celery,docs]'
+	@touch $@
+
+docs: $(VENV)/.docs-installed
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+# The release artefacts: an sdist and a wheel in dist/, checked by twine.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+# The suite against the BUILT WHEEL in a fresh venv, not the source tree (.ci/run-wheel).
+wheel-test: dist
+	PYTHON=$(PYTHON) .ci/run-wheel
+
 clean:
-	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MIN) build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,33 +1,48 @@
 """``make demo``: the password-login example wired to a loopback Koala, no account needed.
 
 Starts the receiver on 127.0.0.1:8787 (printing each call as it arrives) and the example
-app on http://127.0.0.1:5000. Ctrl-C stops both. Ports: ``DEMO_PORT``,
-``DEMO_RECEIVER_PORT``.
+app on http://127.0.0.1:5000, and prints every login that was not sent, with the reason.
+Ctrl-C stops both. Ports: ``DEMO_PORT``, ``DEMO_RECEIVER_PORT``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from werkzeug.serving import make_server
 
+from flask_koala import signals
 from flask_koala._cli import format_call
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
 from .password_login import DEMO_EMAIL, DEMO_PASSWORD, create_app, koala
 
 CURL_PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
+T = TypeVar("T")
+
+#: Why a login was not sent, in a newcomer's words; the reason itself is printed too.
+WHY = {
+    "no_cookie": "the request had no ko_id cookie (Koala's pixel has not run in this browser "
+    "yet: load the page first, or send the cookie as the curl line does)",
+    "bad_cookie": "the ko_id cookie is not a UUID",
+    "no_email": "the user has no email",
+    "bad_email": "the user's email is not plausible",
+    "duplicate": "this visitor and email were already identified in this request",
+    "excluded": "the identity loader returned None",
+}
 
 
 def banner(app_url: str, receiver_url: str) -> str:
     return f"""
 flask-koala demo
   app       {app_url}    (log in as {DEMO_EMAIL} / {DEMO_PASSWORD})
-  receiver  {receiver_url}   (a loopback Koala: every identify call is printed below)
+  receiver  {receiver_url}   (a loopback Koala: every identify call is printed below,
+                                    and so is every login that was not sent, with why)
 
 Open the app in a browser and sign in, or from another terminal:
 
@@ -54,7 +69,9 @@ def main() -> None:
         with print_lock:
             print(format_call(call), flush=True)
 
-    receiver = KoalaReceiver(port=receiver_port, on_call=show).start()
+    receiver = _bind(
+        "DEMO_RECEIVER_PORT", receiver_port, KoalaReceiver(port=receiver_port, on_call=show).start
+    )
     app_url = f"http://127.0.0.1:{app_port}"
     app = create_app(
         {
@@ -63,7 +80,14 @@ def main() -> None:
             "KOALA_SDK_URL": f"{app_url}/static/koala-stand-in-sdk.js",
         }
     )
-    server = make_server("127.0.0.1", app_port, app, threaded=True)
+    _print_unsent_logins(app, print_lock)
+    try:
+        server = _bind(
+            "DEMO_PORT", app_port, lambda: make_server("127.0.0.1", app_port, app, threaded=True)
+        )
+    except SystemExit:
+        receiver.stop()
+        raise
     signal.signal(signal.SIGTERM, _interrupt)
     print(banner(app_url, receiver.url), flush=True)
     try:
@@ -78,6 +102,41 @@ def main() -> None:
             koala.shutdown(timeout=2)
         receiver.stop()
         print("\nflask-koala demo stopped.", flush=True)
+
+
+def _bind(variable: str, port: int, start: Callable[[], T]) -> T:
+    """Start a server on ``port``; a port in use ends the demo naming the variable to set."""
+    try:
+        return start()
+    except (OSError, SystemExit) as exc:
+        # Werkzeug's make_server reports a port in use itself, then exits.
+        if isinstance(exc, OSError) and exc.errno != errno.EADDRINUSE:
+            raise
+        print(
+            f"flask-koala demo: port {port} on 127.0.0.1 is already in use. Pick another one "
+            f"with {variable}, e.g. {variable}={port + 1} make demo",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(1) from None
+
+
+def _print_unsent_logins(app: Any, print_lock: threading.Lock) -> None:
+    """Say, on the demo's console, each login that was skipped or failed, and why."""
+
+    def skipped(sender: Any, reason: str = "", **extra: Any) -> None:
+        with print_lock:
+            why = WHY.get(reason, "see the troubleshooting page of the docs")
+            print(f"login NOT sent to Koala: skipped ({reason}): {why}", flush=True)
+
+    def failed(sender: Any, reason: str = "", status: Any = None, **extra: Any) -> None:
+        with print_lock:
+            print(f"login NOT delivered: failed ({reason}, HTTP {status})", flush=True)
+
+    # Held by the app for as long as it runs: blinker keeps receivers weakly.
+    app.extensions["koala_demo_receivers"] = (skipped, failed)
+    signals.call_skipped.connect(skipped, sender=app)
+    signals.call_failed.connect(failed, sender=app)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 
 from flask import Flask, Response, current_app, has_app_context, has_request_context, session
 from flask_login import user_logged_out
 from markupsafe import Markup
 
 from ._hooks import current_user
+from ._ledger import describe_error
 from ._payload import clean_email, clean_traits
-from ._pipeline import Resolver
+from ._pipeline import Identity, Resolver
 from ._snippet import MARKER, default_sdk_url, render_snippet
 from ._state import state_of
 
@@ -47,25 +49,49 @@ def init_app(app: Flask, config: KoalaConfig) -> None:
         app.after_request(_insert_snippet)
 
 
-def koala_script(nonce: Optional[str] = None) -> Markup:
-    """Koala's pixel for this page, and ``ko.identify`` for the logged-in user.
+def koala_script(
+    nonce: Optional[str] = None,
+    *,
+    email: Optional[str] = None,
+    traits: Optional[Mapping[str, Any]] = None,
+    get_user: Optional[Callable[[], Any]] = None,
+) -> Markup:
+    """Koala's pixel for this page, and ``ko.identify`` for the visitor.
 
     Put ``{{ koala_script() }}`` in the base template, in ``<head>`` or before ``</body>``.
     Renders nothing when flask-koala is disabled (``KOALA_ENABLED = False``) or has no
     public key and no ``KOALA_SDK_URL`` to load the SDK from.
 
+    Who is identified: the explicit ``email`` (and ``traits``) when given; otherwise what
+    ``get_user()`` returns, read as ``@koala.identify_login(get_user=...)`` reads it (a user
+    object through the identity loader, an email, a mapping of traits holding ``"email"``,
+    or ``None``); otherwise Flask-Login's ``current_user`` when authenticated. Every value is
+    checked as a server-side identify checks it, and escaped for the ``<script>`` element.
+
     Args:
         nonce: the CSP nonce for the script tags; defaults to ``KOALA_CSP_NONCE()``. An
             empty string means "no nonce".
+        email: the visitor's email, for users Flask-Login does not know.
+        traits: traits to send with ``email`` (or holding ``"email"`` themselves).
+        get_user: a callable saying who the visitor is, such as the one given to
+            ``@koala.identify_login``.
     """
     try:
-        return _render(nonce)
+        return _render(nonce, _Visitor(email, traits, get_user))
     except Exception:
         logger.exception("flask-koala: rendering the browser snippet failed; page served without")
         return Markup("")
 
 
-def _render(nonce: Optional[str]) -> Markup:
+class _Visitor(NamedTuple):
+    """Who ``koala_script()`` was told the visitor is, if anyone."""
+
+    email: Optional[str]
+    traits: Optional[Mapping[str, Any]]
+    get_user: Optional[Callable[[], Any]]
+
+
+def _render(nonce: Optional[str], visitor: _Visitor) -> Markup:
     if not has_app_context():
         return Markup("")
     app = current_app._get_current_object()  # type: ignore[attr-defined]
@@ -87,7 +113,9 @@ def _render(nonce: Optional[str]) -> Markup:
                 "KOALA_SDK_URL to load Koala's pixel from"
             )
         return Markup("")
-    email, traits = _identity(state.pipeline.resolver) if config.snippet_identify else (None, None)
+    email, traits = (
+        _identity(state.pipeline.resolver, visitor) if config.snippet_identify else (None, None)
+    )
     return render_snippet(
         sdk_url,
         settings=config.sdk_settings,
@@ -98,17 +126,31 @@ def _render(nonce: Optional[str]) -> Markup:
     )
 
 
-def _identity(resolver: Resolver) -> tuple[Optional[str], Optional[dict[str, Any]]]:
-    """The logged-in user's email and traits, through the same identity loader as logins."""
-    user = current_user()
-    if user is None:
-        return None, None
-    found = resolver.user(user)
-    if isinstance(found, str):
+def _identity(
+    resolver: Resolver, visitor: _Visitor
+) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """The visitor's email and traits: as told, or through the same resolver as logins."""
+    found: Union[Identity, str, None]
+    if visitor.email is not None or visitor.traits is not None:
+        if visitor.traits is not None and not isinstance(visitor.traits, Mapping):
+            logger.debug("flask-koala: koala_script(traits=...) is not a mapping; no ko.identify")
+            return None, None
+        told = visitor.traits or {}
+        found = Identity(visitor.email if visitor.email is not None else told.get("email"), told)
+    elif visitor.get_user is not None:
+        try:
+            found = resolver.result(visitor.get_user())
+        except Exception as exc:  # its message may hold the email: type and place only
+            logger.error("flask-koala: get_user raised %s; no ko.identify", describe_error(exc))
+            return None, None
+    else:
+        user = current_user()
+        found = None if user is None else resolver.user(user)
+    if not isinstance(found, Identity):
         return None, None
     email = clean_email(found.email)
     if email is None:
-        logger.debug("flask-koala: no usable email for the logged-in user; no ko.identify")
+        logger.debug("flask-koala: no usable email for the visitor; no ko.identify")
         return None, None
     traits, _ = clean_traits(found.traits)
     if traits is None:

@@ -104,19 +104,32 @@ def visitor(app: Flask) -> Any:
     return client
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
-def readme_section(*headings: str) -> str:
-    """The text of the README's ``## `` sections with these headings, in README order.
+def doc_section(*headings: str) -> str:
+    """The text of these docs sections, in the order given.
 
-    The docs tests run the code of the section they cover, so the README cannot drift
-    from what the code does.
+    A heading is a docs page's title (``# Testing your app``: the whole page) or a ``## ``
+    section of the README or a page. The docs tests run the code of the section they cover,
+    so the docs cannot drift from what the code does.
     """
-    text = README.read_text(encoding="utf-8")
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
     parts = []
-    for chunk in text.split("\n## ")[1:]:
-        if chunk.split("\n", 1)[0] in headings:
-            parts.append("## " + chunk)
-    assert len(parts) == len(headings), f"README lacks one of {headings}"
+    for heading in headings:
+        for page in pages:
+            text = page.read_text(encoding="utf-8")
+            if text.startswith(f"# {heading}\n"):
+                parts.append(text)
+                break
+            chunks = [c for c in text.split("\n## ")[1:] if c.split("\n", 1)[0] == heading]
+            if chunks:
+                parts.append("## " + chunks[0])
+                break
+    assert len(parts) == len(headings), f"the docs lack one of {headings}"
     return "\n".join(parts)
+
+
+#: The name the docs tests used while the guide was one README.
+readme_section = doc_section

@@ -1,4 +1,4 @@
-"""Every code block of the README's "Every form of login" runs, and does what the text says."""
+"""Every code block of docs/login-flows.md and docs/missing-cookie.md runs, as the text says."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from flask import Flask
 from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID, USERS, User, delivered, readme_section, visitor
+from .support import PROFILE_ID, USERS, User, delivered, doc_section, visitor
 
-DOC = readme_section("Every form of login")
+DOC = doc_section("Every form of login", "Logins without a `ko_id` cookie")
 
 
 def blocks() -> list[str]:
@@ -73,7 +73,7 @@ def doc_app(make_app: Callable[..., Flask], koala: Koala, cdps: dict[str, Record
         "create_user": lambda form: USERS["jane"],
     }
     for code in blocks()[:5]:
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/login-flows.md", "exec"), namespace)
     return app
 
 
@@ -129,7 +129,7 @@ def test_missing_cookie_block(receiver: KoalaReceiver) -> None:
     app = Flask(__name__)
     app.config.update(SECRET_KEY="s", KOALA_PUBLIC_KEY="pk_test", KOALA_API_URL=receiver.url)
     koala = Koala()
-    exec(compile(blocks()[5], "README.md", "exec"), {"app": app, "koala": koala})
+    exec(compile(blocks()[5], "docs/missing-cookie.md", "exec"), {"app": app, "koala": koala})
     with app.app_context():
         assert koala.config.missing_cookie == "defer"
         assert koala.config.defer_max_age == 6 * 60 * 60

@@ -1,9 +1,10 @@
-"""The README's "Testing your app" and "The CLI" run as shown.
+"""docs/testing.md ("Testing your app") and docs/cli.md ("The CLI") run as shown.
 
 Its files run as a user's project, and its CLI output is what the CLI prints.
 
 A ``python`` block whose first line is ``# <name>.py`` is that file of the user's project;
-``yourapp`` is played by ``examples/factory_app``.
+``yourapp`` is played by ``examples/factory_app``, without the public key its defaults set,
+so a recipe that lets calls go out must set ``KOALA_PUBLIC_KEY`` itself, as a user's must.
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ import pytest
 from examples.factory_app import create_app
 from flask_koala import __version__
 
-from .support import readme_section
+from .support import doc_section
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = readme_section("Testing your app", "The CLI")
+DOC = doc_section("Testing your app", "The CLI")
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+YOURAPP = """
+from examples.factory_app import create_app as create_example_app
+
+
+def create_app(config=None):
+    return create_example_app({"KOALA_PUBLIC_KEY": None, **(config or {})})
+"""
 
 
 def blocks(language: str) -> list[str]:
@@ -41,7 +51,7 @@ def project_files() -> dict[str, str]:
 @pytest.fixture
 def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    pytester.makepyfile(yourapp="from examples.factory_app import create_app  # noqa: F401\n")
+    pytester.makepyfile(yourapp=YOURAPP)
     pytester.makeini("[pytest]\nfilterwarnings = error\n")
     pytester.makepyfile(**project_files())
     return pytester

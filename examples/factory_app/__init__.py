@@ -7,7 +7,8 @@ Run it against the loopback receiver (two terminals, from the repository root)::
     curl -b ko_id=3f2504e0-4f89-41d3-9a0c-0305e82c3301 \
         -d email=jane@example.com -d password=secret http://127.0.0.1:5000/login
 
-Its tests use the ``flask_koala.testing`` plugin: ``pytest examples/factory_app``.
+Its tests use the ``flask_koala.testing`` plugin; from a clone, after ``make test``:
+``.venv/bin/python -m pytest examples/factory_app``.
 
 Settings: the defaults below, then ``FLASK_*`` environment variables
 (``FLASK_KOALA_PUBLIC_KEY=pk_...``), then ``create_app(config)``, so the same factory

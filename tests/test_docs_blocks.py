@@ -1,0 +1,220 @@
+"""Every code block in the README and the docs runs, or names a test that exercises it.
+
+Each fenced block (MyST directives such as ``{toctree}`` aside) is preceded by a marker:
+
+- ``<!-- run -->``: this test runs it (Python in a fresh interpreter, shell with bash);
+- ``<!-- executed-by: tests/test_x.py -->``: that test reads this page (it names the page's
+  path, or the page's title) and runs the block itself;
+- ``<!-- covered: PATH -->``: every line of the block's code appears in PATH (comments and
+  blank lines aside; for a console block, its ``$`` commands), and PATH is a test, a file a
+  test names (by path or module), or the CI script;
+- ``<!-- illustration -->``: a diagram or a sample of output, not something to run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(
+    r"(?:<!-- (?P<marker>[^>]*?) -->\n)?```(?P<lang>[^\n]*)\n(?P<code>.*?)^```$", re.S | re.M
+)
+TESTS = sorted((ROOT / "tests").glob("test_*.py")) + sorted(
+    (ROOT / "examples").glob("**/tests/test_*.py")
+)
+
+
+class Block(NamedTuple):
+    page: Path
+    line: int
+    marker: str
+    lang: str
+    code: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def blocks() -> list[Block]:
+    found = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for m in FENCE.finditer(text):
+            if m.group("lang").startswith("{"):
+                continue  # a MyST directive (toctree, eval-rst, include), not code
+            line = text[: m.start()].count("\n") + 1
+            found.append(
+                Block(page, line, m.group("marker") or "", m.group("lang"), m.group("code"))
+            )
+    return found
+
+
+BLOCKS = blocks()
+
+
+def ids(selected: list[Block]) -> list[str]:
+    return [b.where for b in selected]
+
+
+def title(page: Path) -> str:
+    first = page.read_text(encoding="utf-8").split("\n", 1)[0]
+    return first.lstrip("# ").strip()
+
+
+def significant_lines(block: Block) -> list[str]:
+    """The lines of code a covering file must hold: no blanks, comments, output or ``...``."""
+    lines = []
+    for raw in block.code.splitlines():
+        line = raw.strip()
+        if block.lang == "console":
+            if not line.startswith("$ "):
+                continue
+            line = line[2:]
+        if block.lang in ("python", "bash", "sh", "console"):
+            line = re.split(r"\s+#\s", line, maxsplit=1)[0].strip()
+            if line.startswith("#"):
+                continue
+        if line and line != "...":
+            lines.append(" ".join(line.split()))
+    return lines
+
+
+def normalized(path: Path) -> str:
+    text = path.read_text(encoding="utf-8")
+    return "\n".join(" ".join(line.split()) for line in text.splitlines())
+
+
+def named_by_a_test(path: str) -> bool:
+    module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    parent, _, leaf = module.rpartition(".")
+    folder = '" / "'.join(Path(path).parent.parts)  # a test's ROOT / "examples" / "templates"
+    needles = [path, module, f"from {parent} import {leaf}", folder if "." in path else path]
+    # A file inside a package a test runs as a whole (pytest examples/factory_app).
+    needles += [str(p) for p in Path(path).parents if len(p.parts) >= 2]
+    return any(any(n in t.read_text(encoding="utf-8") for n in needles) for t in TESTS)
+
+
+def test_every_block_has_a_marker() -> None:
+    unmarked = [b.where for b in BLOCKS if not b.marker]
+    assert unmarked == [], f"blocks without a marker: {unmarked}"
+
+
+def test_markers_are_known() -> None:
+    known = ("run", "illustration", "covered:", "executed-by:")
+    unknown = [b.where for b in BLOCKS if b.marker and not b.marker.startswith(known)]
+    assert unknown == []
+
+
+COVERED = [b for b in BLOCKS if b.marker.startswith("covered:")]
+
+
+@pytest.mark.parametrize("block", COVERED, ids=ids(COVERED))
+def test_covered_blocks_appear_in_a_tested_file(block: Block) -> None:
+    path = block.marker.split(":", 1)[1].strip()
+    target = ROOT / path
+    assert target.is_file(), f"{block.where} names a missing {path}"
+    lines = significant_lines(block)
+    assert lines, f"{block.where}: nothing to check; an output sample is an illustration"
+    text = normalized(target)
+    missing = [line for line in lines if line not in text]
+    assert missing == [], f"{block.where}: {path} does not hold these lines"
+    is_test = target.name.startswith("test_") and target.suffix == ".py"
+    assert is_test or path == ".ci/run" or named_by_a_test(path), (
+        f"{block.where}: no test runs {path}"
+    )
+
+
+EXECUTED = [b for b in BLOCKS if b.marker.startswith("executed-by:")]
+
+
+@pytest.mark.parametrize("block", EXECUTED, ids=ids(EXECUTED))
+def test_executed_blocks_name_a_test_that_reads_the_page(block: Block) -> None:
+    path = block.marker.split(":", 1)[1].strip()
+    test = ROOT / path
+    assert test.is_file(), f"{block.where} names a missing {path}"
+    assert test.name.startswith("test_"), f"{block.where}: {path} is not a test"
+    source = test.read_text(encoding="utf-8")
+    page = str(block.page.relative_to(ROOT))
+    assert page in source or f'"{title(block.page)}"' in source, (
+        f"{block.where}: {path} never reads {page}"
+    )
+
+
+RUNNABLE = [b for b in BLOCKS if b.marker == "run"]
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=ids(RUNNABLE))
+def test_runnable_blocks_run(block: Block, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if block.lang == "python":
+        command = [sys.executable, "-c", block.code]
+    elif block.lang in ("bash", "sh"):
+        command = ["bash", "-euo", "pipefail", "-c", block.code]
+    else:
+        pytest.fail(f"{block.where}: cannot run a {block.lang!r} block")
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, f"{block.where}:\n{result.stderr}"
+
+
+def test_readme_is_at_most_12_kb() -> None:
+    assert len((ROOT / "README.md").read_bytes()) <= 12 * 1024
+
+
+def test_every_docs_page_is_in_the_toctree() -> None:
+    index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    pages = {p.stem for p in (ROOT / "docs").glob("*.md")} - {"index"}
+    listed = set(re.findall(r"^([a-z-]+)$", index, re.M))
+    assert pages - listed == set()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize(
+    ("target", "runs", "page"),
+    [
+        ("demo", "-m examples.demo", "README.md"),
+        ("test", "-m pytest", "README.md"),
+        ("bench", "-m benchmarks.run", "docs/performance.md"),
+        ("docs", "-m sphinx -W --keep-going", "README.md"),
+    ],
+)
+def test_make_targets_run_what_the_docs_say(target: str, runs: str, page: str) -> None:
+    # `make -n` prints what the target would run; the demo, the suite and the benchmark are
+    # then run for real by tests/test_demo.py, .ci/run and tests/test_benchmarks.py.
+    assert f"make {target}" in (ROOT / page).read_text(encoding="utf-8")
+    result = subprocess.run(
+        ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert runs in result.stdout
+
+
+LINK = re.compile(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_links_to_pages_lead_somewhere(page: Path) -> None:
+    targets = LINK.findall(page.read_text(encoding="utf-8"))
+    missing = [t for t in targets if not (page.parent / t).resolve().is_file()]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "module", ["flask_koala", "flask_koala.signals", "flask_koala.testing", "flask_koala.celery"]
+)
+def test_api_page_documents_every_public_name(module: str) -> None:
+    imported = __import__(module, fromlist=["__all__"])
+    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    names = [n for n in imported.__all__ if n not in ("signals", "__version__")]
+    assert [n for n in names if n not in api] == []

@@ -1,0 +1,172 @@
+"""The quickstart of README.md and docs/quickstart.md works as pasted into a new project.
+
+Its files are written to an empty folder; the receiver, ``flask run`` and ``curl`` run as the
+page says (on free ports instead of 8787 and 5000), and the receiver prints the call the page
+shows. The testing example passes under pytest in the same folder.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", ROOT / "docs" / "quickstart.md"]
+BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.M | re.S)
+
+
+def page_blocks(page: Path) -> list[tuple[str, str]]:
+    return BLOCK.findall(page.read_text(encoding="utf-8"))
+
+
+def files(page: Path) -> dict[str, str]:
+    """The ``python`` blocks that start with ``# <name>.py``: the files of the project."""
+    found = {}
+    for lang, body in page_blocks(page):
+        match = re.match(r"# (\w+\.py)\n", body)
+        if lang == "python" and match:
+            found[match.group(1)] = body
+    return found
+
+
+def commands(page: Path) -> list[str]:
+    return [
+        line[2:]
+        for lang, body in page_blocks(page)
+        if lang == "console"
+        for line in body.splitlines()
+        if line.startswith("$ ")
+    ]
+
+
+def shown_output(page: Path) -> list[str]:
+    (body,) = [b for lang, b in page_blocks(page) if lang == "text" and "Koala receiver" in b]
+    return body.splitlines()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_readme_and_docs_show_the_same_quickstart() -> None:
+    readme, docs = PAGES
+    assert files(readme) == files(docs)
+    assert set(files(readme)) == {"app.py", "conftest.py", "test_app.py"}
+    assert commands(readme) == commands(docs)
+    assert shown_output(readme) == shown_output(docs)
+
+
+class Process:
+    """A command of the quickstart, its output read line by line."""
+
+    def __init__(self, command: list[str], cwd: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "FLASK_"))}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if re.search(pattern, line):
+                return True
+        return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    for name, body in files(PAGES[0]).items():
+        (tmp_path / name).write_text(body)
+    return tmp_path
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the quickstart logs in with curl")
+def test_quickstart_call_arrives(project: Path, processes: list[Process]) -> None:
+    receiver_port, app_port = str(free_port()), str(free_port())
+    app_py = project / "app.py"
+    app_py.write_text(app_py.read_text().replace("8787", receiver_port))
+    receiver_cmd, flask_cmd, curl_cmd = commands(PAGES[0])
+    assert receiver_cmd == "python -m flask_koala.testing"
+    assert flask_cmd == "flask --app app run"
+
+    receiver = Process(
+        [sys.executable, "-m", "flask_koala.testing", "--port", receiver_port], project
+    )
+    processes.append(receiver)
+    app = Process([sys.executable, "-m", *flask_cmd.split(), "--port", app_port], project)
+    processes.append(app)
+    assert receiver.wait_for("Ctrl-C stops"), receiver.seen
+    assert app.wait_for(r"Running on http://127\.0\.0\.1"), app.seen
+
+    curl = curl_cmd.replace(":5000/", f":{app_port}/").split()
+    done = subprocess.run(curl, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+
+    assert receiver.wait_for("identify traits"), receiver.seen
+    expected = [line.replace("8787", receiver_port) for line in shown_output(PAGES[0])]
+    got = [re.sub(r"^\d\d:\d\d:\d\d ", "12:47:06 ", line) for line in receiver.seen]
+    assert got == expected
+
+
+@pytest.mark.slow
+def test_quickstart_testing_example_passes(project: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "FLASK_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
