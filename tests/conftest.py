@@ -1,8 +1,9 @@
-"""Fixtures: a loopback Koala receiver, a Flask-Login app wired to it, and two guards.
+"""Fixtures: a loopback Koala receiver, a Flask-Login app wired to it, and three guards.
 
 The guards make the suite strict where production code is lenient: flask-koala logs and
 swallows every exception around user code and the network, so a test fails when such a
-log line appears unexpectedly, and when a delivery thread outlives its test.
+log line appears unexpectedly, when a delivery thread outlives its test, and when a child
+process does (it is killed, so a hung child cannot keep the suite from finishing).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flask import Flask
 from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID, build_app
+from .support import PROFILE_ID, build_app, child_processes, kill_new_children
 
 # pytester runs the testing plugin as a user's suite would; the plugin itself is used here too.
 pytest_plugins = ["pytester", "flask_koala.testing"]
@@ -89,3 +90,17 @@ def _no_leaked_threads() -> Iterator[None]:
             thread.join(2)
     leaked = [t.name for t in threading.enumerate() if t.name.startswith("flask-koala-")]
     assert not leaked, f"delivery threads left running: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_processes() -> Iterator[None]:
+    """No child process started by a test may outlive it; any left over is killed.
+
+    Autouse, so it is set up before the test's other function fixtures and torn down after
+    them: a process a fixture stops in its teardown is not counted, and one started by a
+    wider-scoped fixture existed before and is left alone.
+    """
+    before = child_processes()
+    yield
+    leaked = kill_new_children(before, grace=5)
+    assert not leaked, f"child processes left running (now killed): {leaked}"

@@ -22,7 +22,7 @@ from flask import Flask
 from flask_koala._cli import format_call, mask_key
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
-from .support import PROFILE_ID
+from .support import PROFILE_ID, communicate, kill
 
 ROOT = Path(__file__).resolve().parent.parent
 MASKED = "pk_t…st"  # pk_test, as `check` and `identify` print it
@@ -334,13 +334,12 @@ class Console:
 
     def stop(self, signum: int) -> tuple[int, str]:
         self.process.send_signal(signum)
-        _, stderr = self.process.communicate(timeout=20)
+        _, stderr = communicate(self.process, timeout=20)
         return self.process.returncode, stderr
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
+            kill(self.process)
 
 
 @pytest.fixture
