@@ -3,12 +3,15 @@
 The guards make the suite strict where production code is lenient: flask-koala logs and
 swallows every exception around user code and the network, so a test fails when such a
 log line appears unexpectedly, when a delivery thread outlives its test, and when a child
-process does (it is killed, so a hung child cannot keep the suite from finishing).
+process does (it is killed, so a hung child cannot keep the suite from finishing). Under CI
+(the ``CI`` environment variable set, as ``.ci/run`` runs), a skipped test fails: CI runs
+every test on every Python it covers, so a skip there hides a test that never ran.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -104,3 +107,14 @@ def _no_leaked_processes() -> Iterator[None]:
     yield
     leaked = kill_new_children(before, grace=5)
     assert not leaked, f"child processes left running (now killed): {leaked}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI, a skip is a failure: a test that cannot run there must be fixed."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where every test must run: {reason}"
