@@ -732,6 +732,15 @@ def test_body_over_koalas_limit_is_answered_413(koala: KoalaReceiver) -> None:
     assert "32768 bytes" in koala.violations[0]
 
 
+def test_a_large_body_sent_whole_still_gets_its_413(koala: KoalaReceiver) -> None:
+    # The client sends all 4 MB before reading; the receiver must not reset the connection
+    # (and destroy its answer) by closing on what it left unread.
+    response = post(koala, data=b"x" * (4 * 1024 * 1024))
+
+    assert response.status_code == 413
+    assert koala.calls[0].raw == b""
+
+
 def test_body_of_exactly_the_limit_is_read(koala: KoalaReceiver) -> None:
     data = json.dumps(make_body())
     padded = data[:-1] + " " * (32 * 1024 - len(data)) + "}"
