@@ -677,15 +677,16 @@ def test_receiver_can_start_again_after_stop() -> None:
     assert len(koala.calls) == 2
 
 
-def test_wait_for_requests_sees_a_request_still_held_by_a_delay(koala: KoalaReceiver) -> None:
-    koala.delay(30)  # stop() at teardown cuts it short
+def test_wait_for_requests_sees_a_request_still_held_by_a_delay() -> None:
+    koala = KoalaReceiver().start()
+    koala.delay(30)
     sender = threading.Thread(target=send_quietly, args=(koala,))
     sender.start()
     try:
         assert koala.wait_for_requests(1)
         assert koala.calls == []  # read, not answered yet
     finally:
-        koala.delay(0)
+        koala.stop()  # cuts the delay short
         sender.join()
 
 
