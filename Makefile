@@ -1,4 +1,5 @@
 # One command each for the demo and the tests; both create and reuse .venv.
+# Another interpreter gets its own venv: make test PYTHON=python3.13 VENV=.venv-3.13
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -62,4 +63,4 @@ wheel-test: dist
 	PYTHON=$(PYTHON) .ci/run-wheel
 
 clean:
-	rm -rf $(VENV) $(VENV_MIN) build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MIN) .venv-* build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache

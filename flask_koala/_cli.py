@@ -395,7 +395,21 @@ def format_call(call: ReceivedCall, *, clock: Callable[[], float] = time.time) -
     elif call.raw:
         lines.append(f"  body {_shorten(call.raw.decode('utf-8', 'replace'))}")
     lines.extend(f"  violation: {violation}" for violation in call.violations)
-    return "\n".join(lines)
+    return "\n".join(_printable(line) for line in lines)
+
+
+def _printable(text: str) -> str:
+    """The text with every character a terminal might act on escaped, as ``repr`` does.
+
+    A path, an email or a trait is whatever a client sent, and escape sequences in it could
+    retitle, clear or recolour the terminal, or reorder what it shows (bidi overrides).
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() or char == " " else char.encode("unicode_escape").decode()
+        for char in text
+    )
 
 
 def _status(status: Optional[int]) -> str:

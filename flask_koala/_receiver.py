@@ -14,8 +14,15 @@ hangs and dropped connections. ::
         assert koala.violations == []
 
 A request that breaks the contract is answered 400 (404 for an unknown path, 405 for a wrong
-method) with ``{"error": "<first violation>"}``, so a client bug surfaces as the same kind of
-permanent failure a strict collector would give, and is listed in ``violations``.
+method, 413 for a body over Koala's 32 KiB limit) with ``{"error": "<first violation>"}``, so
+a client bug surfaces as the same kind of permanent failure a strict collector would give, and
+is listed in ``violations``.
+
+Whatever a client sends, the receiver holds little: a body over the limit is refused from its
+``Content-Length`` (or as soon as a chunked body passes it) without being kept, and a
+connection that does not deliver a complete request within ``idle_timeout`` seconds of opening
+or of its previous answer is closed, so half-sent requests and idle keep-alive connections do
+not pile up threads.
 
 Only the standard library is used, and ``http.server`` is imported on the first ``start()``,
 so importing this module (for ``check_body``, say) stays cheap.
@@ -26,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -53,6 +62,13 @@ logger = logging.getLogger(__name__)
 #: How many entries Koala takes per array in one request.
 MAX_ENTRIES = 30
 
+#: The largest request body Koala takes, in bytes. Stated here rather than imported from the
+#: payload module, so the receiver checks the client's size bound instead of sharing it.
+MAX_BODY_BYTES = 32 * 1024
+
+#: Seconds a connection may take to deliver a complete request, by default.
+IDLE_TIMEOUT = 5.0
+
 _TOP_LEVEL_KEYS = frozenset({"profile_id", "email", "identifies", "events", "page_views"})
 _ARRAYS = ("identifies", "events", "page_views")
 _UUID = re.compile(UUID_TEXT)
@@ -62,6 +78,11 @@ _URL_SAFE_KEY = re.compile(r"[A-Za-z0-9._~-]+")
 
 # How long stop() waits for connection threads; only a blocking on_call can take that long.
 _JOIN_TIMEOUT = 5.0
+
+# After refusing a body it did not read, how long the receiver goes on reading (and
+# discarding) what the client still sends before closing: closing on unread data makes the
+# kernel send a reset, which can destroy the 413 answer before the client reads it.
+_LINGER = 2.0
 
 
 @dataclass(frozen=True)
@@ -449,6 +470,12 @@ def _server_class() -> _ServerFactory:
         # the client's delayed ACK, adding ~40 ms to every answer on a kept-alive connection.
         disable_nagle_algorithm = True
 
+        def setup(self) -> None:
+            super().setup()
+            receiver = cast("Server", self.server).receiver
+            self.reader = _DeadlineReader(self.connection, receiver._idle_timeout)
+            self.rfile = io.BufferedReader(self.reader)
+
         def log_message(self, format: str, *args: Any) -> None:
             """Stay silent; ``on_call`` is how callers see traffic."""
 
@@ -457,24 +484,57 @@ def _server_class() -> _ServerFactory:
 
         def dispatch(self) -> None:
             server = cast("Server", self.server)
-            server.receiver._serve(self, server.run)
+            server.receiver._serve(self, self.reader, server.run)
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = dispatch
 
     return Server
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads, each allowed only until the current request's deadline.
+
+    A timeout per read would let a client that sends a byte now and then hold its thread
+    forever; a deadline per request bounds the idle wait before a request and the time to send
+    one alike. ``restart()`` starts the clock again once an answer went out.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self._sock = sock
+        self._timeout = timeout
+        self.deadline = time.monotonic() + timeout
+
+    def restart(self) -> None:
+        self.deadline = time.monotonic() + self._timeout
+        self._sock.settimeout(self._timeout)  # for the answer's writes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            # socket.timeout, which BaseHTTPRequestHandler catches (TimeoutError from 3.10 on)
+            raise socket.timeout("the request took longer than idle_timeout")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
 class _BadFraming(Exception):
     """The body's length cannot be told, so the connection cannot be reused."""
 
 
-def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
+class _TooLarge(Exception):
+    """The body is over the size limit; it was not (all) read, so the connection must close."""
+
+
+def _read_body(handler: BaseHTTPRequestHandler, limit: int) -> bytes:
     """Read the body by Content-Length (or chunked), so keep-alive finds the next request."""
     transfer_encoding = handler.headers.get("Transfer-Encoding")
     if transfer_encoding is not None:
         if transfer_encoding.strip().lower() != "chunked":
             raise _BadFraming(f"unsupported Transfer-Encoding {transfer_encoding!r}")
-        return _read_chunked(handler)
+        return _read_chunked(handler, limit)
     length = handler.headers.get("Content-Length")
     if length is None:
         return b""
@@ -484,11 +544,14 @@ def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
         raise _BadFraming(f"invalid Content-Length {length!r}") from None
     if size < 0:
         raise _BadFraming(f"invalid Content-Length {length!r}")
+    if size > limit:
+        raise _TooLarge(f"body is {size} bytes, over Koala's limit of {limit} bytes")
     return _read_exactly(handler, size)
 
 
-def _read_chunked(handler: BaseHTTPRequestHandler) -> bytes:
+def _read_chunked(handler: BaseHTTPRequestHandler, limit: int) -> bytes:
     chunks: list[bytes] = []
+    total = 0
     while True:
         line = handler.rfile.readline(65537)
         if not line:
@@ -501,6 +564,9 @@ def _read_chunked(handler: BaseHTTPRequestHandler) -> bytes:
             while handler.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                 pass  # trailers: ignored
             return b"".join(chunks)
+        total += size
+        if total > limit:
+            raise _TooLarge(f"chunked body is over Koala's limit of {limit} bytes")
         chunks.append(_read_exactly(handler, size))
         handler.rfile.readline(65537)  # the CRLF closing the chunk
 
@@ -510,6 +576,24 @@ def _read_exactly(handler: BaseHTTPRequestHandler, size: int) -> bytes:
     if len(data) < size:
         raise ConnectionError("client closed the connection mid-body")
     return data
+
+
+def _linger(sock: socket.socket) -> None:
+    """Read and discard what the client still sends, for a while, then let it be closed."""
+    deadline = time.monotonic() + _LINGER
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)  # the answer is complete: the client may read it now
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            if not sock.recv(65536):
+                return
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _send(handler: BaseHTTPRequestHandler, status: int, answer: _Answer) -> None:
@@ -540,11 +624,25 @@ class KoalaReceiver:
     then ``suspend``, then the contract check. ``delay`` applies to every request on top.
 
     Args:
-        host: The interface to bind; keep the default so nothing leaves the machine.
+        host: The interface to bind; keep the default so nothing leaves the machine. Any
+            address that is not a loopback one (``0.0.0.0`` included) is logged as a warning
+            on ``start()``: other machines can then send to it.
         port: The port to bind; 0 picks a free one on ``start()``.
         on_call: Called with each ``ReceivedCall`` after it was answered (or dropped), on the
             connection's thread. Exceptions it raises are logged and swallowed so a broken
             printer cannot take the server down. The CLI uses it to print traffic.
+        max_body_bytes: The largest body accepted; a larger one is answered 413 with a JSON
+            error and recorded as a violation, without being read into memory. Defaults to
+            Koala's limit of 32 KiB.
+        idle_timeout: Seconds a connection may take to deliver a complete request, counted
+            from its opening or from its previous answer; past it the connection is closed
+            without an answer (and nothing is recorded). Bounds idle keep-alive connections
+            and half-sent requests alike.
+        clock: The monotonic clock ``outage()`` is timed with; a test may pass a fake one.
+
+    Raises:
+        ValueError: ``max_body_bytes`` is not a positive int, or ``idle_timeout`` is not a
+            positive, finite number.
     """
 
     def __init__(
@@ -553,13 +651,26 @@ class KoalaReceiver:
         port: int = 0,
         *,
         on_call: Callable[[ReceivedCall], None] | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        idle_timeout: float = IDLE_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int):
+            raise ValueError(f"max_body_bytes must be an int, got {max_body_bytes!r}")
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes!r}")
+        if not (idle_timeout > 0 and math.isfinite(idle_timeout)):
+            raise ValueError(f"idle_timeout must be finite and > 0, got {idle_timeout!r}")
         self._host = host
         self._requested_port = port
         self._on_call = on_call
+        self._max_body_bytes = max_body_bytes
+        self._idle_timeout = float(idle_timeout)
+        self._clock = clock
         # All recorded state and fault settings, guarded by one lock.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._arrived = 0  # requests read, answered or not yet
         self._calls: list[ReceivedCall] = []
         self._bodies: list[dict[str, Any]] = []
         self._violations: list[str] = []
@@ -609,7 +720,13 @@ class KoalaReceiver:
                 run.close()
                 raise
             self._server, self._thread, self._run = server, thread, run
-            self._port = int(server.socket.getsockname()[1])
+            bound, self._port = server.socket.getsockname()[:2]
+        if not _is_loopback(str(bound)):
+            logger.warning(
+                "KoalaReceiver is listening on %s, which is not a loopback address: other "
+                "machines can send calls to it. Bind 127.0.0.1 unless that is what you want.",
+                self.url,
+            )
         return self
 
     def stop(self) -> None:
@@ -701,16 +818,27 @@ class KoalaReceiver:
             return self._changed.wait_for(lambda: len(self._bodies) >= count, timeout)
 
     def wait_for_calls(self, count: int, timeout: float = 5.0) -> bool:
-        """Block until at least ``count`` requests arrived, delivered or not.
+        """Block until at least ``count`` requests were answered (and recorded), delivered or not.
 
         For faults, where nothing is delivered: wait for the client's retries to arrive.
         """
         with self._changed:
             return self._changed.wait_for(lambda: len(self._calls) >= count, timeout)
 
+    def wait_for_requests(self, count: int, timeout: float = 5.0) -> bool:
+        """Block until at least ``count`` requests were read, answered or not yet.
+
+        A request held by ``delay()`` counts as soon as it is read, before it is answered and
+        appears in ``calls``: what a test waits for before acting on a request in flight.
+        ``reset()`` starts the count again.
+        """
+        with self._changed:
+            return self._changed.wait_for(lambda: self._arrived >= count, timeout)
+
     def reset(self) -> None:
         """Forget every call, body and violation, and lift every fault (delay included)."""
         with self._changed:
+            self._arrived = 0
             self._calls.clear()
             self._bodies.clear()
             self._violations.clear()
@@ -752,7 +880,7 @@ class KoalaReceiver:
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
         answer = _injected(status, None, None)
         with self._lock:
-            self._outage = (time.monotonic() + seconds, answer)
+            self._outage = (self._clock() + seconds, answer)
 
     def suspend(self) -> None:
         """Answer everything 400 ``{"error": "Koala ingest suspended"}``, as Koala does today."""
@@ -788,25 +916,35 @@ class KoalaReceiver:
 
     # ----------------------------------------------------------------------- serving
 
-    def _serve(self, handler: BaseHTTPRequestHandler, run: _Run) -> None:
+    def _serve(self, handler: BaseHTTPRequestHandler, reader: _DeadlineReader, run: _Run) -> None:
         """Answer one request; called on the connection's thread."""
         method, path = handler.command, handler.path
         headers: dict[str, str] = {}
         for name, value in handler.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else str(value)
+        too_large = False
         try:
-            raw = _read_body(handler)
-        except ConnectionError:
-            handler.close_connection = True  # the client left mid-body: nothing to record
+            raw = _read_body(handler, self._max_body_bytes)
+        except OSError:
+            # The client left mid-body, or took longer than idle_timeout: nothing to record.
+            handler.close_connection = True
             return
         except _BadFraming as exc:
             check = _Check(None, None, [str(exc)], 400)
             raw = b""
             handler.close_connection = True  # where the next request starts is unknown
+        except _TooLarge as exc:
+            match = _ROUTE.fullmatch(path.partition("?")[0])
+            check = _Check(match["key"] if match else None, None, [str(exc)], 413)
+            raw = b""
+            handler.close_connection = too_large = True  # the rest of the body is unread
         else:
             check = _check_request(method, path, headers, raw)
         received_at = time.monotonic()
+        with self._changed:
+            self._arrived += 1
+            self._changed.notify_all()
 
         with self._lock:
             delay = self._delay
@@ -833,10 +971,13 @@ class KoalaReceiver:
                 self._bodies.append(check.body)
             self._changed.notify_all()
 
+        reader.restart()
         if answer.status is None:
             handler.close_connection = True
         else:
             _send(handler, answer.status, answer)
+            if too_large:
+                _linger(handler.connection)
         if self._on_call is not None:
             try:
                 self._on_call(call)
@@ -849,7 +990,7 @@ class KoalaReceiver:
             return self._faults.popleft()
         if self._outage is not None:
             until, answer = self._outage
-            if time.monotonic() < until:
+            if self._clock() < until:
                 return answer
             self._outage = None
         if self._suspended:

@@ -1,13 +1,17 @@
-"""Fixtures: a loopback Koala receiver, a Flask-Login app wired to it, and two guards.
+"""Fixtures: a loopback Koala receiver, a Flask-Login app wired to it, and three guards.
 
 The guards make the suite strict where production code is lenient: flask-koala logs and
 swallows every exception around user code and the network, so a test fails when such a
-log line appears unexpectedly, and when a delivery thread outlives its test.
+log line appears unexpectedly, when a delivery thread outlives its test, and when a child
+process does (it is killed, so a hung child cannot keep the suite from finishing). Under CI
+(the ``CI`` environment variable set, as ``.ci/run`` runs), a skipped test fails: CI runs
+every test on every Python it covers, so a skip there hides a test that never ran.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -18,7 +22,7 @@ from flask import Flask
 from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID, build_app, koala_of
+from .support import PROFILE_ID, build_app, child_processes, kill_new_children, koala_of
 
 # pytester runs the testing plugin as a user's suite would; the plugin itself is used here too.
 pytest_plugins = ["pytester", "flask_koala.testing"]
@@ -88,3 +92,28 @@ def _no_leaked_threads() -> Iterator[None]:
             thread.join(2)
     leaked = [t.name for t in threading.enumerate() if t.name.startswith("flask-koala-")]
     assert not leaked, f"delivery threads left running: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_processes() -> Iterator[None]:
+    """No child process started by a test may outlive it; any left over is killed.
+
+    Autouse, so it is set up before the test's other function fixtures and torn down after
+    them: a process a fixture stops in its teardown is not counted, and one started by a
+    wider-scoped fixture existed before and is left alone.
+    """
+    before = child_processes()
+    yield
+    leaked = kill_new_children(before, grace=5)
+    assert not leaked, f"child processes left running (now killed): {leaked}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI, a skip is a failure: a test that cannot run there must be fixed."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where every test must run: {reason}"

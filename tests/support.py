@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -133,3 +138,73 @@ def doc_section(*headings: str) -> str:
 
 #: The name the docs tests used while the guide was one README.
 readme_section = doc_section
+
+
+def kill(process: subprocess.Popen[Any]) -> None:
+    """SIGKILL a child, and its process group if it leads one, then reap it (bounded)."""
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    # A grandchild outside the group may still hold the pipes open: do not wait on it forever.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.communicate(timeout=5)
+
+
+def communicate(process: subprocess.Popen[Any], timeout: float) -> tuple[Any, Any]:
+    """``process.communicate(timeout)``, killing the child if it overruns or the wait fails.
+
+    ``Popen.communicate`` leaves an overrunning child running; a hung child must not outlive
+    the test it hung (nor keep the suite from finishing).
+    """
+    try:
+        return process.communicate(timeout=timeout)
+    except BaseException:
+        kill(process)
+        raise
+
+
+def wait(process: subprocess.Popen[Any], timeout: float) -> int:
+    """``process.wait(timeout)``, killing the child if it overruns or the wait fails."""
+    try:
+        return process.wait(timeout)
+    except BaseException:
+        kill(process)
+        raise
+
+
+def child_processes() -> set[int]:
+    """The pids of this process's children that are still running (not zombies). Linux only."""
+    pids: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(pid) for pid in f.read().split())
+    return {pid for pid in pids if _running(pid)}
+
+
+def kill_new_children(before: set[int], grace: float) -> list[int]:
+    """Kill the running children not in ``before``, after ``grace`` seconds to exit; their pids.
+
+    A child leading a process group is killed with its group.
+    """
+    deadline = time.monotonic() + grace  # a child told to stop may still be on its way out
+    while (leaked := child_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in leaked:
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+    return sorted(leaked)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

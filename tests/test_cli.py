@@ -22,7 +22,7 @@ from flask import Flask
 from flask_koala._cli import format_call, mask_key
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
-from .support import PROFILE_ID, koala_of
+from .support import PROFILE_ID, communicate, kill, koala_of
 
 ROOT = Path(__file__).resolve().parent.parent
 MASKED = "pk_t…st"  # pk_test, as `check` and `identify` print it
@@ -334,13 +334,12 @@ class Console:
 
     def stop(self, signum: int) -> tuple[int, str]:
         self.process.send_signal(signum)
-        _, stderr = self.process.communicate(timeout=20)
+        _, stderr = communicate(self.process, timeout=20)
         return self.process.returncode, stderr
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
+            kill(self.process)
 
 
 @pytest.fixture
@@ -417,6 +416,30 @@ def test_flask_koala_receiver_prints_violations_and_stops_on_sigterm(
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
+def test_receiver_on_every_interface_warns_on_stderr(
+    console: Callable[[list[str]], Console],
+) -> None:
+    command = [sys.executable, "-m", "flask_koala.testing", "--host", "0.0.0.0", "--port", "0"]
+    receiver = console(command)
+    receiver.read_until("listening on")
+    code, stderr = receiver.stop(signal.SIGINT)
+
+    assert code == 0
+    assert "not a loopback address: other machines can send calls to it" in stderr
+
+
+@pytest.mark.slow
+def test_receiver_on_loopback_says_nothing_on_stderr(
+    console: Callable[[list[str]], Console],
+) -> None:
+    receiver = console([sys.executable, "-m", "flask_koala.testing", "--port", "0"])
+    receiver.read_until("listening on")
+    code, stderr = receiver.stop(signal.SIGINT)
+
+    assert (code, stderr) == (0, "")
+
+
 # -- format_call ----------------------------------------------------------------------------
 
 
@@ -465,3 +488,42 @@ def test_format_call_shortens_long_traits() -> None:
     body = {"email": "a@b.c", "identifies": [{"type": "identify", "traits": {"x": "y" * 500}}]}
 
     assert lines_of(received(body=body))[2].endswith("...")
+
+
+def test_format_call_escapes_control_characters_in_the_path() -> None:
+    call = received(path="/web/projects/\x1b]0;pwned\x07/batch", status=404)
+
+    first = lines_of(call)[0]
+
+    assert "\x1b" not in first
+    assert "\x07" not in first
+    assert "/web/projects/\\x1b]0;pwned\\x07/batch" in first
+
+
+def test_format_call_escapes_control_characters_in_the_email() -> None:
+    body = {"email": "eve\x1b[2J@example.com", "identifies": []}
+
+    assert lines_of(received(body=body))[1] == "  email eve\\x1b[2J@example.com"
+
+
+def test_format_call_escapes_c1_controls_and_bidi_overrides_in_traits() -> None:
+    traits = {"email": "a@b.c", "name": "\x9b31m\u202eevil"}
+    body = {"email": "a@b.c", "identifies": [{"type": "identify", "traits": traits}]}
+
+    line = lines_of(received(body=body))[2]
+
+    assert "\x9b" not in line
+    assert "\u202e" not in line
+    assert "\\x9b31m\\u202eevil" in line
+
+
+def test_format_call_escapes_control_characters_in_a_raw_body() -> None:
+    call = received(raw=b"\x1b[31mred", status=400)
+
+    assert lines_of(call)[1] == "  body \\x1b[31mred"
+
+
+def test_format_call_keeps_printable_unicode() -> None:
+    body = {"email": "zoë@exämple.com", "identifies": []}
+
+    assert lines_of(received(body=body))[1] == "  email zoë@exämple.com"

@@ -20,7 +20,7 @@ from examples import sso_callback
 from flask_koala._ids import parse_profile_id
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID, delivered
+from .support import PROFILE_ID, delivered, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,4 +175,4 @@ def test_python_dash_m_serves_a_real_sign_in(receiver: KoalaReceiver) -> None:
         assert receiver.violations == []
     finally:
         server.terminate()
-        server.wait(10)
+        wait(server, 10)

@@ -16,6 +16,8 @@ import requests
 
 from flask_koala._receiver import KoalaReceiver
 
+from .support import communicate, kill
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
@@ -70,13 +72,14 @@ def gunicorn(receiver: KoalaReceiver) -> Iterator[str]:
         env=env_for(receiver.url, KOALA_TEST_WARM_UP="1"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # so a kill on timeout takes the workers too
     )
     try:
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
-        _, stderr = proc.communicate(timeout=20)
+        _, stderr = communicate(proc, timeout=20)
         assert proc.returncode == 0, stderr.decode()
 
 
@@ -108,10 +111,14 @@ def run_script(api_url: str, count: int, shutdown_timeout: str) -> tuple[float, 
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "accepted"
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "accepted"
+    except BaseException:
+        kill(proc)
+        raise
     accepted = time.monotonic()
-    _, stderr = proc.communicate(timeout=30)
+    _, stderr = communicate(proc, timeout=30)
     elapsed = time.monotonic() - accepted
     assert proc.returncode == 0, stderr
     return elapsed, stderr

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
+import select
+import socket
 import threading
 import time
 import uuid
@@ -394,12 +397,24 @@ def test_respond_with_rejects_a_non_final_status(koala: KoalaReceiver) -> None:
         koala.respond_with(100)
 
 
-def test_outage_then_recovery(koala: KoalaReceiver) -> None:
-    koala.outage(0.2)
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
 
-    during = post(koala)
-    time.sleep(0.25)
-    after = post(koala)
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_outage_then_recovery() -> None:
+    clock = FakeClock()
+    with KoalaReceiver(clock=clock) as koala:
+        koala.outage(0.2)
+
+        during = post(koala)
+        clock.now += 0.25
+        after = post(koala)
 
     assert during.status_code == 503
     assert after.status_code == 200
@@ -641,7 +656,7 @@ def test_stop_cuts_a_delayed_request_short() -> None:
 
     sender = threading.Thread(target=send)
     sender.start()
-    time.sleep(0.2)  # let the request reach the receiver and start waiting out the delay
+    assert koala.wait_for_requests(1)  # the request is in, waiting out the delay
 
     started = time.monotonic()
     koala.stop()
@@ -660,3 +675,202 @@ def test_receiver_can_start_again_after_stop() -> None:
     with koala:
         assert post(koala).status_code == 200
     assert len(koala.calls) == 2
+
+
+def test_wait_for_requests_sees_a_request_still_held_by_a_delay() -> None:
+    koala = KoalaReceiver().start()
+    koala.delay(30)
+    sender = threading.Thread(target=send_quietly, args=(koala,))
+    sender.start()
+    try:
+        assert koala.wait_for_requests(1)
+        assert koala.calls == []  # read, not answered yet
+    finally:
+        koala.stop()  # cuts the delay short
+        sender.join()
+
+
+def test_wait_for_requests_returns_false_on_timeout(koala: KoalaReceiver) -> None:
+    assert koala.wait_for_requests(1, timeout=0.05) is False
+
+
+def send_quietly(koala: KoalaReceiver) -> None:
+    with contextlib.suppress(requests.RequestException):
+        post(koala)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def raw_request(koala: KoalaReceiver, head: bytes, body: bytes = b"") -> bytes:
+    """Send bytes on a fresh connection; return everything answered until the server closes."""
+    with socket.create_connection(("127.0.0.1", koala.port), timeout=5) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def request_head(length: int | None = None, *, chunked: bool = False) -> bytes:
+    lines = [f"POST {BATCH} HTTP/1.1", "Host: x", "Content-Type: application/json", "User-Agent: t"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_body_over_koalas_limit_is_answered_413(koala: KoalaReceiver) -> None:
+    body = make_body(identifies=[identify(traits={"email": EMAIL, "bio": "x" * 33_000})])
+
+    response = post(koala, body)
+
+    assert response.status_code == 413
+    assert "32768 bytes" in response.json()["error"]
+    assert koala.bodies == []
+    assert koala.calls[0].status == 413
+    assert "32768 bytes" in koala.violations[0]
+
+
+def test_a_large_body_sent_whole_still_gets_its_413(koala: KoalaReceiver) -> None:
+    # The client sends all 4 MB before reading; the receiver must not reset the connection
+    # (and destroy its answer) by closing on what it left unread.
+    response = post(koala, data=b"x" * (4 * 1024 * 1024))
+
+    assert response.status_code == 413
+    assert koala.calls[0].raw == b""
+
+
+def test_body_of_exactly_the_limit_is_read(koala: KoalaReceiver) -> None:
+    data = json.dumps(make_body())
+    padded = data[:-1] + " " * (32 * 1024 - len(data)) + "}"
+
+    response = post(koala, data=padded.encode())
+
+    assert response.status_code == 200
+    assert len(koala.calls[0].raw) == 32 * 1024
+
+
+def test_the_limit_is_a_constructor_argument() -> None:
+    with KoalaReceiver(max_body_bytes=100) as koala:
+        assert post(koala).status_code == 413
+
+
+def test_a_huge_content_length_is_refused_before_the_body_is_read(koala: KoalaReceiver) -> None:
+    # Nothing of the announced 200 MB is sent: an answer proves none of it was waited for.
+    answer = raw_request(koala, request_head(200 * 1024 * 1024))
+
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"Connection: close" in answer
+    assert koala.calls[0].raw == b""
+
+
+def test_a_chunked_body_over_the_limit_is_refused(koala: KoalaReceiver) -> None:
+    chunk = b"x" * 20_000
+    body = b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2  # 40,000 bytes; never terminated
+
+    answer = raw_request(koala, request_head(chunked=True), body)
+
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert koala.bodies == []
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True])
+def test_max_body_bytes_must_be_a_positive_int(limit: Any) -> None:
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        KoalaReceiver(max_body_bytes=limit)
+
+
+def test_a_half_sent_request_is_closed_after_the_idle_timeout() -> None:
+    with KoalaReceiver(idle_timeout=0.2) as koala:
+        with socket.create_connection(("127.0.0.1", koala.port), timeout=5) as sock:
+            sock.sendall(request_head(100) + b'{"email": ')  # and then nothing more
+
+            assert sock.recv(1024) == b""  # the server hung up; no answer
+        assert koala.calls == []
+
+
+def test_a_request_sent_slowly_is_cut_at_the_idle_timeout() -> None:
+    head = request_head(10)
+    with (
+        KoalaReceiver(idle_timeout=0.3) as koala,
+        socket.create_connection(("127.0.0.1", koala.port), timeout=5) as sock,
+    ):
+        # One byte at a time, each well inside the timeout, the whole far past it.
+        sent = 0
+        while sent < len(head) and not hung_up(sock):
+            sock.sendall(head[sent : sent + 1])
+            sent += 1
+            time.sleep(0.05)
+
+        assert sent < len(head)
+        assert koala.calls == []
+
+
+def hung_up(sock: socket.socket) -> bool:
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() -> None:
+    with KoalaReceiver(idle_timeout=0.2) as koala:
+        conn = http.client.HTTPConnection("127.0.0.1", koala.port, timeout=5)
+        try:
+            conn.request("POST", BATCH, body=json.dumps(make_body()), headers=HEADERS)
+            conn.getresponse().read()
+            assert conn.sock is not None
+
+            assert conn.sock.recv(1) == b""
+        finally:
+            conn.close()
+
+
+def test_the_connection_threads_end_with_their_idle_connections() -> None:
+    with KoalaReceiver(idle_timeout=0.2) as koala:
+        sockets = [socket.create_connection(("127.0.0.1", koala.port), timeout=5) for _ in range(5)]
+        try:
+            for sock in sockets:
+                assert sock.recv(1) == b""
+            deadline = time.monotonic() + 5
+            while connection_threads() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+            assert connection_threads() == []
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+def connection_threads() -> list[str]:
+    return [name for name in receiver_threads() if name.startswith("koala-receiver-conn")]
+
+
+@pytest.mark.parametrize("seconds", [0, -1, float("inf"), float("nan")])
+def test_idle_timeout_must_be_positive_and_finite(seconds: float) -> None:
+    with pytest.raises(ValueError, match="idle_timeout"):
+        KoalaReceiver(idle_timeout=seconds)
+
+
+# --------------------------------------------------------------------------- exposure
+
+
+def test_a_loopback_bind_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with KoalaReceiver():
+        pass
+
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_bind_on_every_interface_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with KoalaReceiver("0.0.0.0") as koala:
+        port = koala.port
+
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"0.0.0.0:{port}" in warning.getMessage()
+    assert "not a loopback" in warning.getMessage()
