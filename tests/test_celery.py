@@ -118,6 +118,42 @@ def test_default_max_retries_mean_hours_of_retrying() -> None:
     assert expected > 4 * 3600
 
 
+DOCUMENTED_COUNTERS = (
+    "queued",
+    "sent",
+    "failed",
+    "dropped",
+    "skipped",
+    "retried",
+    "suppressed",
+    "published",
+    "pending",
+    "deferred",
+)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"KOALA_DISPATCHER": "celery"},
+        {"KOALA_DISPATCHER": "thread"},
+        {"KOALA_SYNC": True},
+        {"KOALA_SUPPRESS_SEND": True},
+        {"KOALA_ENABLED": False},
+    ],
+    ids=["celery", "thread", "sync", "suppressed", "disabled"],
+)
+def test_every_documented_counter_exists_from_the_start(
+    make_app: Callable[..., Flask], config: dict[str, Any]
+) -> None:
+    app = make_app(config, koala=Koala(celery=Celery("web", broker=closed_port_url())))
+    with app.app_context():
+        stats = app.extensions["koala"].extension.stats
+        assert {name: stats[name] for name in DOCUMENTED_COUNTERS} == dict.fromkeys(
+            DOCUMENTED_COUNTERS, 0
+        )
+
+
 # -- the task's arguments ------------------------------------------------------------------
 
 
