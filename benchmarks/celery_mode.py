@@ -33,9 +33,10 @@ from flask import Flask, jsonify
 from flask_login import LoginManager, UserMixin, login_user
 
 from flask_koala import Koala
+from flask_koala._celery_publish import task_kwargs
 from flask_koala._payload import Call
 from flask_koala._retry import RetryPolicy
-from flask_koala.celery import TASK_NAME, task_kwargs
+from flask_koala.celery import TASK_NAME
 
 _RECEIVER = """
 import sys

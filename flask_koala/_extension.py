@@ -104,7 +104,7 @@ def _make_dispatcher(
     if config.mode == "suppressed":
         return SuppressedDispatcher(ledger)
     if config.mode == "celery":
-        from .celery import CeleryDispatcher  # Celery is an optional extra
+        from ._celery_publish import CeleryDispatcher  # Celery is an optional extra
 
         return CeleryDispatcher.from_config(config, ledger, celery_app)
     delivery = Delivery(

@@ -18,12 +18,13 @@ from celery import Celery
 from flask import Flask
 
 from flask_koala import ConfigError, Koala
+from flask_koala._celery_publish import CeleryDispatcher, task_kwargs
 from flask_koala._config import KoalaConfig
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
 from flask_koala._receiver import KoalaReceiver
 from flask_koala._retry import RetryPolicy
-from flask_koala.celery import TASK_NAME, CeleryDispatcher, DeliveryFailed, task_kwargs
+from flask_koala.celery import TASK_NAME, DeliveryFailed
 
 from .support import PROFILE_ID, readme_section
 

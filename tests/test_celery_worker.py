@@ -17,6 +17,7 @@ from celery import Celery
 from flask import Flask
 
 from flask_koala import Koala, signals
+from flask_koala._celery_publish import CeleryDispatcher
 from flask_koala._delivery import Delivery
 from flask_koala._dispatch import ThreadDispatcher
 from flask_koala._ledger import Ledger
@@ -24,7 +25,6 @@ from flask_koala._payload import Call
 from flask_koala._receiver import KoalaReceiver
 from flask_koala._retry import RetryPolicy
 from flask_koala._transport import HTTPTransport
-from flask_koala.celery import CeleryDispatcher
 
 from .celery_support import (
     CeleryWorker,
