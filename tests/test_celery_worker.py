@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -226,5 +227,52 @@ def test_kill_after_the_logins_loses_nothing(
     assert receiver.calls == []  # nothing was delivered before the kill
     worker = start_worker()
     assert wait_until(lambda: len(receiver.message_ids()) >= 10, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert sorted(receiver.message_ids()) == sent
+
+
+# -- short-lived and killed web processes -----------------------------------------------------
+
+LOGINS = 30
+
+
+def test_a_process_that_exits_without_flush_publishes_every_call(
+    broker: str,
+    queue: str,
+    start_worker: Callable[[], CeleryWorker],
+    receiver: KoalaReceiver,
+) -> None:
+    web = WebProcess(broker, [receiver.url, queue, str(LOGINS), "exit"])
+    code = web.wait()
+    assert code == 0, web.output.text()
+    assert "broker_error" not in web.output.text()
+    sent = web.message_ids()
+    assert len(sent) == LOGINS
+    worker = start_worker()
+    assert wait_until(lambda: len(receiver.message_ids()) >= LOGINS, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert sorted(receiver.message_ids()) == sent
+
+
+def test_a_process_killed_half_a_second_after_its_logins_loses_nothing(
+    broker: str,
+    queue: str,
+    start_worker: Callable[[], CeleryWorker],
+    receiver: KoalaReceiver,
+) -> None:
+    # The broker client's import takes a second (a cold start): none of it may fall
+    # between the logins and the kill.
+    web = WebProcess(
+        broker, [receiver.url, queue, str(LOGINS), "wait"], env={"KOALA_TEST_SLOW_IMPORT": "redis"}
+    )
+    try:
+        assert web.wait_for("returned"), web.output.text()
+        time.sleep(0.5)
+    finally:
+        web.kill()
+    sent = web.message_ids()
+    assert len(sent) == LOGINS
+    worker = start_worker()
+    assert wait_until(lambda: len(receiver.message_ids()) >= LOGINS, 60), worker.output.text()
     assert settled(broker, queue)
     assert sorted(receiver.message_ids()) == sent
