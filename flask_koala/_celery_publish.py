@@ -217,6 +217,7 @@ class BrokerChannel:
         self._connection: Any = None
         self._producer: Any = None
         self._redis: Optional[_RedisList] = None
+        self._failure: Optional[tuple[float, Exception]] = None
 
     def connect(self) -> None:
         """Connect and declare the queue; raises whatever the broker client raises."""
@@ -233,11 +234,16 @@ class BrokerChannel:
         self._redis = _RedisList.of(connection, channel, publisher) if publisher.fast else None
 
     def connect_quietly(self) -> None:
-        """Connect ahead of the first batch; a broker that is down is met again then."""
+        """Connect ahead of the first batch; a broker that is down is met again then.
+
+        A failure is kept for the first batch, if it comes within a publish timeout: a
+        broker that did not answer a moment ago is not waited on twice in a row.
+        """
         try:
             self.connect()
-        except Exception:
+        except Exception as exc:
             logger.debug("flask-koala: connecting to the Celery broker failed", exc_info=True)
+            self._failure = (time.monotonic(), exc)
 
     def handle(self, batch: Sequence[Call]) -> Verdict:
         """Publish the batch as one task message; never raises on broker errors."""
@@ -262,6 +268,12 @@ class BrokerChannel:
 
     def _publish(self, message: tuple[bytes, dict[str, Any], dict[str, Any]]) -> None:
         if self._producer is None:
+            failure, self._failure = self._failure, None
+            if (
+                failure is not None
+                and time.monotonic() - failure[0] < self._publisher.publish_timeout
+            ):
+                raise failure[1]
             self.connect()
         body, headers, properties = message
         publisher = self._publisher

@@ -18,7 +18,7 @@ from celery import Celery
 from flask import Flask
 
 from flask_koala import ConfigError, Koala
-from flask_koala._celery_publish import CeleryDispatcher, task_kwargs
+from flask_koala._celery_publish import CeleryDispatcher, CeleryPublisher, Verdict, task_kwargs
 from flask_koala._config import KoalaConfig
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
@@ -324,6 +324,68 @@ def test_dispatcher_counts_what_it_hands_over(receiver: KoalaReceiver) -> None:
     assert not dispatcher.submit(a_call())
     stats = ledger.snapshot()
     assert (stats["queued"], stats["dropped.broker_error"], stats["dropped.shutdown"]) == (1, 1, 1)
+
+
+# -- the publishing handler ------------------------------------------------------------------
+
+
+def publisher(broker_url: str, **options: Any) -> CeleryPublisher:
+    return CeleryPublisher(
+        Celery("web", broker=broker_url),
+        endpoint="http://127.0.0.1:1/web/projects/pk_test/batch",
+        timeout=(1.0, 5.0),
+        policy=RetryPolicy(attempts=9),
+        queue="koala-test",
+        publish_timeout=0.5,
+        **options,
+    )
+
+
+def test_the_message_is_a_celery_protocol_2_task_message() -> None:
+    handler = publisher(closed_port_url())
+    call = a_call()
+    body, headers, properties = handler.message([call])
+    assert headers["task"] == TASK_NAME
+    assert headers["id"] == headers["root_id"] == properties["correlation_id"]
+    assert headers["ignore_result"] is True
+    args, kwargs, embed = json.loads(body)
+    assert args == []
+    assert kwargs == task_kwargs(
+        [call],
+        endpoint="http://127.0.0.1:1/web/projects/pk_test/batch",
+        timeout=(1.0, 5.0),
+        policy=RetryPolicy(attempts=9),
+    )
+    assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def test_each_message_has_its_own_task_id() -> None:
+    handler = publisher(closed_port_url())
+    first, second = handler.message([a_call()]), handler.message([a_call()])
+    assert first[1]["id"] != second[1]["id"]
+
+
+def test_the_arguments_shown_to_monitors_carry_no_email() -> None:
+    call = a_call()
+    _, headers, _ = publisher(closed_port_url()).message([call])
+    assert "jane" not in headers["kwargsrepr"]
+    assert "jane" not in headers["argsrepr"]
+    assert call.message_id in headers["kwargsrepr"]
+
+
+def test_opening_a_channel_never_raises_when_the_broker_is_down() -> None:
+    channel = publisher(closed_port_url()).open()
+    channel.close()
+
+
+def test_a_broker_that_refuses_is_a_dropped_verdict() -> None:
+    channel = publisher(closed_port_url()).open()
+    try:
+        verdict = channel.handle([a_call()])
+    finally:
+        channel.close()
+    assert isinstance(verdict, Verdict)
+    assert (verdict.outcome, verdict.reason) == ("dropped", "broker_error")
 
 
 # -- the README section --------------------------------------------------------------------

@@ -18,7 +18,7 @@ from celery import Celery
 from flask import Flask
 
 from flask_koala import Koala, signals
-from flask_koala._celery_publish import CeleryDispatcher
+from flask_koala._celery_publish import CeleryDispatcher, CeleryPublisher, Verdict
 from flask_koala._delivery import Delivery
 from flask_koala._dispatch import ThreadDispatcher
 from flask_koala._ledger import Ledger
@@ -276,3 +276,83 @@ def test_a_process_killed_half_a_second_after_its_logins_loses_nothing(
     assert wait_until(lambda: len(receiver.message_ids()) >= LOGINS, 60), worker.output.text()
     assert settled(broker, queue)
     assert sorted(receiver.message_ids()) == sent
+
+
+# -- the publishing handler against a real broker --------------------------------------------
+
+
+def publisher(broker: str, queue: str, receiver: KoalaReceiver, **options: Any) -> CeleryPublisher:
+    return CeleryPublisher(
+        Celery("web", broker=broker),
+        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
+        timeout=5.0,
+        policy=RetryPolicy(),
+        queue=queue,
+        **options,
+    )
+
+
+def queued(broker: str, queue: str) -> int:
+    client = redis_client(broker)
+    try:
+        return int(client.llen(queue))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["redis-list", "kombu-producer"])
+def test_a_published_batch_is_delivered_by_a_real_worker(
+    broker: str, queue: str, worker: CeleryWorker, receiver: KoalaReceiver, fast: bool
+) -> None:
+    channel = publisher(broker, queue, receiver, fast=fast).open()
+    batch = [call(), call()]
+    try:
+        assert channel.handle(batch) == Verdict("published")
+    finally:
+        channel.close()
+    assert wait_until(lambda: len(receiver.message_ids()) >= 2, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert sorted(receiver.message_ids()) == sorted(c.message_id for c in batch)
+    assert len(receiver.calls) == 1  # one person's calls, one task, one request
+
+
+def test_a_connection_the_broker_dropped_is_replaced_once(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    channel = publisher(broker, queue, receiver).open()
+    try:
+        assert channel.handle([call()]).outcome == "published"
+        admin = redis_client(broker)
+        try:
+            assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        finally:
+            admin.close()
+        assert channel.handle([call()]).outcome == "published"
+    finally:
+        channel.close()
+    assert queued(broker, queue) == 2
+
+
+def test_before_and_after_task_publish_receivers_see_the_message(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    from celery import signals as celery_signals
+
+    seen: list[tuple[str, Any]] = []
+
+    def before(sender: Any, headers: Any, **extra: Any) -> None:
+        seen.append(("before", headers["task"]))
+
+    def after(sender: Any, headers: Any, **extra: Any) -> None:
+        seen.append(("after", headers["task"]))
+
+    celery_signals.before_task_publish.connect(before)
+    celery_signals.after_task_publish.connect(after)
+    channel = publisher(broker, queue, receiver).open()
+    try:
+        assert channel.handle([call()]).outcome == "published"
+    finally:
+        channel.close()
+        celery_signals.before_task_publish.disconnect(before)
+        celery_signals.after_task_publish.disconnect(after)
+    assert seen == [("before", "flask_koala.deliver"), ("after", "flask_koala.deliver")]
