@@ -134,7 +134,14 @@ class CeleryPublisher:
         self._throttle_lock = threading.Lock()
         amqp = celery_app.amqp
         # What send_task would declare and route by: the queue, made if missing.
-        self.queue = amqp.queues[queue]
+        try:
+            self.queue = amqp.queues[queue]
+        except KeyError:
+            raise ConfigError(
+                "KOALA_CELERY_QUEUE",
+                f"{queue!r} is not one of the Celery app's queues, and its "
+                "task_create_missing_queues is off: add the queue to task_queues",
+            ) from None
         exchange = self.queue.exchange
         if getattr(exchange, "type", "direct") == "direct":
             self.exchange, self.routing_key = "", queue  # Celery's anonymous-exchange route
@@ -149,13 +156,19 @@ class CeleryPublisher:
         self._warm()
 
     def _warm(self) -> None:
-        """Import the broker transport and its client now, without connecting."""
-        connection = self.connection()
+        """Import the broker transport and its client now, without connecting.
+
+        A transport that cannot be imported is left for the first publish to report, as a
+        broker error, so that setting the app up never fails on the broker.
+        """
         try:
-            connection.transport  # noqa: B018  (imports kombu's transport and e.g. redis)
-            self.celery.amqp.Producer  # noqa: B018
-        finally:
-            connection.release()
+            connection = self.connection()
+            try:
+                connection.transport  # noqa: B018  (imports kombu's transport and e.g. redis)
+            finally:
+                connection.release()
+        except Exception:
+            logger.debug("flask-koala: loading the Celery broker's transport failed", exc_info=True)
 
     def connection(self) -> Any:
         """A new, unconnected broker connection whose every wait is bounded."""
@@ -248,8 +261,8 @@ class BrokerChannel:
     def handle(self, batch: Sequence[Call]) -> Verdict:
         """Publish the batch as one task message; never raises on broker errors."""
         publisher = self._publisher
+        message = publisher.message(batch)  # a fault here is ours, not the broker's
         try:
-            message = publisher.message(batch)
             fresh = self._producer is None
             try:
                 self._publish(message)

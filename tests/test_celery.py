@@ -112,6 +112,29 @@ def test_publish_timeout_must_be_positive(make_app: Callable[..., Flask]) -> Non
         make_app({"KOALA_CELERY_PUBLISH_TIMEOUT": 0})
 
 
+def test_a_queue_celery_will_not_create_fails_at_init(make_app: Callable[..., Flask]) -> None:
+    celery_app = Celery("web", broker=closed_port_url())
+    celery_app.conf.task_create_missing_queues = False
+    with pytest.raises(ConfigError, match="KOALA_CELERY_QUEUE"):
+        make_app({"KOALA_DISPATCHER": "celery"}, koala=Koala(celery=celery_app))
+
+
+def test_a_broker_transport_that_cannot_load_fails_the_calls_not_the_setup(
+    make_app: Callable[..., Flask],
+) -> None:
+    app = make_app(
+        {"KOALA_DISPATCHER": "celery", "KOALA_CELERY_PUBLISH_TIMEOUT": 0.5},
+        koala=Koala(celery=Celery("web", broker="no-such-transport://127.0.0.1/0")),
+    )
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    assert client.post("/login/jane").status_code == 200
+    with app.app_context():
+        koala = app.extensions["koala"].extension
+        assert koala.flush(30)
+        assert koala.stats["dropped.broker_error"] == 1
+
+
 def test_default_max_retries_mean_hours_of_retrying() -> None:
     policy = RetryPolicy(attempts=KoalaConfig.celery_max_retries)
     # Full jitter waits half the cap on average.
