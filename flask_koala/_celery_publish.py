@@ -20,7 +20,8 @@ What keeps a publish cheap and prompt:
   change), the body is encoded once with :mod:`json`, and kombu's producer publishes the
   bytes without serialising them again.
 
-No Flask here; Celery and kombu are only reached through the Celery app handed to us.
+No Flask here. This module is loaded only in celery mode, where the app handed us a Celery
+app; kombu and the broker client are reached through that app.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional, cast
+
+from celery import signals as celery_signals
 
 from ._config import KoalaConfig, Timeout
 from ._delivery import Delivery
@@ -126,7 +129,6 @@ class CeleryPublisher:
         #: Push straight onto a Redis list where kombu would (see :class:`_RedisList`).
         self.fast = fast
         self.celery = celery_app
-        self.queue_name = queue
         self.publish_timeout = publish_timeout
         # The task arguments every batch shares, ready to merge.
         self._shared = _shared_kwargs(endpoint, timeout, policy)
@@ -276,7 +278,8 @@ class BrokerChannel:
         except Exception as exc:
             self.close()
             publisher.warn_broker_error(exc)
-            return Verdict("dropped", "broker_error", error=f"{type(exc).__name__}: {exc}")
+            error = redact(f"{type(exc).__name__}: {exc}")
+            return Verdict("dropped", "broker_error", error=error)
         return Verdict("published")
 
     def _publish(self, message: tuple[bytes, dict[str, Any], dict[str, Any]]) -> None:
@@ -290,11 +293,11 @@ class BrokerChannel:
             self.connect()
         body, headers, properties = message
         publisher = self._publisher
-        signals = _celery_signals()
-        if signals.before_task_publish.receivers:
-            signals.before_task_publish.send(
+        if celery_signals.before_task_publish.receivers:
+            # As Celery sends it; a receiver may add headers (trace context, say).
+            celery_signals.before_task_publish.send(
                 sender=TASK_NAME,
-                body=body,
+                body=tuple(json.loads(body)),
                 exchange=publisher.exchange,
                 routing_key=publisher.routing_key,
                 declare=[publisher.queue],
@@ -315,10 +318,10 @@ class BrokerChannel:
                 delivery_mode=_PERSISTENT,
                 **properties,
             )
-        if signals.after_task_publish.receivers:
-            signals.after_task_publish.send(
+        if celery_signals.after_task_publish.receivers:
+            celery_signals.after_task_publish.send(
                 sender=TASK_NAME,
-                body=body,
+                body=tuple(json.loads(body)),
                 headers=headers,
                 exchange=publisher.exchange,
                 routing_key=publisher.routing_key,
@@ -385,12 +388,6 @@ def _release(connection: Any) -> None:
         connection.release()
     except Exception:
         logger.debug("flask-koala: closing the broker connection failed", exc_info=True)
-
-
-def _celery_signals() -> Any:
-    from celery import signals  # imported with the Celery app the user handed us
-
-    return signals
 
 
 # -- STAND-IN until flask_koala/_engine.py lands ---------------------------------------
