@@ -135,15 +135,17 @@ class CeleryPublisher:
         self._throttle = Throttle(time.monotonic)
         self._throttle_lock = threading.Lock()
         amqp = celery_app.amqp
-        # What send_task would declare and route by: the queue, made if missing.
-        try:
-            self.queue = amqp.queues[queue]
-        except KeyError:
+        # What send_task would declare and route by: the queue, made if missing, but not
+        # added to the app's queues (a worker importing this app would start consuming it).
+        queues = amqp.queues
+        known = queues.get(queue)
+        if known is None and not queues.create_missing:
             raise ConfigError(
                 "KOALA_CELERY_QUEUE",
                 f"{queue!r} is not one of the Celery app's queues, and its "
                 "task_create_missing_queues is off: add the queue to task_queues",
-            ) from None
+            )
+        self.queue = known if known is not None else queues.new_missing(queue)
         exchange = self.queue.exchange
         if getattr(exchange, "type", "direct") == "direct":
             self.exchange, self.routing_key = "", queue  # Celery's anonymous-exchange route

@@ -135,6 +135,14 @@ def test_a_broker_transport_that_cannot_load_fails_the_calls_not_the_setup(
         assert koala.stats["dropped.broker_error"] == 1
 
 
+def test_setting_up_leaves_the_celery_apps_queues_alone(make_app: Callable[..., Flask]) -> None:
+    # A worker that imports the Flask app and runs without -Q consumes every queue the
+    # app knows; setting up celery mode must not add Koala's to them.
+    celery_app = Celery("web", broker=closed_port_url())
+    make_app({"KOALA_DISPATCHER": "celery"}, koala=Koala(celery=celery_app))
+    assert "koala" not in celery_app.amqp.queues
+
+
 def test_default_max_retries_mean_hours_of_retrying() -> None:
     policy = RetryPolicy(attempts=KoalaConfig.celery_max_retries)
     # Full jitter waits half the cap on average.
