@@ -1,4 +1,4 @@
-"""What celery mode adds to a login, next to thread mode: ``python -m benchmarks.celery_mode``.
+"""What celery mode costs a web process, next to thread mode: ``python -m benchmarks.celery_mode``.
 
 Three apps differing only in ``KOALA_DISPATCHER`` (and a baseline with flask-koala
 disabled) log in through Flask-Login's ``login_user``, each login with a fresh ``ko_id``,
@@ -7,10 +7,18 @@ the median time ``koala.identify()`` holds the request thread (the precise added
 more line measures what publishing on the request thread would cost instead: a plain
 ``celery_app.send_task`` to the same Redis.
 
+Then the web process's own work per call, request thread and background thread together:
+``--calls`` identifies are queued in one request and drained, per round and mode. Printed:
+the process CPU per call beyond the disabled baseline (thread mode: per *delivered*
+identify; celery mode: per *published* one), and how many calls per second the drain
+reaches, as medians with the lowest and highest round; next to them, a loop of Celery's
+``send_task`` (how 0.1.0 published each call).
+
 Needs ``redis-server`` (Debian package) or ``KOALA_BENCH_REDIS_URL``. The Koala receiver runs
 in a process of its own so that its work does not blur the figures; no Celery worker runs
 (tasks wait in Redis, in the queue ``koala-bench``, deleted at the end). Options:
-``--logins N`` per mode and round, ``--rounds R``.
+``--logins N`` per mode and round, ``--calls N`` per mode and round of the CPU part,
+``--rounds R``.
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ from flask import Flask, jsonify
 from flask_login import LoginManager, UserMixin, login_user
 
 from flask_koala import Koala
+from flask_koala._celery_publish import task_kwargs
 from flask_koala._payload import Call
 from flask_koala._retry import RetryPolicy
-from flask_koala.celery import TASK_NAME, task_kwargs
+from flask_koala.celery import TASK_NAME
 
 _RECEIVER = """
 import sys
@@ -48,6 +57,7 @@ with KoalaReceiver() as koala:
 
 QUEUE = "koala-bench"
 BARE = "bare (flask-koala disabled)"
+SEND_TASK = "send_task per call (0.1.0)"
 
 
 class User(UserMixin):
@@ -166,9 +176,80 @@ def us(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} µs"
 
 
+def drain(app: Flask, koala: Koala, n: int) -> tuple[float, float]:
+    """CPU seconds of the whole process per call, and calls per second drained.
+
+    The calls are queued in one request (one visitor, a different email each, so each is a
+    batch of its own); its end wakes the background threads, and ``flush`` waits for the
+    last call to end: delivered, or published.
+    """
+    cookie = f"ko_id={uuid.uuid4()}"
+    cpu = time.process_time()
+    with app.test_request_context("/login", headers={"Cookie": cookie}):
+        for i in range(n):
+            koala.identify(f"user{i}@example.com")
+        start = time.perf_counter()
+    with app.app_context():
+        assert koala.flush(120), "the calls did not end"
+    seconds = time.perf_counter() - start
+    return (time.process_time() - cpu) / n, n / seconds
+
+
+def send_task_loop(celery_app: Celery, endpoint: str, n: int) -> tuple[float, float]:
+    """CPU seconds per call and calls per second of ``send_task`` in a loop."""
+    calls = [
+        Call.identify(profile_id=str(uuid.uuid4()), email=USER.email, traits={}) for _ in range(n)
+    ]
+    cpu, start = time.process_time(), time.perf_counter()
+    for call in calls:
+        kwargs = task_kwargs([call], endpoint=endpoint, timeout=5.0, policy=RetryPolicy())
+        celery_app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, serializer="json")
+    return (time.process_time() - cpu) / n, n / (time.perf_counter() - start)
+
+
+def spread(values: list[float]) -> str:
+    """Median [lowest-highest], whole numbers."""
+    return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
+
+
+def cpu_figures(
+    apps: dict[str, tuple[Flask, Koala]], celery_app: Celery, endpoint: str, calls: int, rounds: int
+) -> None:
+    """Print the CPU per call and calls per second of each mode, side by side."""
+    cpu: dict[str, list[float]] = {name: [] for name in apps}
+    rate: dict[str, list[float]] = {name: [] for name in apps}
+    cpu[SEND_TASK], rate[SEND_TASK] = [], []
+    for app, koala in apps.values():
+        drain(app, koala, 50)  # warm up: threads started, connections open
+    for _ in range(rounds):
+        for name, (app, koala) in apps.items():
+            c, r = drain(app, koala, calls)
+            cpu[name].append(c)
+            rate[name].append(r)
+        c, r = send_task_loop(celery_app, endpoint, calls)
+        cpu[SEND_TASK].append(c)
+        rate[SEND_TASK].append(r)
+    base = statistics.median(cpu[BARE])
+    print()
+    print(f"web-process work per call: median [lowest-highest] of {rounds} rounds of {calls} calls")
+    print(f"{'':28} {'CPU per call, added (µs)':>26} {'calls/s':>22}")
+    for name in cpu:
+        if name != BARE:
+            added = [(c - base) * 1e6 for c in cpu[name]]
+            print(f"{name:28} {spread(added):>26} {spread(rate[name]):>22}")
+    print(
+        "CPU per call: the whole process's CPU (request and background threads) from the\n"
+        "first identify to the last call's end, beyond the same loop with flask-koala\n"
+        "disabled. Thread mode ends a call when Koala answered (a delivered identify),\n"
+        "celery mode when the broker took it (a published one). calls/s: from the end of\n"
+        "the request that queued them to the last one's end (send_task: the whole loop)."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logins", type=int, default=500, help="logins per mode and round")
+    parser.add_argument("--calls", type=int, default=3000, help="calls per mode and round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with redis() as broker, receiver() as koala_url:
@@ -198,9 +279,6 @@ def main() -> None:
                 with app.app_context():
                     koala.flush(60)
             publish += time_send_task(celery_app, endpoint, args.logins)
-        for app, koala in apps.values():
-            with app.app_context():
-                koala.shutdown(10)
         print(f"medians of {args.rounds * args.logins} logins per mode and column")
         print(
             f"{'':28} {'identify() holds':>17} {'login, idle':>12} {'added':>10}"
@@ -220,6 +298,10 @@ def main() -> None:
             "back, the background thread's work sharing the GIL; publish in the view: one\n"
             "send_task to Redis, what apply_async on the request thread would hold it for."
         )
+        cpu_figures(apps, celery_app, endpoint, args.calls, args.rounds)
+        for app, koala in apps.values():
+            with app.app_context():
+                koala.shutdown(10)
         delete_queue(broker)
 
 

@@ -322,7 +322,7 @@ def _make_dispatcher(
     celery_app: Any = None,
 ) -> Optional[Dispatcher]:
     if config.dispatcher == "celery":
-        from .celery import CeleryDispatcher  # Celery is an optional extra
+        from ._celery_publish import CeleryDispatcher  # Celery is an optional extra
 
         return CeleryDispatcher.from_config(config, ledger, celery_app)
     delivery = Delivery(

@@ -27,9 +27,11 @@ __all__ = ["OUTCOMES", "Ledger", "describe_error", "redact"]
 
 logger = logging.getLogger("flask_koala")
 
-#: Counters every ledger reports, even at zero. ``deferred`` is not an end: it counts
-#: identifies parked in a session until a ``ko_id`` shows up (``KOALA_MISSING_COOKIE =
-#: "defer"``); each later ends as a queued call or a ``skipped.defer_*``.
+#: Counters every ledger reports, even at zero, in every mode. ``published`` (Celery mode:
+#: handed to the broker) is the end of a call in this process. ``deferred`` is not an end:
+#: it counts identifies parked in a session until a ``ko_id`` shows up
+#: (``KOALA_MISSING_COOKIE = "defer"``); each later ends as a queued call or a
+#: ``skipped.defer_*``.
 OUTCOMES = (
     "queued",
     "sent",
@@ -38,6 +40,7 @@ OUTCOMES = (
     "skipped",
     "retried",
     "suppressed",
+    "published",
     "pending",
     "deferred",
 )

@@ -1,25 +1,18 @@
-"""Durable delivery through Celery (``KOALA_DISPATCHER = "celery"``).
+"""Durable delivery through Celery (``KOALA_DISPATCHER = "celery"``): the worker side.
 
-Two halves, joined only by JSON on the broker:
+What a worker module needs: :func:`register_task`, the task's name :data:`TASK_NAME` and
+:class:`DeliveryFailed`. The web side (the engine's publishing handler) is private and
+joins this module only through JSON on the broker.
 
-- The web side, :class:`CeleryDispatcher`. The request thread enqueues exactly as in the
-  thread engine (a bounded in-memory queue, a few microseconds); one background thread,
-  ``flask-koala-1``, turns each batch into a ``flask_koala.deliver`` task message and
-  publishes it, bounded by ``KOALA_CELERY_PUBLISH_TIMEOUT``. Publishing from the request
-  would cost a broker round trip (hundreds of microseconds on loopback Redis, more across
-  a network) on every login; the price of publishing off-thread is a short window, between
-  the login's return and the publish, in which a killed process still loses the call.
-- The worker side, the task :data:`TASK_NAME`. It needs no Flask app: its arguments carry
-  the ready body, the endpoint, the ``message_id`` of every entry, the timeout and the retry
-  policy. It posts once per run and classifies the answer with
-  :func:`~flask_koala._delivery.attempt`, the thread engine's own rules: 2xx is delivered,
-  408/429/5xx and network errors are retried after ``Retry-After`` or the engine's backoff,
-  any other 4xx fails for good. A retry re-sends the body unchanged, so Koala sees the same
-  ``message_id`` every time and can drop the duplicate a redelivery may cause.
+The task needs no Flask app: its arguments carry the ready body, the endpoint, the
+``message_id`` of every entry, the timeout and the retry policy. It posts once per run and
+classifies the answer with :func:`~flask_koala._delivery.attempt`, the thread engine's own
+rules: 2xx is delivered, 408/429/5xx and network errors are retried after ``Retry-After``
+or the engine's backoff, any other 4xx fails for good. A retry re-sends the body unchanged,
+so Koala sees the same ``message_id`` every time and can drop the duplicate a redelivery
+may cause.
 
-Counting: the web app's :attr:`~flask_koala.Koala.stats` count ``queued``, ``published``
-(handed to the broker) and ``dropped`` (``queue_full``, ``shutdown``, ``broker_error``);
-whether Koala took a call is known only in the worker, which logs it on the
+Whether Koala took a call is known only in the worker, which logs it on the
 ``flask_koala`` logger and reports it through Celery: the task returns
 ``{"outcome": "sent", ...}`` or raises :class:`DeliveryFailed`.
 
@@ -31,34 +24,23 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from ._config import KoalaConfig, Timeout
-from ._delivery import Delivery, attempt
-from ._dispatch import ThreadDispatcher
-from ._exceptions import ConfigError, KoalaError
-from ._ledger import Ledger, Throttle, redact
-from ._payload import Call, build_body, encode_body
+from ._delivery import attempt
+from ._exceptions import KoalaError
+from ._ledger import Ledger, redact
+from ._payload import encode_body
 from ._retry import RetryPolicy
-from ._transport import HTTPTransport, Response, Transport
+from ._transport import HTTPTransport, Transport
 
-__all__ = ["TASK_NAME", "CeleryDispatcher", "DeliveryFailed", "register_task", "task_kwargs"]
+__all__ = ["TASK_NAME", "DeliveryFailed", "register_task"]
 
 logger = logging.getLogger("flask_koala")
 
 #: The name the delivery task is registered and published under; stable across releases.
 TASK_NAME = "flask_koala.deliver"
-
-# One reconnect when the pooled connection went stale (a restarted Redis), no sleeping:
-# anything slower is a broker that is down, and the call is dropped as broker_error.
-_PUBLISH_RETRY_POLICY = {
-    "max_retries": 1,
-    "interval_start": 0,
-    "interval_step": 0,
-    "interval_max": 0,
-}
 
 
 class DeliveryFailed(KoalaError):
@@ -197,226 +179,3 @@ def _policy(values: Optional[Mapping[str, Any]]) -> RetryPolicy:
         wait_max=float(values.get("wait_max", RetryPolicy.wait_max)),
         wait_exp_base=float(values.get("wait_exp_base", RetryPolicy.wait_exp_base)),
     )
-
-
-def task_kwargs(
-    calls: Sequence[Call], *, endpoint: str, timeout: Timeout, policy: RetryPolicy
-) -> dict[str, Any]:
-    """The task's keyword arguments for one batch: plain JSON, everything the worker needs."""
-    return {
-        "body": build_body(calls),
-        "endpoint": endpoint,
-        "message_ids": [call.message_id for call in calls],
-        "timeout": list(timeout) if isinstance(timeout, tuple) else timeout,
-        "policy": {
-            "max_retries": policy.attempts,
-            "wait_initial": policy.wait_initial,
-            "wait_max": policy.wait_max,
-            "wait_exp_base": policy.wait_exp_base,
-        },
-    }
-
-
-# -- the web side -------------------------------------------------------------------------
-
-
-class _BrokerLink:
-    """A publishing thread's own broker connection, with timeouts that bound a publish.
-
-    The Celery app's shared pool has none by default for Redis: a broker that accepts the
-    connection and never answers would hold the publisher forever. This connection takes
-    the app's broker settings and adds socket timeouts (Redis and AMQP names alike).
-
-    It stands in the place of a :class:`~flask_koala._transport.Transport` in the thread
-    engine, which hands it back to :meth:`_Publisher.send` and closes it when its thread ends.
-    """
-
-    def __init__(self, celery_app: Any, timeout: float) -> None:
-        self._celery = celery_app
-        self._timeout = timeout
-        self._connection: Any = None
-        self._producer: Any = None
-
-    def publish(self, kwargs: dict[str, Any], queue: str) -> None:
-        """Publish one task message; raises whatever the broker client raises."""
-        if self._producer is None:
-            self._connection = self._celery.connection_for_write(
-                connect_timeout=self._timeout,
-                transport_options={
-                    "socket_timeout": self._timeout,
-                    "socket_connect_timeout": self._timeout,
-                    "read_timeout": self._timeout,
-                    "write_timeout": self._timeout,
-                },
-            )
-            self._producer = self._celery.amqp.Producer(self._connection, auto_declare=False)
-        try:
-            self._celery.send_task(
-                TASK_NAME,
-                kwargs=kwargs,
-                queue=queue,
-                serializer="json",
-                producer=self._producer,
-                retry=True,
-                retry_policy=_PUBLISH_RETRY_POLICY,
-                ignore_result=True,
-            )
-        except BaseException:
-            self.close()  # start from a fresh connection next time
-            raise
-
-    def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
-        """Never called: the publisher sends through :meth:`publish`."""
-        raise NotImplementedError("a broker link publishes tasks; it does not post")
-
-    def close(self) -> None:
-        connection, self._connection, self._producer = self._connection, None, None
-        if connection is not None:
-            try:
-                connection.release()
-            except Exception:
-                logger.debug("flask-koala: closing the broker connection failed", exc_info=True)
-
-
-class _Publisher(Delivery):
-    """The thread engine's delivery step, publishing a task instead of posting to Koala.
-
-    Subclassing :class:`~flask_koala._delivery.Delivery` lets :class:`ThreadDispatcher` run
-    it unchanged: its queue bound, flush, shutdown, fork and exit handling all carry over.
-    """
-
-    def __init__(
-        self,
-        celery_app: Any,
-        *,
-        endpoint: str,
-        timeout: Timeout,
-        policy: RetryPolicy,
-        ledger: Ledger,
-        queue: str,
-        publish_timeout: float,
-    ) -> None:
-        super().__init__(endpoint, timeout=timeout, policy=policy, ledger=ledger)
-        self.celery = celery_app
-        self.queue = queue
-        self.publish_timeout = publish_timeout
-        self._throttle = Throttle(time.monotonic)
-
-    def open_link(self) -> Transport:
-        return _BrokerLink(self.celery, self.publish_timeout)
-
-    def send(self, calls: Sequence[Call], transport: Transport) -> bool:
-        if not isinstance(transport, _BrokerLink):
-            raise TypeError("the Celery publisher needs the broker link it opened")
-        kwargs = task_kwargs(
-            calls, endpoint=self.endpoint, timeout=self.timeout, policy=self.policy
-        )
-        try:
-            transport.publish(kwargs, self.queue)
-        except Exception as exc:
-            self._warn_broker_error(exc)
-            self.ledger.dropped(calls, "broker_error", accepted=True)
-            return False
-        self.ledger.published(calls)
-        return True
-
-    def _warn_broker_error(self, exc: Exception) -> None:
-        # The ledger's "dropped" line names the reason; this one says what the broker did.
-        if self._throttle.allow("broker_error") is not None:
-            logger.warning(
-                "flask-koala: could not publish to the Celery broker (%s: %s); calls are "
-                "dropped until it answers again",
-                type(exc).__name__,
-                redact(str(exc)),
-            )
-
-
-class CeleryDispatcher:
-    """Publishes each accepted call as a :data:`TASK_NAME` task, from a background thread.
-
-    Args:
-        celery_app: the app whose broker the tasks go to; the task is registered on it.
-        endpoint: the Koala batch URL the worker posts to.
-        timeout: per attempt, in the worker.
-        policy: the worker's retries and backoff; ``attempts`` is
-            ``KOALA_CELERY_MAX_RETRIES``.
-        ledger: counts queued, published and dropped calls.
-        queue: the Celery queue (``KOALA_CELERY_QUEUE``).
-        publish_timeout: bounds each publish (``KOALA_CELERY_PUBLISH_TIMEOUT``).
-        max_queue_size: calls waiting to be published beyond this are dropped.
-        shutdown_timeout: how long the exit hook keeps publishing before it gives up.
-    """
-
-    def __init__(
-        self,
-        celery_app: Any,
-        *,
-        endpoint: str,
-        timeout: Timeout,
-        policy: RetryPolicy,
-        ledger: Ledger,
-        queue: str = "koala",
-        publish_timeout: float = 1.0,
-        max_queue_size: int = 10_000,
-        shutdown_timeout: float = 2.0,
-    ) -> None:
-        register_task(celery_app)
-        self._publisher = _Publisher(
-            celery_app,
-            endpoint=endpoint,
-            timeout=timeout,
-            policy=policy,
-            ledger=ledger,
-            queue=queue,
-            publish_timeout=publish_timeout,
-        )
-        # One thread: a publish takes well under a millisecond while the broker is up.
-        self._engine = ThreadDispatcher(
-            self._publisher,
-            self._publisher.open_link,
-            max_workers=1,
-            max_queue_size=max_queue_size,
-            shutdown_timeout=shutdown_timeout,
-        )
-
-    @classmethod
-    def from_config(cls, config: KoalaConfig, ledger: Ledger, celery_app: Any) -> CeleryDispatcher:
-        """The dispatcher for ``KOALA_DISPATCHER = "celery"``.
-
-        Raises:
-            ConfigError: no Celery app was given.
-        """
-        if celery_app is None:
-            raise ConfigError(
-                "KOALA_DISPATCHER",
-                "is 'celery' but no Celery app was given: use Koala(app, celery=celery_app) "
-                "or koala.init_celery(celery_app) before init_app (pip install "
-                "'flask-koala[celery]')",
-            )
-        return cls(
-            celery_app,
-            endpoint=config.endpoint,
-            timeout=config.timeout,
-            policy=RetryPolicy(attempts=config.celery_max_retries),
-            ledger=ledger,
-            queue=config.celery_queue,
-            publish_timeout=config.celery_publish_timeout,
-            max_queue_size=config.max_queue_size,
-            shutdown_timeout=config.shutdown_timeout,
-        )
-
-    def submit(self, call: Call, *, wake: bool = True) -> bool:
-        """Queue the call for publishing; never blocks on the broker."""
-        return self._engine.submit(call, wake=wake)
-
-    def wake(self) -> None:
-        """Let the publishing thread start on what is queued."""
-        self._engine.wake()
-
-    def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every call taken so far was published (or dropped)."""
-        return self._engine.flush(timeout)
-
-    def shutdown(self, timeout: Optional[float] = None) -> bool:
-        """Publish what is queued (bounded by ``timeout``), then stop the thread."""
-        return self._engine.shutdown(timeout)

@@ -188,13 +188,15 @@ class CeleryWorker:
 
 
 class WebProcess:
-    """``python -m tests.celery_web``: a web app in its own process, for the kill test."""
+    """``python -m tests.celery_web``: a web app in its own process, for exit and kill tests."""
 
-    def __init__(self, broker_url: str, args: list[str]) -> None:
+    def __init__(
+        self, broker_url: str, args: list[str], env: Optional[dict[str, str]] = None
+    ) -> None:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "tests.celery_web", *args],
             cwd=ROOT,
-            env=_env(broker_url),
+            env={**_env(broker_url), **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -203,6 +205,21 @@ class WebProcess:
 
     def wait_for(self, text: str, timeout: float = _START_TIMEOUT) -> bool:
         return self.output.wait_for(text, timeout)
+
+    def wait(self, timeout: float = _START_TIMEOUT) -> int:
+        """Wait for the process to end by itself; its exit code."""
+        try:
+            code = self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self.output.join()
+        return code
+
+    def message_ids(self) -> list[str]:
+        """The ``message_id`` of every call it accepted, as it printed them."""
+        lines = self.output.lines
+        return sorted(line.split()[1] for line in lines if line.startswith("message_id "))
 
     def kill(self) -> Optional[int]:
         """SIGKILL: no atexit hook, no flush, no goodbye."""

@@ -1,26 +1,51 @@
-"""A web process for the kill test: ``python -m tests.celery_web <api_url> <queue> <logins>``.
+"""A web process for the exit and kill tests.
 
-It logs in through the real view ``<logins>`` times with ``KOALA_DISPATCHER = "celery"``,
-calls ``koala.flush()`` so that every call has been published to the broker (the
-background publisher's window is closed, on purpose: see the README's Celery section), prints
-each ``message_id``, then ``done``, and waits to be killed.
+``python -m tests.celery_web <api_url> <queue> <logins> [<mode>]`` sets up an app with
+``KOALA_DISPATCHER = "celery"`` and logs in through the real view ``<logins>`` times, each
+with a visitor of its own, as soon as the app is set up. It prints each ``message_id``,
+then:
+
+- ``flush`` (the default): calls ``koala.flush()``, so every call has been published,
+  prints ``done`` and waits to be killed;
+- ``wait``: prints ``returned`` at once, without flushing, and waits to be killed (the
+  test kills it shortly after: the window the docs promise);
+- ``exit``: prints ``returned`` and lets the interpreter exit, without flushing, as a
+  script or a CLI command does.
+
+With ``KOALA_TEST_SLOW_IMPORT=<module>`` in its environment, importing that module takes a
+second more, as it may on a cold start (the broker client took 0.3 to 1.3 s to import and
+connect in the field).
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import sys
 import time
-from typing import Any
+import uuid
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from celery import Celery
 
 from flask_koala import Koala, signals
 
-from .support import PROFILE_ID, build_app
+from .support import build_app
 
 
-def main(api_url: str, queue: str, logins: int) -> None:
+class _SlowImport(importlib.abc.MetaPathFinder):
+    """Holds the first import of one module for a second, then lets the others find it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Any = None) -> None:
+        if fullname == self.name:
+            time.sleep(1.0)
+
+
+def main(api_url: str, queue: str, logins: int, mode: str) -> None:
     celery_app = Celery("flask_koala_web", broker=os.environ["KOALA_TEST_BROKER_URL"])
     koala = Koala(celery=celery_app)
     app = build_app(
@@ -28,7 +53,6 @@ def main(api_url: str, queue: str, logins: int) -> None:
         koala,
     )
     client = app.test_client()
-    client.set_cookie("ko_id", PROFILE_ID)
     ids: list[str] = []
 
     def record(sender: object, **extra: Any) -> None:
@@ -36,15 +60,24 @@ def main(api_url: str, queue: str, logins: int) -> None:
 
     with signals.call_accepted.connected_to(record, sender=app):
         for _ in range(logins):
-            assert client.post("/login/jane").status_code == 200
-    with app.app_context():
-        assert koala.flush(30), "the calls were not published"
-        assert koala.stats["published"] == logins, dict(koala.stats)
+            client.set_cookie("ko_id", str(uuid.uuid4()))
+            # Closed as a WSGI server closes every response: that is what wakes delivery.
+            with client.post("/login/jane") as response:
+                assert response.status_code == 200
     for message_id in ids:
         print("message_id", message_id, flush=True)
-    print("done", flush=True)
-    time.sleep(3600)  # the test kills us with SIGKILL
+    if mode == "flush":
+        with app.app_context():
+            assert koala.flush(30), "the calls were not published"
+            assert koala.stats["published"] == logins, dict(koala.stats)
+        print("done", flush=True)
+    else:
+        print("returned", flush=True)
+    if mode != "exit":
+        time.sleep(3600)  # the test kills us with SIGKILL
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if os.environ.get("KOALA_TEST_SLOW_IMPORT"):
+        sys.meta_path.insert(0, _SlowImport(os.environ["KOALA_TEST_SLOW_IMPORT"]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "flush")

@@ -18,13 +18,14 @@ from celery import Celery
 from flask import Flask
 
 from flask_koala import ConfigError, Koala
+from flask_koala._celery_publish import CeleryDispatcher, CeleryPublisher, Verdict, task_kwargs
 from flask_koala._config import KoalaConfig
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
 from flask_koala._receiver import KoalaReceiver
 from flask_koala._retry import RetryPolicy
 from flask_koala._state import state_of
-from flask_koala.celery import TASK_NAME, CeleryDispatcher, DeliveryFailed, task_kwargs
+from flask_koala.celery import TASK_NAME, DeliveryFailed
 
 from .support import PROFILE_ID, koala_of, readme_section
 
@@ -114,11 +115,78 @@ def test_publish_timeout_must_be_positive(make_app: Callable[..., Flask]) -> Non
         make_app({"KOALA_CELERY_PUBLISH_TIMEOUT": 0})
 
 
+def test_a_queue_celery_will_not_create_fails_at_init(make_app: Callable[..., Flask]) -> None:
+    celery_app = Celery("web", broker=closed_port_url())
+    celery_app.conf.task_create_missing_queues = False
+    with pytest.raises(ConfigError, match="KOALA_CELERY_QUEUE"):
+        make_app({"KOALA_DISPATCHER": "celery"}, koala=Koala(celery=celery_app))
+
+
+def test_a_broker_transport_that_cannot_load_fails_the_calls_not_the_setup(
+    make_app: Callable[..., Flask],
+) -> None:
+    app = make_app(
+        {"KOALA_DISPATCHER": "celery", "KOALA_CELERY_PUBLISH_TIMEOUT": 0.5},
+        koala=Koala(celery=Celery("web", broker="no-such-transport://127.0.0.1/0")),
+    )
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    assert client.post("/login/jane").status_code == 200
+    with app.app_context():
+        koala = koala_of(app)
+        assert koala.flush(30)
+        assert koala.stats["dropped.broker_error"] == 1
+
+
+def test_setting_up_leaves_the_celery_apps_queues_alone(make_app: Callable[..., Flask]) -> None:
+    # A worker that imports the Flask app and runs without -Q consumes every queue the
+    # app knows; setting up celery mode must not add Koala's to them.
+    celery_app = Celery("web", broker=closed_port_url())
+    make_app({"KOALA_DISPATCHER": "celery"}, koala=Koala(celery=celery_app))
+    assert "koala" not in celery_app.amqp.queues
+
+
 def test_default_max_retries_mean_hours_of_retrying() -> None:
     policy = RetryPolicy(attempts=KoalaConfig.celery_max_retries)
     # Full jitter waits half the cap on average.
     expected = sum(min(policy.wait_max, policy.wait_initial * 2**n) / 2 for n in range(1000))
     assert expected > 4 * 3600
+
+
+DOCUMENTED_COUNTERS = (
+    "queued",
+    "sent",
+    "failed",
+    "dropped",
+    "skipped",
+    "retried",
+    "suppressed",
+    "published",
+    "pending",
+    "deferred",
+)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"KOALA_DISPATCHER": "celery"},
+        {"KOALA_DISPATCHER": "thread"},
+        {"KOALA_SYNC": True},
+        {"KOALA_SUPPRESS_SEND": True},
+        {"KOALA_ENABLED": False},
+    ],
+    ids=["celery", "thread", "sync", "suppressed", "disabled"],
+)
+def test_every_documented_counter_exists_from_the_start(
+    make_app: Callable[..., Flask], config: dict[str, Any]
+) -> None:
+    app = make_app(config, koala=Koala(celery=Celery("web", broker=closed_port_url())))
+    with app.app_context():
+        stats = koala_of(app).stats
+        assert {name: stats[name] for name in DOCUMENTED_COUNTERS} == dict.fromkeys(
+            DOCUMENTED_COUNTERS, 0
+        )
 
 
 # -- the task's arguments ------------------------------------------------------------------
@@ -290,6 +358,68 @@ def test_dispatcher_counts_what_it_hands_over(receiver: KoalaReceiver) -> None:
     assert not dispatcher.submit(a_call())
     stats = ledger.snapshot()
     assert (stats["queued"], stats["dropped.broker_error"], stats["dropped.shutdown"]) == (1, 1, 1)
+
+
+# -- the publishing handler ------------------------------------------------------------------
+
+
+def publisher(broker_url: str, **options: Any) -> CeleryPublisher:
+    return CeleryPublisher(
+        Celery("web", broker=broker_url),
+        endpoint="http://127.0.0.1:1/web/projects/pk_test/batch",
+        timeout=(1.0, 5.0),
+        policy=RetryPolicy(attempts=9),
+        queue="koala-test",
+        publish_timeout=0.5,
+        **options,
+    )
+
+
+def test_the_message_is_a_celery_protocol_2_task_message() -> None:
+    handler = publisher(closed_port_url())
+    call = a_call()
+    body, headers, properties = handler.message([call])
+    assert headers["task"] == TASK_NAME
+    assert headers["id"] == headers["root_id"] == properties["correlation_id"]
+    assert headers["ignore_result"] is True
+    args, kwargs, embed = json.loads(body)
+    assert args == []
+    assert kwargs == task_kwargs(
+        [call],
+        endpoint="http://127.0.0.1:1/web/projects/pk_test/batch",
+        timeout=(1.0, 5.0),
+        policy=RetryPolicy(attempts=9),
+    )
+    assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def test_each_message_has_its_own_task_id() -> None:
+    handler = publisher(closed_port_url())
+    first, second = handler.message([a_call()]), handler.message([a_call()])
+    assert first[1]["id"] != second[1]["id"]
+
+
+def test_the_arguments_shown_to_monitors_carry_no_email() -> None:
+    call = a_call()
+    _, headers, _ = publisher(closed_port_url()).message([call])
+    assert "jane" not in headers["kwargsrepr"]
+    assert "jane" not in headers["argsrepr"]
+    assert call.message_id in headers["kwargsrepr"]
+
+
+def test_opening_a_channel_never_raises_when_the_broker_is_down() -> None:
+    channel = publisher(closed_port_url()).open()
+    channel.close()
+
+
+def test_a_broker_that_refuses_is_a_dropped_verdict() -> None:
+    channel = publisher(closed_port_url()).open()
+    try:
+        verdict = channel.handle([a_call()])
+    finally:
+        channel.close()
+    assert isinstance(verdict, Verdict)
+    assert (verdict.outcome, verdict.reason) == ("dropped", "broker_error")
 
 
 # -- the README section --------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ from celery import Celery
 from flask import Flask
 
 from flask_koala import Koala, signals
+from flask_koala._celery_publish import CeleryDispatcher, CeleryPublisher, Verdict
 from flask_koala._delivery import Delivery
 from flask_koala._dispatch import ThreadDispatcher
 from flask_koala._ledger import Ledger
@@ -24,7 +26,6 @@ from flask_koala._payload import Call
 from flask_koala._receiver import KoalaReceiver
 from flask_koala._retry import RetryPolicy
 from flask_koala._transport import HTTPTransport
-from flask_koala.celery import CeleryDispatcher
 
 from .celery_support import (
     CeleryWorker,
@@ -228,3 +229,130 @@ def test_kill_after_the_logins_loses_nothing(
     assert wait_until(lambda: len(receiver.message_ids()) >= 10, 60), worker.output.text()
     assert settled(broker, queue)
     assert sorted(receiver.message_ids()) == sent
+
+
+# -- short-lived and killed web processes -----------------------------------------------------
+
+LOGINS = 30
+
+
+def test_a_process_that_exits_without_flush_publishes_every_call(
+    broker: str,
+    queue: str,
+    start_worker: Callable[[], CeleryWorker],
+    receiver: KoalaReceiver,
+) -> None:
+    web = WebProcess(broker, [receiver.url, queue, str(LOGINS), "exit"])
+    code = web.wait()
+    assert code == 0, web.output.text()
+    assert "broker_error" not in web.output.text()
+    sent = web.message_ids()
+    assert len(sent) == LOGINS
+    worker = start_worker()
+    assert wait_until(lambda: len(receiver.message_ids()) >= LOGINS, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert sorted(receiver.message_ids()) == sent
+
+
+def test_a_process_killed_half_a_second_after_its_logins_loses_nothing(
+    broker: str,
+    queue: str,
+    start_worker: Callable[[], CeleryWorker],
+    receiver: KoalaReceiver,
+) -> None:
+    # The broker client's import takes a second (a cold start): none of it may fall
+    # between the logins and the kill.
+    web = WebProcess(
+        broker, [receiver.url, queue, str(LOGINS), "wait"], env={"KOALA_TEST_SLOW_IMPORT": "redis"}
+    )
+    try:
+        assert web.wait_for("returned"), web.output.text()
+        time.sleep(0.5)
+    finally:
+        web.kill()
+    sent = web.message_ids()
+    assert len(sent) == LOGINS
+    worker = start_worker()
+    assert wait_until(lambda: len(receiver.message_ids()) >= LOGINS, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert sorted(receiver.message_ids()) == sent
+
+
+# -- the publishing handler against a real broker --------------------------------------------
+
+
+def publisher(broker: str, queue: str, receiver: KoalaReceiver, **options: Any) -> CeleryPublisher:
+    return CeleryPublisher(
+        Celery("web", broker=broker),
+        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
+        timeout=5.0,
+        policy=RetryPolicy(),
+        queue=queue,
+        **options,
+    )
+
+
+def queued(broker: str, queue: str) -> int:
+    client = redis_client(broker)
+    try:
+        return int(client.llen(queue))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["redis-list", "kombu-producer"])
+def test_a_published_batch_is_delivered_by_a_real_worker(
+    broker: str, queue: str, worker: CeleryWorker, receiver: KoalaReceiver, fast: bool
+) -> None:
+    channel = publisher(broker, queue, receiver, fast=fast).open()
+    batch = [call(), call()]
+    try:
+        assert channel.handle(batch) == Verdict("published")
+    finally:
+        channel.close()
+    assert wait_until(lambda: len(receiver.message_ids()) >= 2, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert sorted(receiver.message_ids()) == sorted(c.message_id for c in batch)
+    assert len(receiver.calls) == 1  # one person's calls, one task, one request
+
+
+def test_a_connection_the_broker_dropped_is_replaced_once(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    channel = publisher(broker, queue, receiver).open()
+    try:
+        assert channel.handle([call()]).outcome == "published"
+        admin = redis_client(broker)
+        try:
+            assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        finally:
+            admin.close()
+        assert channel.handle([call()]).outcome == "published"
+    finally:
+        channel.close()
+    assert queued(broker, queue) == 2
+
+
+def test_before_and_after_task_publish_receivers_see_the_message(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    from celery import signals as celery_signals
+
+    seen: list[tuple[str, Any]] = []
+
+    def before(sender: Any, headers: Any, **extra: Any) -> None:
+        seen.append(("before", headers["task"]))
+
+    def after(sender: Any, headers: Any, **extra: Any) -> None:
+        seen.append(("after", headers["task"]))
+
+    celery_signals.before_task_publish.connect(before)
+    celery_signals.after_task_publish.connect(after)
+    channel = publisher(broker, queue, receiver).open()
+    try:
+        assert channel.handle([call()]).outcome == "published"
+    finally:
+        channel.close()
+        celery_signals.before_task_publish.disconnect(before)
+        celery_signals.after_task_publish.disconnect(after)
+    assert seen == [("before", "flask_koala.deliver"), ("after", "flask_koala.deliver")]

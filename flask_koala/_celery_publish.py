@@ -1,0 +1,510 @@
+"""The web side of Celery mode: publishing each batch as a ``flask_koala.deliver`` task.
+
+:class:`CeleryPublisher` is a batch handler on the engine's seam (``Handler`` / ``Channel``
+/ ``Verdict``): the engine owns the queue, the threads, fork and exit; the handler only
+turns one batch into one Celery task message and hands it to the broker.
+
+What keeps a publish cheap and prompt:
+
+- **Set up ahead of time.** The publisher imports the broker transport and its client
+  (kombu's Redis transport imports ``redis``, which imports ``concurrent.futures``) and
+  computes the message's fixed headers when the app is set up, on the thread that calls
+  ``init_app``. A first publish at interpreter exit would otherwise import them there, and
+  Python refuses the atexit hook such an import registers; and a process killed soon after
+  its first logins would lose them while it was still importing.
+- **One connection per channel, connected when the channel opens** (on the engine's
+  worker thread, never in a process that may fork later), with socket timeouts from
+  ``KOALA_CELERY_PUBLISH_TIMEOUT``.
+- **A pre-built message.** Celery's protocol 2, exactly as ``apply_async`` would send it,
+  but the headers are copied from a template (only ``id``, ``root_id`` and ``kwargsrepr``
+  change), the body is encoded once with :mod:`json`, and kombu's producer publishes the
+  bytes without serialising them again.
+
+No Flask here. This module is loaded only in celery mode, where the app handed us a Celery
+app; kombu and the broker client are reached through that app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional, cast
+
+from celery import signals as celery_signals
+
+from ._config import KoalaConfig, Timeout
+from ._delivery import Delivery
+from ._dispatch import ThreadDispatcher
+from ._exceptions import ConfigError
+from ._ledger import Ledger, Throttle, redact
+from ._payload import Call, build_body
+from ._retry import RetryPolicy
+from ._transport import TransportFactory
+from .celery import TASK_NAME, register_task
+
+__all__ = ["BrokerChannel", "CeleryDispatcher", "CeleryPublisher", "Verdict", "task_kwargs"]
+
+logger = logging.getLogger("flask_koala")
+
+# Celery's protocol 2 body is ``[args, kwargs, embed]``; the task takes no callbacks.
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_PERSISTENT = 2  # AMQP delivery mode, as Celery's default
+
+
+# -- STAND-IN until flask_koala/_engine.py lands ---------------------------------------
+# The engine helper defines Verdict in _engine.py (PLAN.md, "The engine / handler seam").
+# When it is merged, replace this class with ``from ._engine import Verdict``.
+class Verdict(NamedTuple):
+    """How one attempt at one batch ended; the engine turns it into ledger calls and retries."""
+
+    outcome: str
+    reason: str = ""
+    status: Optional[int] = None
+    error: Optional[str] = None
+    retry_after: Optional[float] = None
+
+
+# -- end of stand-in ------------------------------------------------------------------------
+
+
+def task_kwargs(
+    calls: Sequence[Call], *, endpoint: str, timeout: Timeout, policy: RetryPolicy
+) -> dict[str, Any]:
+    """The task's keyword arguments for one batch: plain JSON, everything the worker needs."""
+    return {
+        "body": build_body(calls),
+        "message_ids": [call.message_id for call in calls],
+        **_shared_kwargs(endpoint, timeout, policy),
+    }
+
+
+def _shared_kwargs(endpoint: str, timeout: Timeout, policy: RetryPolicy) -> dict[str, Any]:
+    """The task arguments every batch of one app shares."""
+    return {
+        "endpoint": endpoint,
+        "timeout": list(timeout) if isinstance(timeout, tuple) else timeout,
+        "policy": {
+            "max_retries": policy.attempts,
+            "wait_initial": policy.wait_initial,
+            "wait_max": policy.wait_max,
+            "wait_exp_base": policy.wait_exp_base,
+        },
+    }
+
+
+class CeleryPublisher:
+    """The handler of Celery mode: opens broker channels that publish one task per batch.
+
+    Building it registers the task on the Celery app, imports the broker client and
+    computes the message template; it does not connect (the process may still fork).
+
+    Args:
+        celery_app: the app whose broker the tasks go to.
+        endpoint: the Koala batch URL the worker posts to.
+        timeout: per attempt, in the worker.
+        policy: the worker's retries and backoff (``KOALA_CELERY_MAX_RETRIES``).
+        queue: the Celery queue (``KOALA_CELERY_QUEUE``).
+        publish_timeout: bounds connecting and each publish
+            (``KOALA_CELERY_PUBLISH_TIMEOUT``).
+        fast: on a Redis broker, push the message onto the queue's list directly;
+            ``False`` publishes every message through kombu's producer.
+    """
+
+    def __init__(
+        self,
+        celery_app: Any,
+        *,
+        endpoint: str,
+        timeout: Timeout,
+        policy: RetryPolicy,
+        queue: str = "koala",
+        publish_timeout: float = 1.0,
+        fast: bool = True,
+    ) -> None:
+        register_task(celery_app)
+        #: Push straight onto a Redis list where kombu would (see :class:`_RedisList`).
+        self.fast = fast
+        self.celery = celery_app
+        self.publish_timeout = publish_timeout
+        # The task arguments every batch shares, ready to merge.
+        self._shared = _shared_kwargs(endpoint, timeout, policy)
+        self._throttle = Throttle(time.monotonic)
+        self._throttle_lock = threading.Lock()
+        amqp = celery_app.amqp
+        # What send_task would declare and route by: the queue, made if missing, but not
+        # added to the app's queues (a worker importing this app would start consuming it).
+        queues = amqp.queues
+        known = queues.get(queue)
+        if known is None and not queues.create_missing:
+            raise ConfigError(
+                "KOALA_CELERY_QUEUE",
+                f"{queue!r} is not one of the Celery app's queues, and its "
+                "task_create_missing_queues is off: add the queue to task_queues",
+            )
+        self.queue = known if known is not None else queues.new_missing(queue)
+        exchange = self.queue.exchange
+        if getattr(exchange, "type", "direct") == "direct":
+            self.exchange, self.routing_key = "", queue  # Celery's anonymous-exchange route
+        else:
+            self.exchange, self.routing_key = exchange.name, self.queue.routing_key or queue
+        # Celery's own protocol-2 headers, for this Celery version; ids are set per message.
+        message = amqp.as_task_v2(
+            "", TASK_NAME, args=(), kwargs={}, ignore_result=True, argsrepr="()", kwargsrepr="{}"
+        )
+        self._headers: dict[str, Any] = dict(message.headers)
+        self._properties: dict[str, Any] = dict(message.properties)
+        self._warm()
+
+    def _warm(self) -> None:
+        """Import the broker transport and its client now, without connecting.
+
+        A transport that cannot be imported is left for the first publish to report, as a
+        broker error, so that setting the app up never fails on the broker.
+        """
+        try:
+            connection = self.connection()
+            try:
+                connection.transport  # noqa: B018  (imports kombu's transport and e.g. redis)
+            finally:
+                connection.release()
+        except Exception:
+            logger.debug("flask-koala: loading the Celery broker's transport failed", exc_info=True)
+
+    def connection(self) -> Any:
+        """A new, unconnected broker connection whose every wait is bounded."""
+        return self.celery.connection_for_write(
+            connect_timeout=self.publish_timeout,
+            transport_options={
+                "socket_timeout": self.publish_timeout,
+                "socket_connect_timeout": self.publish_timeout,
+                "read_timeout": self.publish_timeout,
+                "write_timeout": self.publish_timeout,
+                # One attempt to connect, no sleeping: a broker that does not answer at
+                # once is down, and the batch is dropped as broker_error.
+                "max_retries": 0,
+                "interval_start": 0,
+                "interval_step": 0,
+                "interval_max": 0,
+            },
+        )
+
+    def open(self) -> BrokerChannel:
+        """One worker's channel, connected now if the broker answers (never raises)."""
+        channel = BrokerChannel(self)
+        channel.connect_quietly()
+        return channel
+
+    def message(self, batch: Sequence[Call]) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+        """The body, headers and properties of the task message for one batch."""
+        task_id = str(uuid.uuid4())
+        ids = [call.message_id for call in batch]
+        kwargs = {"body": build_body(batch), "message_ids": ids, **self._shared}
+        body = json.dumps([[], kwargs, _EMBED], separators=(",", ":")).encode()
+        headers = self._headers.copy()
+        headers["id"] = headers["root_id"] = task_id
+        # Celery puts a repr of the arguments here for its logs and monitors; ours would
+        # hold the email, so they get the message ids only.
+        headers["kwargsrepr"] = f"{{'message_ids': {ids!r}}}"
+        properties = self._properties.copy()
+        properties["correlation_id"] = task_id
+        return body, headers, properties
+
+    def warn_broker_error(self, exc: BaseException) -> None:
+        """Say what the broker did, at most once a minute (the ledger counts the drop)."""
+        with self._throttle_lock:
+            allowed = self._throttle.allow("broker_error") is not None
+        if allowed:
+            logger.warning(
+                "flask-koala: could not publish to the Celery broker (%s: %s); calls are "
+                "dropped until it answers again",
+                type(exc).__name__,
+                redact(str(exc)),
+            )
+
+
+class BrokerChannel:
+    """One worker's broker connection and producer; publishes one batch per :meth:`handle`."""
+
+    def __init__(self, publisher: CeleryPublisher) -> None:
+        self._publisher = publisher
+        self._connection: Any = None
+        self._producer: Any = None
+        self._redis: Optional[_RedisList] = None
+        self._failure: Optional[tuple[float, Exception]] = None
+
+    def connect(self) -> None:
+        """Connect and declare the queue; raises whatever the broker client raises."""
+        publisher = self._publisher
+        connection = publisher.connection()
+        try:
+            channel = connection.default_channel
+            producer = publisher.celery.amqp.Producer(channel, auto_declare=False)
+            producer.maybe_declare(publisher.queue)
+        except BaseException:
+            _release(connection)
+            raise
+        self._connection, self._producer = connection, producer
+        self._redis = _RedisList.of(connection, channel, publisher) if publisher.fast else None
+
+    def connect_quietly(self) -> None:
+        """Connect ahead of the first batch; a broker that is down is met again then.
+
+        A failure is kept for the first batch, if it comes within a publish timeout: a
+        broker that did not answer a moment ago is not waited on twice in a row.
+        """
+        try:
+            self.connect()
+        except Exception as exc:
+            logger.debug("flask-koala: connecting to the Celery broker failed", exc_info=True)
+            self._failure = (time.monotonic(), exc)
+
+    def handle(self, batch: Sequence[Call]) -> Verdict:
+        """Publish the batch as one task message; never raises on broker errors."""
+        publisher = self._publisher
+        message = publisher.message(batch)  # a fault here is ours, not the broker's
+        try:
+            fresh = self._producer is None
+            try:
+                self._publish(message)
+            except Exception:
+                self.close()
+                if fresh:
+                    raise
+                # One reconnect when a kept connection went stale (a restarted broker);
+                # anything slower is a broker that is down.
+                self._publish(message)
+        except Exception as exc:
+            self.close()
+            publisher.warn_broker_error(exc)
+            error = redact(f"{type(exc).__name__}: {exc}")
+            return Verdict("dropped", "broker_error", error=error)
+        return Verdict("published")
+
+    def _publish(self, message: tuple[bytes, dict[str, Any], dict[str, Any]]) -> None:
+        if self._producer is None:
+            failure, self._failure = self._failure, None
+            if (
+                failure is not None
+                and time.monotonic() - failure[0] < self._publisher.publish_timeout
+            ):
+                raise failure[1]
+            self.connect()
+        body, headers, properties = message
+        publisher = self._publisher
+        if celery_signals.before_task_publish.receivers:
+            # As Celery sends it; a receiver may add headers (trace context, say).
+            celery_signals.before_task_publish.send(
+                sender=TASK_NAME,
+                body=tuple(json.loads(body)),
+                exchange=publisher.exchange,
+                routing_key=publisher.routing_key,
+                declare=[publisher.queue],
+                headers=headers,
+                properties=properties,
+                retry_policy=None,
+            )
+        if self._redis is not None:
+            self._redis.push(body, headers, properties)
+        else:
+            self._producer.publish(
+                body,
+                exchange=publisher.exchange,
+                routing_key=publisher.routing_key,
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers=headers,
+                delivery_mode=_PERSISTENT,
+                **properties,
+            )
+        if celery_signals.after_task_publish.receivers:
+            celery_signals.after_task_publish.send(
+                sender=TASK_NAME,
+                body=tuple(json.loads(body)),
+                headers=headers,
+                exchange=publisher.exchange,
+                routing_key=publisher.routing_key,
+            )
+
+    def close(self) -> None:
+        """Let the connection go; the next batch connects afresh."""
+        connection, self._connection, self._producer = self._connection, None, None
+        self._redis = None
+        if connection is not None:
+            _release(connection)
+
+
+class _RedisList:
+    """kombu's Redis channel, published to the way its ``_put`` does, minus the per-message client.
+
+    kombu's Redis transport builds a new ``redis.Redis`` client for every message it puts
+    (over half of a publish's CPU with redis-py 5+). The message here is the same envelope
+    kombu's virtual channel writes (``prepare_message``, the channel's body encoding, a
+    delivery tag, the delivery info), pushed with the channel's own long-lived client onto
+    the list a worker reads. Used only where that list is simply the queue's name: an
+    anonymous-exchange route, no priorities, no expiry.
+    """
+
+    def __init__(self, channel: Any, routing_key: str) -> None:
+        self._channel = channel
+        self._client = channel.client
+        self._routing_key = routing_key
+
+    @classmethod
+    def of(cls, connection: Any, channel: Any, publisher: CeleryPublisher) -> Optional[_RedisList]:
+        """The fast path for this channel, or ``None`` where kombu must route the message."""
+        queue = publisher.queue
+        simple = (
+            getattr(connection.transport, "driver_type", None) == "redis"
+            and publisher.exchange == ""
+            and not queue.max_priority
+            and not queue.expires
+            and not queue.queue_arguments
+            and list(getattr(channel, "priority_steps", [0]))[:1] == [0]
+            and hasattr(channel, "client")
+        )
+        return cls(channel, publisher.routing_key) if simple else None
+
+    def push(self, body: bytes, headers: dict[str, Any], properties: dict[str, Any]) -> None:
+        channel = self._channel
+        message = channel.prepare_message(
+            body,
+            0,
+            "application/json",
+            "utf-8",
+            headers,
+            {**properties, "delivery_mode": _PERSISTENT},
+        )
+        encoded, encoding = channel.encode_body(body, channel.body_encoding)
+        message["body"] = encoded.decode() if isinstance(encoded, bytes) else encoded
+        message["properties"].update(body_encoding=encoding, delivery_tag=str(uuid.uuid4()))
+        message["properties"]["delivery_info"].update(exchange="", routing_key=self._routing_key)
+        self._client.lpush(self._routing_key, json.dumps(message))
+
+
+def _release(connection: Any) -> None:
+    try:
+        connection.release()
+    except Exception:
+        logger.debug("flask-koala: closing the broker connection failed", exc_info=True)
+
+
+# -- STAND-IN until flask_koala/_engine.py lands ---------------------------------------
+# Today's ThreadDispatcher runs a Delivery and calls ``send(batch, transport)``. This thin
+# adapter runs the handler's channel in that place and records each Verdict in the ledger,
+# which the new engine does itself. When the engine is merged, delete _VerdictDelivery and
+# build the dispatcher as ``Engine(CeleryPublisher(...), max_workers=1, ...)``.
+class _VerdictDelivery:
+    """Runs a channel's :meth:`BrokerChannel.handle` where ThreadDispatcher expects a Delivery."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.stop = threading.Event()  # ThreadDispatcher resets these two; unused here
+        self.gate: Any = None
+
+    def send(self, calls: Sequence[Call], channel: BrokerChannel) -> bool:
+        verdict = channel.handle(calls)
+        if verdict.outcome == "published":
+            self.ledger.published(calls)
+            return True
+        if verdict.outcome == "dropped":
+            self.ledger.dropped(calls, verdict.reason, accepted=True)
+        else:
+            self.ledger.failed(calls, verdict.reason, status=verdict.status, error=verdict.error)
+        return False
+
+
+# -- end of stand-in ------------------------------------------------------------------------
+
+
+class CeleryDispatcher:
+    """Publishes each accepted call as a :data:`~flask_koala.celery.TASK_NAME` task.
+
+    The request thread enqueues exactly as in thread mode; one background thread,
+    ``flask-koala-1``, publishes. Args as :class:`CeleryPublisher`, plus:
+
+    Args:
+        ledger: counts queued, published and dropped calls.
+        max_queue_size: calls waiting to be published beyond this are dropped.
+        shutdown_timeout: how long the exit hook keeps publishing before it gives up.
+    """
+
+    def __init__(
+        self,
+        celery_app: Any,
+        *,
+        endpoint: str,
+        timeout: Timeout,
+        policy: RetryPolicy,
+        ledger: Ledger,
+        queue: str = "koala",
+        publish_timeout: float = 1.0,
+        max_queue_size: int = 10_000,
+        shutdown_timeout: float = 2.0,
+    ) -> None:
+        self.handler = CeleryPublisher(
+            celery_app,
+            endpoint=endpoint,
+            timeout=timeout,
+            policy=policy,
+            queue=queue,
+            publish_timeout=publish_timeout,
+        )
+        # One thread: a publish takes a fraction of a millisecond while the broker is up.
+        self._engine = ThreadDispatcher(
+            cast(Delivery, _VerdictDelivery(ledger)),
+            cast(TransportFactory, self.handler.open),
+            max_workers=1,
+            max_queue_size=max_queue_size,
+            shutdown_timeout=shutdown_timeout,
+        )
+
+    @classmethod
+    def from_config(cls, config: KoalaConfig, ledger: Ledger, celery_app: Any) -> CeleryDispatcher:
+        """The dispatcher for ``KOALA_DISPATCHER = "celery"``.
+
+        Raises:
+            ConfigError: no Celery app was given.
+        """
+        if celery_app is None:
+            raise ConfigError(
+                "KOALA_DISPATCHER",
+                "is 'celery' but no Celery app was given: use Koala(app, celery=celery_app) "
+                "or koala.init_celery(celery_app) before init_app (pip install "
+                "'flask-koala[celery]')",
+            )
+        return cls(
+            celery_app,
+            endpoint=config.endpoint,
+            timeout=config.timeout,
+            policy=RetryPolicy(attempts=config.celery_max_retries),
+            ledger=ledger,
+            queue=config.celery_queue,
+            publish_timeout=config.celery_publish_timeout,
+            max_queue_size=config.max_queue_size,
+            shutdown_timeout=config.shutdown_timeout,
+        )
+
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
+        """Queue the call for publishing; never blocks on the broker."""
+        return self._engine.submit(call, wake=wake)
+
+    def wake(self) -> None:
+        """Let the publishing thread start on what is queued."""
+        self._engine.wake()
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every call taken so far was published (or dropped)."""
+        return self._engine.flush(timeout)
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Publish what is queued (bounded by ``timeout``), then stop the thread."""
+        return self._engine.shutdown(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Calls queued or being published in this process."""
+        return self._engine.pending
