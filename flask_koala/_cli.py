@@ -12,9 +12,9 @@ online test, and sends whatever the app's mode (suppressed, disabled, synchronou
 not), because a person typed it. ``receiver`` needs no app and also runs as
 ``python -m flask_koala.testing``.
 
-Output goes to the terminal through click; the library's logging rules (no email, no
-key) are for log lines an operator did not ask for, and this is output they did ask for,
-so emails appear in full and only the public key is partly masked.
+Output goes to the terminal through click, which may be shared, recorded or pasted into a
+ticket: emails, visitor ids and keys are partly masked (``j***@example.com``, ``3f2504e0-…``,
+``pk_t…st``), enough to tell calls apart and never the whole value.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from flask.cli import AppGroup
 from ._config import DEFAULT_API_URL, SUSPENDED_ERROR, KoalaConfig
 from ._delivery import attempt
 from ._ids import parse_profile_id
+from ._ledger import mask, mask_key
 from ._payload import Call, build_body, clean_email, encode_body
 from ._retry import is_retryable
 from ._state import AppState, state_of
@@ -56,19 +57,6 @@ koala_cli = AppGroup(
     "koala",
     help="Check the flask-koala setup, send a test identify, or run a loopback receiver.",
 )
-
-
-def mask_key(key: Optional[str]) -> str:
-    """The public key with its middle hidden, e.g. ``pk_t…st``: enough to tell keys apart.
-
-    Koala's public key is not a secret (the browser snippet carries it), but a terminal
-    may be shared or recorded, and the ends are all anyone needs to recognise it.
-    """
-    if not key:
-        return "(not set)"
-    if len(key) <= 6:
-        return key[:3] + "…"
-    return f"{key[:4]}…{key[-2:]}"
 
 
 # -- check ---------------------------------------------------------------------------------
@@ -248,7 +236,7 @@ def identify_command(
     body = encode_body(build_body([call]))
     who = f"profile_id {profile_id}" if profile_id else "no profile_id (email only)"
     click.echo(f"POST {_masked_endpoint(config)}")
-    click.echo(f"  email {email}, {who}, message_id {call.message_id}")
+    click.echo(mask(f"  email {email}, {who}, message_id {call.message_id}"))
     transport = _KeepAnswer(state.transport_factory())
     try:
         outcome = attempt(transport, config.endpoint, body, config.timeout)
@@ -257,13 +245,13 @@ def identify_command(
     answer = transport.answer
     if answer is None:
         raise click.ClickException(
-            f"no answer from {config.api_url} ({outcome.reason}: {outcome.error})"
+            mask(f"no answer from {config.api_url} ({outcome.reason}: {outcome.error})")
         )
-    click.echo(f"HTTP {answer.status} {_shorten(answer.text) or '(empty body)'}")
+    click.echo(mask(f"HTTP {answer.status} {_shorten(answer.text) or '(empty body)'}"))
     if outcome.delivered:
         click.echo("Koala accepted the call.")
         return
-    raise click.ClickException(_refusal(answer.status, outcome.error or ""))
+    raise click.ClickException(mask(_refusal(answer.status, outcome.error or "")))
 
 
 def _refusal(status: int, error: str) -> str:
@@ -395,7 +383,7 @@ def format_call(call: ReceivedCall, *, clock: Callable[[], float] = time.time) -
     elif call.raw:
         lines.append(f"  body {_shorten(call.raw.decode('utf-8', 'replace'))}")
     lines.extend(f"  violation: {violation}" for violation in call.violations)
-    return "\n".join(_printable(line) for line in lines)
+    return "\n".join(_printable(mask(line)) for line in lines)
 
 
 def _printable(text: str) -> str:

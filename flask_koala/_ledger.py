@@ -21,9 +21,10 @@ from types import MappingProxyType
 from typing import Any, Callable, Optional
 
 from . import signals
+from ._ids import UUID_TEXT
 from ._payload import Call, build_body
 
-__all__ = ["OUTCOMES", "Ledger", "describe_error", "redact"]
+__all__ = ["OUTCOMES", "Ledger", "describe_error", "mask", "mask_key", "redact"]
 
 logger = logging.getLogger("flask_koala")
 
@@ -51,9 +52,7 @@ _WARN_INTERVAL = 60.0
 _AT = r"(?:@|%40|%2540|&#0*64;|&#x0*40;|\\u0040)"
 _EMAILISH = re.compile(rf"[^\s@\"'<>]+?{_AT}[^\s@\"'<>]+", re.IGNORECASE)
 # A collector may echo what it was sent: visitor ids (UUIDs) and workspace keys too.
-_UUIDISH = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
+_UUIDISH = re.compile(UUID_TEXT)
 _KEYISH = re.compile(r"\b[ps]k_[A-Za-z0-9._~-]+")
 # Distinct causes remembered for rate limiting; beyond it, expired ones are forgotten and
 # then all of them, so a collector that varies its error text cannot grow memory forever.
@@ -67,6 +66,36 @@ def redact(text: str, limit: int = 200) -> str:
     text = _UUIDISH.sub("<uuid>", text)
     text = _KEYISH.sub("<key>", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def mask(text: str) -> str:
+    """Text for a person at a terminal, with emails, visitor ids and keys partly masked.
+
+    ``jane@example.com`` becomes ``j***@example.com`` and a UUID keeps its first eight
+    digits, so calls can still be told apart; a key keeps its prefix. For CLI output, which
+    may be pasted into a ticket; log lines use :func:`redact`.
+    """
+    text = _EMAILISH.sub(_mask_email, text)
+    text = _UUIDISH.sub(lambda m: m.group(0)[:8] + "-…", text)
+    return _KEYISH.sub(lambda m: mask_key(m.group(0)), text)
+
+
+def mask_key(key: Optional[str]) -> str:
+    """The public key with its middle hidden, e.g. ``pk_t…st``: enough to tell keys apart.
+
+    Koala's public key is not a secret (the browser snippet carries it), but a terminal
+    may be shared or recorded, and the ends are all anyone needs to recognise it.
+    """
+    if not key:
+        return "(not set)"
+    if len(key) <= 6:
+        return key[:3] + "…"
+    return f"{key[:4]}…{key[-2:]}"
+
+
+def _mask_email(match: re.Match[str]) -> str:
+    local, _, domain = re.split(f"({_AT})", match.group(0), maxsplit=1, flags=re.IGNORECASE)
+    return f"{local[:1]}***@{domain}"
 
 
 def describe_error(exc: BaseException) -> str:

@@ -32,25 +32,13 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
 from requests.utils import prepend_scheme_if_needed as _untyped_prepend_scheme
 
 from ._config import Timeout
+from ._http_answer import BadAnswer, Response, Silent, Stale, read_answer, remaining
 
 __all__ = ["HTTPTransport", "Response", "Transport", "TransportError", "TransportFactory"]
 
 logger = logging.getLogger("flask_koala")
 
-# What is kept of an answer's body: enough for Koala's {"error": "..."}.
-_MAX_TEXT = 2048
-# An answer's status line and headers may take this much; more is not an HTTP answer we want.
-_MAX_HEAD = 65536
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-@dataclasses.dataclass(frozen=True)
-class Response:
-    """What Koala answered."""
-
-    status: int
-    text: str = ""
-    retry_after: Optional[str] = None
 
 
 class TransportError(Exception):
@@ -145,19 +133,19 @@ class HTTPTransport:
                     if answer is not None:
                         return answer  # the proxy refused the tunnel (e.g. 407)
                 return self._exchange(request, deadline, reused=not fresh)
-            except _Stale:
+            except Stale:
                 # The server closed an idle keep-alive connection: nothing of an answer
                 # came, so sending again is safe (Koala drops a repeated message_id).
                 self._drop()
             except socket.timeout as exc:  # TimeoutError from Python 3.10
                 self._drop()
                 raise TransportError("timeout", str(exc) or type(exc).__name__) from None
-            except _Silent:
+            except Silent:
                 self._drop()
                 raise TransportError(
                     "connection_error", "the connection closed without an answer"
                 ) from None
-            except (OSError, httptools.HttpParserError, _BadAnswer) as exc:
+            except (OSError, httptools.HttpParserError, BadAnswer) as exc:
                 self._drop()
                 raise TransportError("connection_error", str(exc) or type(exc).__name__) from None
 
@@ -180,24 +168,24 @@ class HTTPTransport:
     def _connect(self, route: _Route, connect: float, deadline: float) -> Optional[Response]:
         """Open the connection (through the proxy's tunnel if any); an answer if refused."""
         sock: _Socket = socket.create_connection(
-            (route.host, route.port), timeout=min(connect, _remaining(deadline))
+            (route.host, route.port), timeout=min(connect, remaining(deadline))
         )
         self._keep(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if route.tls:
             assert route.context is not None
-            sock.settimeout(_remaining(deadline))
+            sock.settimeout(remaining(deadline))
             sock = route.context.wrap_socket(sock, server_hostname=route.host)
             self._keep(sock)
         if route.tunnel:
-            sock.settimeout(_remaining(deadline))
+            sock.settimeout(remaining(deadline))
             sock.sendall(route.tunnel)
-            answer = _read_answer(sock, deadline, tunnel=True)[1]
+            answer = read_answer(sock, deadline, tunnel=True)[1]
             if not 200 <= answer.status <= 299:
                 self._drop()
                 return answer
             assert route.context is not None
-            sock.settimeout(_remaining(deadline))
+            sock.settimeout(remaining(deadline))
             if route.tls:  # TLS inside the proxy's TLS
                 from urllib3.util.ssltransport import SSLTransport
 
@@ -210,20 +198,20 @@ class HTTPTransport:
     def _exchange(self, request: bytes, deadline: float, *, reused: bool) -> Response:
         sock = self._sock
         try:
-            sock.settimeout(_remaining(deadline))
+            sock.settimeout(remaining(deadline))
             sock.sendall(request)
         except socket.timeout:
             raise
         except OSError:
             if reused:
-                raise _Stale() from None
+                raise Stale() from None
             raise
         try:
-            status, answer = _read_answer(sock, deadline, tunnel=False)
-        except _Silent:
+            status, answer = read_answer(sock, deadline, tunnel=False)
+        except Silent:
             if reused:
-                raise _Stale() from None
-            raise _BadAnswer("the server closed the connection without answering") from None
+                raise Stale() from None
+            raise BadAnswer("the server closed the connection without answering") from None
         if status < 0:  # not kept alive: the server said so, or the body was left unread
             self._drop()
         return answer
@@ -249,114 +237,6 @@ class HTTPTransport:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
-
-
-class _Stale(Exception):
-    """A reused keep-alive connection turned out closed before any byte of an answer."""
-
-
-class _Silent(Exception):
-    """The connection ended before any byte of an answer."""
-
-
-class _BadAnswer(Exception):
-    """What came back is not an HTTP answer we can use."""
-
-
-class _Answer:
-    """httptools' callbacks for one answer: keeps Retry-After and the first 2 KiB of body."""
-
-    __slots__ = ("body", "complete", "connection", "head_done", "kept", "retry_after")
-
-    def __init__(self) -> None:
-        self.body: list[bytes] = []
-        self.kept = 0
-        self.head_done = False
-        self.complete = False
-        self.retry_after: Optional[str] = None
-        self.connection = b""
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 11 and name.lower() == b"retry-after":
-            self.retry_after = value.decode("latin-1").strip()
-        elif len(name) == 10 and name.lower() == b"connection":
-            self.connection += b"," + value.lower()
-
-    def on_headers_complete(self) -> None:
-        self.head_done = True
-
-    def on_body(self, body: bytes) -> None:
-        room = _MAX_TEXT - self.kept
-        if room > 0:
-            self.body.append(body[:room])
-        self.kept += len(body)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
-def _read_answer(sock: _Socket, deadline: float, *, tunnel: bool) -> tuple[int, Response]:
-    """Read one answer, at most 2 KiB of its body; the status is negative unless kept alive.
-
-    With ``tunnel`` (the answer to a CONNECT) a 2xx ends at its head: what follows is the
-    tunnel.
-    """
-    answer = _Answer()
-    parser = httptools.HttpResponseParser(answer)
-    # Reads of at most 2 KiB: whatever part of a read is body counts against the 2 KiB,
-    # so no more than 2 KiB of body ever leaves the socket.
-    buffer = bytearray(_MAX_TEXT)
-    view = memoryview(buffer)
-    received = 0
-    want = _MAX_TEXT
-    while True:
-        sock.settimeout(_remaining(deadline))
-        try:
-            n = sock.recv_into(view[:want])
-        except socket.timeout:
-            raise
-        except OSError:
-            if received == 0:
-                raise _Silent() from None
-            raise
-        if n == 0:
-            if received == 0:
-                raise _Silent()
-            if not answer.head_done:
-                raise _BadAnswer("the connection closed in the middle of the answer's head")
-            break  # a body that ends with the connection, or cut short: the status stands
-        received += n
-        parser.feed_data(view[:n])
-        if answer.complete:
-            break
-        if answer.head_done:
-            if tunnel and 200 <= parser.get_status_code() <= 299:
-                break
-            if answer.kept >= _MAX_TEXT:
-                break  # the rest is not read; the connection is dropped instead of drained
-            # Never read more of the body than the 2 KiB still wanted.
-            want = _MAX_TEXT - answer.kept
-        elif received > _MAX_HEAD:
-            raise _BadAnswer("the answer's head is larger than 64 KiB")
-    status = parser.get_status_code()
-    if status < 200:
-        raise _BadAnswer(f"an interim answer ({status}) where a final one was expected")
-    text = b"".join(answer.body).decode("utf-8", "replace")
-    # llhttp's should_keep_alive() is reset once the message is complete, so this is its
-    # rule taken by hand: HTTP/1.1 unless "Connection: close", HTTP/1.0 only if asked for.
-    tokens = {token.strip() for token in answer.connection.split(b",")}
-    if parser.get_http_version() == "1.1":
-        kept = answer.complete and b"close" not in tokens
-    else:
-        kept = answer.complete and b"keep-alive" in tokens
-    return (status if kept else -status), Response(status, text, answer.retry_after)
-
-
-def _remaining(deadline: float) -> float:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise socket.timeout("the attempt took longer than KOALA_TIMEOUT allows")
-    return remaining
 
 
 # -- the route, as requests.post would take it ------------------------------------------

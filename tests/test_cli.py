@@ -19,7 +19,8 @@ import requests
 from click.testing import Result
 from flask import Flask
 
-from flask_koala._cli import format_call, mask_key
+from flask_koala._cli import format_call
+from flask_koala._ledger import mask_key
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
 from .support import PROFILE_ID, communicate, kill, koala_of
@@ -390,9 +391,9 @@ def test_python_m_testing_prints_calls_and_stops_on_ctrl_c(
     printed = receiver.read_until("identify traits")
     code, stderr = receiver.stop(signal.SIGINT)
 
-    assert re.search(r"POST /web/projects/pk_test/batch -> 200 OK$", printed[-3])
-    assert printed[-2] == f"  profile_id {PROFILE_ID}, email jane@example.com"
-    assert printed[-1] == '  identify traits {"email": "jane@example.com", "plan": "pro"}'
+    assert re.search(r"POST /web/projects/pk_t…st/batch -> 200 OK$", printed[-3])
+    assert printed[-2] == f"  profile_id {PROFILE_ID[:8]}-…, email j***@example.com"
+    assert printed[-1] == '  identify traits {"email": "j***@example.com", "plan": "pro"}'
     assert code == 0
     assert "Traceback" not in stderr
 
@@ -473,7 +474,7 @@ def test_format_call_shows_a_track_entry() -> None:
     body = {"email": "jane@example.com", "events": [track]}
 
     assert lines_of(received(body=body))[1:] == [
-        "  email jane@example.com",
+        "  email j***@example.com",
         '  track "Signed up" properties {"plan": "pro"}',
     ]
 
@@ -501,9 +502,25 @@ def test_format_call_escapes_control_characters_in_the_path() -> None:
 
 
 def test_format_call_escapes_control_characters_in_the_email() -> None:
-    body = {"email": "eve\x1b[2J@example.com", "identifies": []}
+    body = {"email": "eve@exa\x1b[2Jmple.com", "identifies": []}
 
-    assert lines_of(received(body=body))[1] == "  email eve\\x1b[2J@example.com"
+    assert lines_of(received(body=body))[1] == "  email e***@exa\\x1b[2Jmple.com"
+
+
+def test_format_call_masks_emails_visitor_ids_and_keys() -> None:
+    traits = {"email": "jane@example.com", "note": "key pk_live_123456 for jane%40example.com"}
+    body = {
+        "profile_id": "3f2504e0-4f89-41d3-9a0c-0305e82c3301",
+        "email": "jane@example.com",
+        "identifies": [{"type": "identify", "traits": traits}],
+    }
+
+    text = "\n".join(lines_of(received(body=body)))
+
+    assert "jane" not in text
+    assert "3f2504e0-4f89" not in text
+    assert "pk_live_123456" not in text
+    assert "profile_id 3f2504e0-…, email j***@example.com" in text
 
 
 def test_format_call_escapes_c1_controls_and_bidi_overrides_in_traits() -> None:
@@ -526,4 +543,4 @@ def test_format_call_escapes_control_characters_in_a_raw_body() -> None:
 def test_format_call_keeps_printable_unicode() -> None:
     body = {"email": "zoë@exämple.com", "identifies": []}
 
-    assert lines_of(received(body=body))[1] == "  email zoë@exämple.com"
+    assert lines_of(received(body=body))[1] == "  email z***@exämple.com"

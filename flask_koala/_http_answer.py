@@ -1,0 +1,139 @@
+"""Reading one HTTP/1.1 answer off a socket, bounded in time and in size.
+
+``httptools`` (the C parser uvicorn uses) does the parsing; this module keeps what
+flask-koala needs of an answer (its status, ``Retry-After`` and the first 2 KiB of the body)
+and decides whether the connection may be kept alive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+from typing import Any, Optional
+
+import httptools
+
+__all__ = ["BadAnswer", "Response", "Silent", "Stale", "read_answer", "remaining"]
+
+# What is kept of an answer's body: enough for Koala's {"error": "..."}.
+_MAX_TEXT = 2048
+# An answer's status line and headers may take this much; more is not an HTTP answer we want.
+_MAX_HEAD = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """What Koala answered."""
+
+    status: int
+    text: str = ""
+    retry_after: Optional[str] = None
+
+
+class Stale(Exception):
+    """A reused keep-alive connection turned out closed before any byte of an answer."""
+
+
+class Silent(Exception):
+    """The connection ended before any byte of an answer."""
+
+
+class BadAnswer(Exception):
+    """What came back is not an HTTP answer we can use."""
+
+
+class _Answer:
+    """httptools' callbacks for one answer: keeps Retry-After and the first 2 KiB of body."""
+
+    __slots__ = ("body", "complete", "connection", "head_done", "kept", "retry_after")
+
+    def __init__(self) -> None:
+        self.body: list[bytes] = []
+        self.kept = 0
+        self.head_done = False
+        self.complete = False
+        self.retry_after: Optional[str] = None
+        self.connection = b""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 11 and name.lower() == b"retry-after":
+            self.retry_after = value.decode("latin-1").strip()
+        elif len(name) == 10 and name.lower() == b"connection":
+            self.connection += b"," + value.lower()
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def on_body(self, body: bytes) -> None:
+        room = _MAX_TEXT - self.kept
+        if room > 0:
+            self.body.append(body[:room])
+        self.kept += len(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def read_answer(sock: Any, deadline: float, *, tunnel: bool) -> tuple[int, Response]:
+    """Read one answer, at most 2 KiB of its body; the status is negative unless kept alive.
+
+    With ``tunnel`` (the answer to a CONNECT) a 2xx ends at its head: what follows is the
+    tunnel.
+    """
+    answer = _Answer()
+    parser = httptools.HttpResponseParser(answer)
+    # Reads of at most 2 KiB: whatever part of a read is body counts against the 2 KiB,
+    # so no more than 2 KiB of body ever leaves the socket.
+    buffer = bytearray(_MAX_TEXT)
+    view = memoryview(buffer)
+    received = 0
+    want = _MAX_TEXT
+    while True:
+        sock.settimeout(remaining(deadline))
+        try:
+            n = sock.recv_into(view[:want])
+        except socket.timeout:
+            raise
+        except OSError:
+            if received == 0:
+                raise Silent() from None
+            raise
+        if n == 0:
+            if received == 0:
+                raise Silent()
+            if not answer.head_done:
+                raise BadAnswer("the connection closed in the middle of the answer's head")
+            break  # a body that ends with the connection, or cut short: the status stands
+        received += n
+        parser.feed_data(view[:n])
+        if answer.complete:
+            break
+        if answer.head_done:
+            if tunnel and 200 <= parser.get_status_code() <= 299:
+                break
+            if answer.kept >= _MAX_TEXT:
+                break  # the rest is not read; the connection is dropped instead of drained
+            # Never read more of the body than the 2 KiB still wanted.
+            want = _MAX_TEXT - answer.kept
+        elif received > _MAX_HEAD:
+            raise BadAnswer("the answer's head is larger than 64 KiB")
+    status = parser.get_status_code()
+    if status < 200:
+        raise BadAnswer(f"an interim answer ({status}) where a final one was expected")
+    text = b"".join(answer.body).decode("utf-8", "replace")
+    # llhttp's should_keep_alive() is reset once the message is complete, so this is its
+    # rule taken by hand: HTTP/1.1 unless "Connection: close", HTTP/1.0 only if asked for.
+    tokens = {token.strip() for token in answer.connection.split(b",")}
+    if parser.get_http_version() == "1.1":
+        kept = answer.complete and b"close" not in tokens
+    else:
+        kept = answer.complete and b"keep-alive" in tokens
+    return (status if kept else -status), Response(status, text, answer.retry_after)
+
+
+def remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("the attempt took longer than KOALA_TIMEOUT allows")
+    return remaining
