@@ -29,11 +29,9 @@ from . import _identify_login, _missing_cookie, _templating, signals
 from ._cli import koala_cli
 from ._config import KoalaConfig, load_config
 from ._cookies import parse_profile_id
-from ._delivery import Delivery
-from ._dispatch import Dispatcher, SuppressedDispatcher, SyncDispatcher, ThreadDispatcher
+from ._dispatchers import Dispatcher, Needs, make_dispatcher
 from ._ledger import Ledger
 from ._payload import Call, clean_email, clean_event, clean_traits, fits
-from ._retry import RetryPolicy
 from ._transport import HTTPTransport, TransportFactory
 
 __all__ = ["Koala"]
@@ -99,29 +97,7 @@ def _make_dispatcher(
     transport_factory: TransportFactory,
     celery_app: Any = None,
 ) -> Optional[Dispatcher]:
-    if config.mode == "disabled":
-        return None
-    if config.mode == "suppressed":
-        return SuppressedDispatcher(ledger)
-    if config.mode == "celery":
-        from .celery import CeleryDispatcher  # Celery is an optional extra
-
-        return CeleryDispatcher.from_config(config, ledger, celery_app)
-    delivery = Delivery(
-        config.endpoint,
-        timeout=config.timeout,
-        policy=RetryPolicy(attempts=config.max_retries),
-        ledger=ledger,
-    )
-    if config.mode == "sync":
-        return SyncDispatcher(delivery, transport_factory)
-    return ThreadDispatcher(
-        delivery,
-        transport_factory,
-        max_workers=config.max_workers,
-        max_queue_size=config.max_queue_size,
-        shutdown_timeout=config.shutdown_timeout,
-    )
+    return make_dispatcher(config, Needs(ledger, transport_factory, celery_app))
 
 
 class Koala:

@@ -3,7 +3,8 @@
 The policy of ``koala-api.md``: any 2xx is delivered; 408, 429, 5xx, timeouts and
 connection errors are retried with capped exponential backoff and full jitter, or after
 ``Retry-After`` when Koala sends one; every other status is final. Plain Python, shared by
-the thread engine, synchronous sending and the Celery task.
+the thread engine, synchronous sending and the Celery task. ``RetryPolicy.attempts``
+counts the first try, as stamina's does; the ``KOALA_MAX_RETRIES`` setting counts retries.
 """
 
 from __future__ import annotations
@@ -55,16 +56,16 @@ def parse_retry_after(
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """How many retries, and the backoff between them (stamina's vocabulary).
+    """How many tries, and the backoff between them (stamina's vocabulary).
 
     Attributes:
-        attempts: retries after the first try; a call is tried at most ``attempts + 1`` times.
+        attempts: tries in all, the first one included (``KOALA_MAX_RETRIES + 1``).
         wait_initial: the backoff cap of the first retry, in seconds.
         wait_max: no backoff is ever longer than this.
         wait_exp_base: each retry doubles (by default) the cap of the one before.
     """
 
-    attempts: int = 6
+    attempts: int = 7
     wait_initial: float = 0.5
     wait_max: float = 30.0
     wait_exp_base: float = 2.0
@@ -77,3 +78,8 @@ class RetryPolicy:
         """
         cap = min(self.wait_max, self.wait_initial * self.wait_exp_base**retry)
         return cap * self.rng()
+
+    @classmethod
+    def from_retries(cls, retries: int) -> RetryPolicy:
+        """The policy for a number of retries, as ``KOALA_MAX_RETRIES`` gives it."""
+        return cls(attempts=retries + 1)

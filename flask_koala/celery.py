@@ -36,13 +36,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from ._config import KoalaConfig, Timeout
-from ._delivery import Delivery, attempt
-from ._dispatch import ThreadDispatcher
+from ._delivery import attempt
+from ._engine import Engine, Verdict
 from ._exceptions import ConfigError, KoalaError
 from ._ledger import Ledger, Throttle, redact
 from ._payload import Call, build_body, encode_body
 from ._retry import RetryPolicy
-from ._transport import HTTPTransport, Response, Transport
+from ._transport import HTTPTransport, Transport
 
 __all__ = ["TASK_NAME", "CeleryDispatcher", "DeliveryFailed", "register_task", "task_kwargs"]
 
@@ -136,7 +136,7 @@ def _deliver(
     retry_policy = _policy(policy)
     outcome = attempt(_transport(), endpoint, encode_body(body), _timeout(timeout))
     count = len(message_ids)
-    if outcome.delivered:
+    if outcome.outcome == "sent":
         logger.debug(
             "flask-koala: delivered %d call(s), HTTP %s, after %d retries",
             count,
@@ -151,10 +151,10 @@ def _deliver(
         }
     reason = outcome.reason or "error"
     error = outcome.error
-    if outcome.retry and retries >= retry_policy.attempts:
+    if outcome.outcome == "retry" and retries + 1 >= retry_policy.attempts:
         error = f"{reason}: {error or ''}".rstrip(": ")
         reason = "retries_exhausted"
-    elif outcome.retry:
+    elif outcome.outcome == "retry":
         wait = outcome.retry_after
         if wait is None:
             wait = retry_policy.backoff(retries)
@@ -189,10 +189,11 @@ def _timeout(value: Any) -> Timeout:
 
 
 def _policy(values: Optional[Mapping[str, Any]]) -> RetryPolicy:
+    # On the wire "max_retries" counts retries; RetryPolicy.attempts counts the first try too.
     if not values:
-        return RetryPolicy(attempts=KoalaConfig.celery_max_retries)
+        return RetryPolicy.from_retries(KoalaConfig.celery_max_retries)
     return RetryPolicy(
-        attempts=int(values.get("max_retries", KoalaConfig.celery_max_retries)),
+        attempts=int(values.get("max_retries", KoalaConfig.celery_max_retries)) + 1,
         wait_initial=float(values.get("wait_initial", RetryPolicy.wait_initial)),
         wait_max=float(values.get("wait_max", RetryPolicy.wait_max)),
         wait_exp_base=float(values.get("wait_exp_base", RetryPolicy.wait_exp_base)),
@@ -209,7 +210,7 @@ def task_kwargs(
         "message_ids": [call.message_id for call in calls],
         "timeout": list(timeout) if isinstance(timeout, tuple) else timeout,
         "policy": {
-            "max_retries": policy.attempts,
+            "max_retries": policy.attempts - 1,
             "wait_initial": policy.wait_initial,
             "wait_max": policy.wait_max,
             "wait_exp_base": policy.wait_exp_base,
@@ -227,15 +228,29 @@ class _BrokerLink:
     connection and never answers would hold the publisher forever. This connection takes
     the app's broker settings and adds socket timeouts (Redis and AMQP names alike).
 
-    It stands in the place of a :class:`~flask_koala._transport.Transport` in the thread
-    engine, which hands it back to :meth:`_Publisher.send` and closes it when its thread ends.
+    It is the engine's :class:`~flask_koala._engine.Channel` for the publishing thread: the
+    engine opens it through :class:`_PublishHandler` and closes it when its thread ends.
     """
 
-    def __init__(self, celery_app: Any, timeout: float) -> None:
-        self._celery = celery_app
-        self._timeout = timeout
+    def __init__(self, handler: _PublishHandler) -> None:
+        self._handler = handler
+        self._celery = handler.celery
+        self._timeout = handler.publish_timeout
         self._connection: Any = None
         self._producer: Any = None
+
+    def handle(self, batch: Sequence[Call]) -> Verdict:
+        """Publish the batch as one task; a broker error drops it (``broker_error``)."""
+        handler = self._handler
+        kwargs = task_kwargs(
+            batch, endpoint=handler.endpoint, timeout=handler.timeout, policy=handler.policy
+        )
+        try:
+            self.publish(kwargs, handler.queue)
+        except Exception as exc:
+            handler.warn_broker_error(exc)
+            return Verdict("dropped", "broker_error")
+        return Verdict("published")
 
     def publish(self, kwargs: dict[str, Any], queue: str) -> None:
         """Publish one task message; raises whatever the broker client raises."""
@@ -265,10 +280,6 @@ class _BrokerLink:
             self.close()  # start from a fresh connection next time
             raise
 
-    def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
-        """Never called: the publisher sends through :meth:`publish`."""
-        raise NotImplementedError("a broker link publishes tasks; it does not post")
-
     def close(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None
         if connection is not None:
@@ -278,12 +289,8 @@ class _BrokerLink:
                 logger.debug("flask-koala: closing the broker connection failed", exc_info=True)
 
 
-class _Publisher(Delivery):
-    """The thread engine's delivery step, publishing a task instead of posting to Koala.
-
-    Subclassing :class:`~flask_koala._delivery.Delivery` lets :class:`ThreadDispatcher` run
-    it unchanged: its queue bound, flush, shutdown, fork and exit handling all carry over.
-    """
+class _PublishHandler:
+    """The engine's handler in Celery mode: a batch becomes one task message."""
 
     def __init__(
         self,
@@ -292,35 +299,21 @@ class _Publisher(Delivery):
         endpoint: str,
         timeout: Timeout,
         policy: RetryPolicy,
-        ledger: Ledger,
         queue: str,
         publish_timeout: float,
     ) -> None:
-        super().__init__(endpoint, timeout=timeout, policy=policy, ledger=ledger)
         self.celery = celery_app
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.policy = policy
         self.queue = queue
         self.publish_timeout = publish_timeout
         self._throttle = Throttle(time.monotonic)
 
-    def open_link(self) -> Transport:
-        return _BrokerLink(self.celery, self.publish_timeout)
+    def open(self) -> _BrokerLink:
+        return _BrokerLink(self)
 
-    def send(self, calls: Sequence[Call], transport: Transport) -> bool:
-        if not isinstance(transport, _BrokerLink):
-            raise TypeError("the Celery publisher needs the broker link it opened")
-        kwargs = task_kwargs(
-            calls, endpoint=self.endpoint, timeout=self.timeout, policy=self.policy
-        )
-        try:
-            transport.publish(kwargs, self.queue)
-        except Exception as exc:
-            self._warn_broker_error(exc)
-            self.ledger.dropped(calls, "broker_error", accepted=True)
-            return False
-        self.ledger.published(calls)
-        return True
-
-    def _warn_broker_error(self, exc: Exception) -> None:
+    def warn_broker_error(self, exc: Exception) -> None:
         # The ledger's "dropped" line names the reason; this one says what the broker did.
         if self._throttle.allow("broker_error") is not None:
             logger.warning(
@@ -361,19 +354,20 @@ class CeleryDispatcher:
         shutdown_timeout: float = 2.0,
     ) -> None:
         register_task(celery_app)
-        self._publisher = _Publisher(
+        handler = _PublishHandler(
             celery_app,
             endpoint=endpoint,
             timeout=timeout,
             policy=policy,
-            ledger=ledger,
             queue=queue,
             publish_timeout=publish_timeout,
         )
-        # One thread: a publish takes well under a millisecond while the broker is up.
-        self._engine = ThreadDispatcher(
-            self._publisher,
-            self._publisher.open_link,
+        # One thread: a publish takes well under a millisecond while the broker is up. The
+        # engine never retries a publish (a broker error drops the call), so one attempt.
+        self._engine = Engine(
+            handler,
+            ledger,
+            policy=RetryPolicy(attempts=1),
             max_workers=1,
             max_queue_size=max_queue_size,
             shutdown_timeout=shutdown_timeout,
@@ -397,7 +391,7 @@ class CeleryDispatcher:
             celery_app,
             endpoint=config.endpoint,
             timeout=config.timeout,
-            policy=RetryPolicy(attempts=config.celery_max_retries),
+            policy=RetryPolicy.from_retries(config.celery_max_retries),
             ledger=ledger,
             queue=config.celery_queue,
             publish_timeout=config.celery_publish_timeout,
@@ -420,3 +414,8 @@ class CeleryDispatcher:
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Publish what is queued (bounded by ``timeout``), then stop the thread."""
         return self._engine.shutdown(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Calls queued for publishing or being published."""
+        return self._engine.pending

@@ -13,12 +13,19 @@ from typing import Any, Callable
 import pytest
 
 from flask_koala._config import Timeout
-from flask_koala._delivery import Delivery
-from flask_koala._dispatch import PersonQueue, SyncDispatcher, ThreadDispatcher
+from flask_koala._delivery import HTTPHandler
+from flask_koala._dispatchers import SyncDispatcher
+from flask_koala._engine import Engine, PersonQueue
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
 from flask_koala._retry import RetryPolicy
-from flask_koala._transport import Response
+from flask_koala._transport import Response, Transport
+
+URL = "http://127.0.0.1:9/web/projects/pk/batch"
+
+
+def handler(transport: Callable[[], Transport], url: str = URL) -> HTTPHandler:
+    return HTTPHandler({"profile": url}, timeout=1.0, transport_factory=transport)
 
 PROFILE = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 
@@ -65,19 +72,18 @@ def ledger() -> Ledger:
 @pytest.fixture
 def make_engine(
     transport: GatedTransport, ledger: Ledger
-) -> Iterator[Callable[..., ThreadDispatcher]]:
-    engines: list[ThreadDispatcher] = []
+) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
 
-    def make(**options: Any) -> ThreadDispatcher:
-        delivery = Delivery(
-            "http://127.0.0.1:9/web/projects/pk/batch",
-            timeout=1.0,
-            policy=RetryPolicy(attempts=2, wait_initial=0.01),
-            ledger=ledger,
-        )
-        settings = {"max_workers": 2, "max_queue_size": 100, "shutdown_timeout": 1.0}
+    def make(**options: Any) -> Engine:
+        settings: dict[str, Any] = {
+            "max_workers": 2,
+            "max_queue_size": 100,
+            "shutdown_timeout": 1.0,
+            "policy": RetryPolicy(attempts=3, wait_initial=0.01),
+        }
         settings.update(options)
-        engine = ThreadDispatcher(delivery, lambda: transport, **settings)
+        engine = Engine(handler(lambda: transport), ledger, **settings)
         engines.append(engine)
         return engine
 
@@ -131,32 +137,61 @@ def test_queue_batches_at_most_30_of_a_kind() -> None:
 # -- lazy start, threads -------------------------------------------------------------------
 
 
-def test_no_thread_before_the_first_call(make_engine: Callable[..., ThreadDispatcher]) -> None:
+def test_no_thread_before_the_first_call(make_engine: Callable[..., Engine]) -> None:
     make_engine()
     assert koala_threads() == []
 
 
-def test_first_call_starts_named_daemon_workers(
-    make_engine: Callable[..., ThreadDispatcher],
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_first_call_starts_one_named_daemon_worker(
+    make_engine: Callable[..., Engine],
 ) -> None:
     engine = make_engine(max_workers=3)
     engine.submit(identify())
-    names = koala_threads()
-    assert names == ["flask-koala-1", "flask-koala-2", "flask-koala-3"]
-    assert all(t.daemon for t in threading.enumerate() if t.name in names)
+    assert koala_threads() == ["flask-koala-1"]
+    assert all(t.daemon for t in threading.enumerate() if t.name == "flask-koala-1")
     assert engine.flush(5)
 
 
-def test_each_worker_owns_one_transport(
-    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport
+def test_a_backlog_starts_workers_up_to_the_maximum(
+    make_engine: Callable[..., Engine], transport: GatedTransport
 ) -> None:
+    transport.gate.clear()
+    engine = make_engine(max_workers=3)
+    for n in range(6):
+        engine.submit(identify(person(n)))
+    # The workers start one another, off the thread that submitted.
+    assert wait_until(lambda: len(koala_threads()) == 3)
+    names = koala_threads()
+    assert names == ["flask-koala-1", "flask-koala-2", "flask-koala-3"]
+    assert all(t.daemon for t in threading.enumerate() if t.name in names)
+    transport.gate.set()
+    assert engine.flush(5)
+    assert len(koala_threads()) == 3
+
+
+def test_each_worker_owns_one_transport(
+    make_engine: Callable[..., Engine], transport: GatedTransport
+) -> None:
+    transport.gate.clear()
     engine = make_engine(max_workers=2)
-    engine.submit(identify())
+    engine.submit(identify(person(1)))
+    engine.submit(identify(person(2)))
+    assert wait_until(lambda: len(koala_threads()) == 2)
+    transport.gate.set()
     engine.shutdown(5)
     assert transport.closed == 2
 
 
-def test_shutdown_leaves_no_thread(make_engine: Callable[..., ThreadDispatcher]) -> None:
+def test_shutdown_leaves_no_thread(make_engine: Callable[..., Engine]) -> None:
     engine = make_engine()
     engine.submit(identify())
     assert engine.shutdown(5)
@@ -167,7 +202,7 @@ def test_shutdown_leaves_no_thread(make_engine: Callable[..., ThreadDispatcher])
 
 
 def test_full_queue_drops_without_blocking(
-    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport, ledger: Ledger
+    make_engine: Callable[..., Engine], transport: GatedTransport, ledger: Ledger
 ) -> None:
     transport.gate.clear()
     engine = make_engine(max_workers=1, max_queue_size=3)
@@ -182,9 +217,13 @@ def test_drops_warn_at_most_once_a_minute_with_count(
 ) -> None:
     now = [0.0]
     ledger = Ledger(lambda: None, clock=lambda: now[0])
-    delivery = Delivery("http://127.0.0.1:9/x", timeout=1.0, policy=RetryPolicy(), ledger=ledger)
-    engine = ThreadDispatcher(
-        delivery, lambda: transport, max_workers=1, max_queue_size=1, shutdown_timeout=1
+    engine = Engine(
+        handler(lambda: transport),
+        ledger,
+        policy=RetryPolicy(),
+        max_workers=1,
+        max_queue_size=1,
+        shutdown_timeout=1,
     )
     transport.gate.clear()
     try:
@@ -202,14 +241,18 @@ def test_drops_warn_at_most_once_a_minute_with_count(
     assert f"dropped {dropped - 1} call(s)" in warnings[1]
 
 
-def test_drop_is_signalled(make_engine: Callable[..., ThreadDispatcher]) -> None:
+def test_drop_is_signalled(make_engine: Callable[..., Engine]) -> None:
     from flask_koala import signals
 
     sender = object()
     ledger = Ledger(lambda: sender)
-    delivery = Delivery("http://127.0.0.1:9/x", timeout=1.0, policy=RetryPolicy(), ledger=ledger)
-    engine = ThreadDispatcher(
-        delivery, GatedTransport, max_workers=1, max_queue_size=1, shutdown_timeout=1
+    engine = Engine(
+        handler(GatedTransport),
+        ledger,
+        policy=RetryPolicy(),
+        max_workers=1,
+        max_queue_size=1,
+        shutdown_timeout=1,
     )
     engine.shutdown(0)
     seen: list[str] = []
@@ -221,12 +264,12 @@ def test_drop_is_signalled(make_engine: Callable[..., ThreadDispatcher]) -> None
 # -- flush and shutdown --------------------------------------------------------------------
 
 
-def test_flush_without_calls_is_true(make_engine: Callable[..., ThreadDispatcher]) -> None:
+def test_flush_without_calls_is_true(make_engine: Callable[..., Engine]) -> None:
     assert make_engine().flush(0.1)
 
 
 def test_flush_is_bounded_and_reports_what_remains(
-    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport
+    make_engine: Callable[..., Engine], transport: GatedTransport
 ) -> None:
     transport.gate.clear()
     engine = make_engine()
@@ -238,7 +281,7 @@ def test_flush_is_bounded_and_reports_what_remains(
 
 
 def test_flush_does_not_hang_when_workers_are_dead(
-    make_engine: Callable[..., ThreadDispatcher], ledger: Ledger
+    make_engine: Callable[..., Engine], ledger: Ledger
 ) -> None:
     engine = make_engine()
     # As after a fork without our hook, or threads killed: work left, nobody to do it.
@@ -246,7 +289,7 @@ def test_flush_does_not_hang_when_workers_are_dead(
     assert engine.flush(None) is False
 
 
-def test_shutdown_is_idempotent(make_engine: Callable[..., ThreadDispatcher]) -> None:
+def test_shutdown_is_idempotent(make_engine: Callable[..., Engine]) -> None:
     engine = make_engine()
     engine.submit(identify())
     assert engine.shutdown(5)
@@ -254,7 +297,7 @@ def test_shutdown_is_idempotent(make_engine: Callable[..., ThreadDispatcher]) ->
 
 
 def test_calls_after_shutdown_are_dropped_with_reason(
-    make_engine: Callable[..., ThreadDispatcher], ledger: Ledger
+    make_engine: Callable[..., Engine], ledger: Ledger
 ) -> None:
     engine = make_engine()
     engine.shutdown(1)
@@ -263,7 +306,7 @@ def test_calls_after_shutdown_are_dropped_with_reason(
 
 
 def test_shutdown_timeout_drops_what_is_left(
-    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport, ledger: Ledger
+    make_engine: Callable[..., Engine], transport: GatedTransport, ledger: Ledger
 ) -> None:
     transport.gate.clear()
     engine = make_engine(max_workers=1)
@@ -281,7 +324,7 @@ def test_shutdown_timeout_drops_what_is_left(
 
 
 def test_every_accepted_call_ends_exactly_once(
-    make_engine: Callable[..., ThreadDispatcher], ledger: Ledger
+    make_engine: Callable[..., Engine], ledger: Ledger
 ) -> None:
     engine = make_engine(max_workers=4, max_queue_size=1000)
     for n in range(200):
@@ -294,7 +337,7 @@ def test_every_accepted_call_ends_exactly_once(
 
 
 def test_same_person_waiting_together_share_a_request(
-    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport
+    make_engine: Callable[..., Engine], transport: GatedTransport
 ) -> None:
     transport.gate.clear()
     engine = make_engine(max_workers=1)
@@ -313,8 +356,7 @@ def test_same_person_waiting_together_share_a_request(
 def test_sync_dispatcher_sends_on_the_calling_thread(
     transport: GatedTransport, ledger: Ledger
 ) -> None:
-    delivery = Delivery("http://127.0.0.1:9/x", timeout=1.0, policy=RetryPolicy(), ledger=ledger)
-    sync = SyncDispatcher(delivery, lambda: transport)
+    sync = SyncDispatcher(handler(lambda: transport), ledger, policy=RetryPolicy())
     assert sync.submit(identify())
     assert len(transport.bodies) == 1
     assert ledger.snapshot()["sent"] == 1
@@ -328,7 +370,7 @@ def test_sync_dispatcher_sends_on_the_calling_thread(
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_gets_a_fresh_engine(
-    make_engine: Callable[..., ThreadDispatcher], transport: GatedTransport, ledger: Ledger
+    make_engine: Callable[..., Engine], transport: GatedTransport, ledger: Ledger
 ) -> None:
     transport.gate.clear()
     engine = make_engine(max_workers=1)
@@ -386,14 +428,13 @@ class ScriptedTransport:
 
 def test_retry_after_also_holds_back_a_worker_already_backing_off(ledger: Ledger) -> None:
     transport = ScriptedTransport(Response(503), Response(429, retry_after="1"))
-    delivery = Delivery(
-        "http://127.0.0.1:9/x",
-        timeout=1.0,
-        policy=RetryPolicy(attempts=3, wait_initial=0.3, rng=lambda: 1.0),
-        ledger=ledger,
-    )
-    engine = ThreadDispatcher(
-        delivery, lambda: transport, max_workers=2, max_queue_size=10, shutdown_timeout=1
+    engine = Engine(
+        handler(lambda: transport),
+        ledger,
+        policy=RetryPolicy(attempts=4, wait_initial=0.3, rng=lambda: 1.0),
+        max_workers=2,
+        max_queue_size=10,
+        shutdown_timeout=1,
     )
     try:
         engine.submit(identify(person(1)))  # 503: backs off 0.3 s

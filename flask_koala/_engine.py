@@ -1,0 +1,707 @@
+"""The thread engine: queueing, waking, workers, retry scheduling, pauses, forks and exit.
+
+The engine knows nothing of HTTP or Celery. A :class:`Handler` opens one :class:`Channel`
+per worker thread; a channel makes one attempt at one batch and says how it went in a
+:class:`Verdict`. Everything else happens here:
+
+- a bounded queue grouped by person and route (:class:`PersonQueue`): calls about one
+  person waiting together leave as one batch, at most 30 entries per array;
+- waking: a request queues with ``wake=False`` and wakes the workers once its response has
+  gone out; the workers themselves start more workers as the backlog needs them, up to
+  ``max_workers``, so no request thread starts more than one;
+- retries on a timer heap: a batch waiting for its retry holds no worker, so a partial
+  outage cannot stall calls that would go through;
+- ``Retry-After`` as an app-wide pause (:class:`PauseGate`);
+- idle workers leave after ``idle_timeout`` (and their app's engine can then be collected);
+- forks (``os.register_at_fork`` and a pid check under a lock), green threads monkey-patched
+  in after the engine was built (gevent ``--preload``), and a bounded flush at exit.
+
+Nothing that can block or call user code (signals, logging, thread starts) runs while the
+engine's lock is held: under gevent a greenlet that yields there would deadlock the process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import heapq
+import itertools
+import logging
+import math
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol
+
+from ._ledger import Ledger
+from ._payload import MAX_ENTRIES, Call
+from ._retry import RetryPolicy
+
+__all__ = [
+    "IDLE_TIMEOUT",
+    "Batch",
+    "Channel",
+    "Engine",
+    "Handler",
+    "PauseGate",
+    "PersonQueue",
+    "Verdict",
+    "conclude",
+    "track",
+]
+
+logger = logging.getLogger("flask_koala")
+
+#: How long a worker with nothing to do waits before it leaves (it starts again on demand).
+IDLE_TIMEOUT = 5.0
+
+_THREAD_PREFIX = "flask-koala"
+_LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers still live
+# A worker waits at most this long for the wake-up of a request that queued calls, in
+# case the server never closed the response.
+_WAKE_POLL = 1.0
+_SETTLE = 0.005  # how long a worker woken from idle leaves the GIL to the request threads
+# How long shutdown(timeout) waits, beyond its timeout, for workers to leave: idle ones do
+# at once, one inside a request when it ends (KOALA_TIMEOUT at most; it is a daemon).
+_JOIN_GRACE = 0.2
+_EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
+
+
+class Verdict(NamedTuple):
+    """How one attempt at one batch ended; the engine turns it into ledger calls and retries."""
+
+    outcome: str  # "sent" | "published" | "retry" | "failed" | "dropped"
+    reason: str = ""  # e.g. "http_503", "timeout", "connection_error", "broker_error"
+    status: Optional[int] = None  # HTTP status, when there was one
+    error: Optional[str] = None  # the collector's error text (the ledger redacts it)
+    retry_after: Optional[float] = None  # seconds, from Retry-After; pauses the whole app
+
+
+class Channel(Protocol):
+    """One worker's connection (an HTTP keep-alive socket, a broker producer)."""
+
+    def handle(self, batch: Sequence[Call]) -> Verdict:
+        """One attempt; never raises on network or broker errors."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+
+class Handler(Protocol):
+    """Delivers batches for one app; knows nothing of threads, queues or retries."""
+
+    def open(self) -> Channel:
+        """A channel for one worker; called on that worker's thread."""
+        ...
+
+
+_INTERNAL_ERROR = Verdict("failed", "internal_error")
+
+
+class Batch(list[Call]):
+    """Calls about one person and one route, tried together.
+
+    ``memo`` belongs to the handler: the HTTP handler keeps the encoded body there, so a
+    retry sends the very same bytes without encoding them again.
+    """
+
+    __slots__ = ("attempts", "memo")
+
+    def __init__(self, calls: Iterable[Call] = ()) -> None:
+        super().__init__(calls)
+        self.attempts = 0  # tries made so far, the first one included
+        self.memo: object = None
+
+
+def conclude(
+    ledger: Ledger, policy: RetryPolicy, batch: Batch, verdict: Verdict
+) -> Optional[float]:
+    """Record how an attempt went; return the wait before the next try, ``None`` once ended."""
+    outcome, reason = verdict.outcome, verdict.reason or "error"
+    if outcome == "sent":
+        ledger.sent(batch, verdict.status or 200)
+    elif outcome == "published":
+        ledger.published(batch)
+    elif outcome == "dropped":
+        ledger.dropped(batch, reason, accepted=True)
+    elif outcome == "retry" and batch.attempts < policy.attempts:
+        wait = verdict.retry_after
+        if wait is None:
+            wait = policy.backoff(batch.attempts - 1)
+        ledger.retried(batch, reason, wait)
+        return wait
+    elif outcome == "retry":
+        error = f"{reason}: {verdict.error or ''}".rstrip(": ")
+        ledger.failed(batch, "retries_exhausted", status=verdict.status, error=error)
+    else:
+        ledger.failed(batch, reason, status=verdict.status, error=verdict.error)
+    return None
+
+
+class PauseGate:
+    """A ``Retry-After`` seen by one worker pauses every worker of the app.
+
+    The read-modify-write of the deadline is under a lock: two workers seeing different
+    ``Retry-After`` values at once keep the longer pause, never the one written last.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._until = -math.inf
+
+    def pause(self, seconds: float) -> None:
+        """Hold every attempt back for ``seconds`` from now (never shortens a pause)."""
+        with self._lock:
+            until = self._clock() + seconds
+            if until > self._until:
+                self._until = until
+
+    def remaining(self) -> float:
+        """Seconds left in the current pause, 0 when open."""
+        until = self._until
+        if until == -math.inf:
+            return 0.0
+        return max(0.0, until - self._clock())
+
+
+_Key = tuple[str, Optional[str], Optional[str]]
+
+
+class PersonQueue:
+    """A FIFO of calls, grouped by person and route so that one request can carry several.
+
+    Calls about the same person for the same route waiting together come out as one batch
+    (at most 30 of each kind, i.e. of each array); the batch takes the place of the person's
+    first call, and what is left over keeps its place at the front. Not thread-safe: the
+    engine holds its lock around every use.
+    """
+
+    def __init__(self) -> None:
+        self._people: OrderedDict[_Key, list[Call]] = OrderedDict()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, call: Call) -> None:
+        """Add a call at the back (or beside the same person's calls)."""
+        key = (call.route, call.profile_id, call.email)
+        calls = self._people.get(key)
+        if calls is None:
+            self._people[key] = [call]
+        else:
+            calls.append(call)
+        self._size += 1
+
+    def take(self) -> Batch:
+        """Remove and return the oldest person's calls, at most 30 of each kind."""
+        key, calls = self._people.popitem(last=False)
+        batch, rest = _split(calls)
+        if rest:
+            self._people[key] = rest
+            self._people.move_to_end(key, last=False)
+        self._size -= len(batch)
+        return batch
+
+    def clear(self) -> list[Call]:
+        """Remove and return everything."""
+        calls = [call for group in self._people.values() for call in group]
+        self._people.clear()
+        self._size = 0
+        return calls
+
+
+def _split(calls: list[Call]) -> tuple[Batch, list[Call]]:
+    if len(calls) <= MAX_ENTRIES:
+        return Batch(calls), []
+    batch = Batch()
+    rest: list[Call] = []
+    counts: dict[str, int] = {}
+    for call in calls:
+        count = counts.get(call.kind, 0)
+        if count < MAX_ENTRIES:
+            counts[call.kind] = count + 1
+            batch.append(call)
+        else:
+            rest.append(call)
+    return batch, rest
+
+
+class Engine:
+    """A bounded in-memory queue drained by daemon threads named ``flask-koala-<n>``.
+
+    It is the thread-mode dispatcher itself (``submit``/``wake``/``flush``/``shutdown``/
+    ``pending``), and the Celery dispatcher runs one with a publishing handler.
+
+    Args:
+        handler: opens one channel per worker, which makes the attempts.
+        ledger: where every outcome is recorded.
+        policy: retries and backoff; ``attempts`` counts the first try.
+        max_workers: at most this many threads, started as the backlog needs them.
+        max_queue_size: calls waiting beyond this are dropped, never blocked on.
+        shutdown_timeout: how long the exit hook flushes before it gives up.
+        idle_timeout: a worker with nothing to do for this long leaves.
+        clock: monotonic clock for retries and pauses.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        ledger: Ledger,
+        *,
+        policy: RetryPolicy,
+        max_workers: int = 4,
+        max_queue_size: int = 10_000,
+        shutdown_timeout: float = 2.0,
+        idle_timeout: float = IDLE_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._handler = handler
+        self._ledger = ledger
+        self._policy = policy
+        self._max_workers = max(1, max_workers)
+        self._max_queue_size = max_queue_size
+        self.shutdown_timeout = shutdown_timeout
+        self._idle_timeout = idle_timeout
+        self._clock = clock
+        self._closed = False
+        self._generation = 0
+        self._reset()
+        track(self)
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger every outcome is recorded in."""
+        return self._ledger
+
+    def _reset(self) -> None:
+        """Fresh queue, locks and no threads: at construction and in a forked child."""
+        self._primitives()
+        self._queue = PersonQueue()
+        self._ready: deque[Batch] = deque()  # retries that are due, before new calls
+        self._timers: list[tuple[float, int, Batch]] = []  # retries waiting, a heap
+        self._seq = itertools.count()
+        self._inflight: dict[int, Batch] = {}
+        self._unfinished = 0  # calls queued, waiting to retry or being delivered
+        # Whether workers may take what is queued: a request queues with wake=False and
+        # releases the queue once its response is out.
+        self._released = False
+        self._workers = 0  # threads started and not yet left
+        self._idle = 0  # of which waiting for work
+        self._numbers: set[int] = set()  # the <n> of flask-koala-<n> in use
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._exit_hooked = False
+        self._gate = PauseGate(self._clock)
+        self._generation += 1
+        self._pid = os.getpid()
+
+    def _primitives(self) -> None:
+        self._lock_type = threading.Lock
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # workers wait here
+        self._done = threading.Condition(self._lock)  # flush waits here
+
+    def _after_fork(self) -> None:
+        # The parent still holds (and will send) what was queued; the child starts empty.
+        self._reset()
+        self._ledger.reset()
+
+    def _check_process(self) -> None:
+        """Rebuild after a fork the hook missed, or for green threads patched in since."""
+        if self._pid == os.getpid() and self._lock_type is threading.Lock:
+            return
+        with _reset_lock:  # two threads of a forked child must not both reset
+            if self._pid != os.getpid():
+                self._after_fork()
+            elif self._lock_type is not threading.Lock:
+                # gevent or eventlet patched threading after this engine was built (gunicorn
+                # -k gevent --preload): locks made before would block the whole process.
+                # Threads started before the patch are left to leave on their own.
+                self._primitives()
+                self._generation += 1
+                self._workers = self._idle = 0
+                self._numbers = set()
+                self._threads = []
+
+    # -- the request thread ---------------------------------------------------------------
+
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
+        """Take the call; ``False`` when it was dropped instead. Never blocks or raises."""
+        self._check_process()
+        start = None
+        with self._lock:
+            if self._closed or self._stopping:
+                accepted, reason = False, "shutdown"
+            elif len(self._queue) >= self._max_queue_size:
+                accepted, reason = False, "queue_full"
+            else:
+                accepted, reason = True, ""
+                self._ledger.accepted(call)
+                self._queue.put(call)
+                self._unfinished += 1
+                if wake:
+                    start = self._release()
+                elif not self._workers:
+                    # One worker, to wait for the wake-up (or go after _WAKE_POLL if the
+                    # server never closes the response); the backlog starts the others.
+                    start = self._reserve()
+        if start is not None:
+            self._start(*start)
+        if accepted:
+            self._ledger.announce(call)
+        else:
+            self._ledger.dropped([call], reason, accepted=False)
+        return accepted
+
+    def wake(self) -> None:
+        """Let the workers start on what is queued (never raises)."""
+        try:
+            self._check_process()
+            with self._lock:
+                start = self._release()
+            if start is not None:
+                self._start(*start)
+        except Exception:
+            logger.exception("flask-koala: waking the delivery threads failed")
+
+    def _release(self) -> Optional[tuple[int, int]]:
+        """Wake idle workers for what waits; reserve a new one if they are too few. Locked."""
+        waiting = len(self._queue) + len(self._ready)
+        if not waiting or self._stopping:
+            return None
+        self._released = True
+        if self._idle:
+            self._work.notify(min(waiting, self._idle))
+        if waiting > self._idle:
+            return self._reserve()
+        return None
+
+    def _reserve(self) -> Optional[tuple[int, int]]:
+        """Count in one more worker, if there is room; the caller starts it unlocked."""
+        if self._workers >= self._max_workers or self._stopping:
+            return None
+        number = next(n for n in itertools.count(1) if n not in self._numbers)
+        self._numbers.add(number)
+        self._workers += 1
+        return number, self._generation
+
+    def _start(self, number: int, generation: int) -> None:
+        if not self._exit_hooked:
+            self._exit_hooked = True
+            _flush_when_multiprocessing_child_exits()
+        thread = threading.Thread(
+            target=self._run,
+            args=(number, generation),
+            name=f"{_THREAD_PREFIX}-{number}",
+            daemon=True,
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutting down, or no more threads
+            with self._lock:
+                self._count_out(number, generation)
+            logger.debug("flask-koala: could not start a delivery thread", exc_info=True)
+            return
+        with self._lock:
+            if generation == self._generation:
+                self._threads = [t for t in self._threads if t.is_alive()]
+                self._threads.append(thread)
+
+    # -- the workers ---------------------------------------------------------------------
+
+    def _run(self, number: int, generation: int) -> None:
+        channel: Optional[Channel] = None
+        counted = True  # until _take says it has counted this worker out
+        try:
+            channel = self._handler.open()
+            while True:
+                batch = self._take(number, generation)
+                if batch is None:
+                    counted = False
+                    return
+                batch.attempts += 1
+                try:
+                    verdict = channel.handle(batch)
+                except Exception:
+                    logger.exception("flask-koala: delivering a call failed unexpectedly")
+                    verdict = _INTERNAL_ERROR
+                self._settle(batch, verdict)
+        except Exception:
+            logger.exception("flask-koala: a delivery thread stopped unexpectedly")
+        finally:
+            if counted:
+                with self._lock:
+                    self._count_out(number, generation)
+            if channel is not None:
+                try:
+                    channel.close()
+                except Exception:
+                    logger.debug("flask-koala: closing a channel failed", exc_info=True)
+
+    def _count_out(self, number: int, generation: int) -> None:
+        """A worker is leaving (or never started). Locked."""
+        if generation == self._generation:
+            self._numbers.discard(number)
+            self._workers -= 1
+            self._done.notify_all()  # a flush may be waiting on live workers
+
+    def _take(self, number: int, generation: int) -> Optional[Batch]:
+        """The next batch, once the workers were woken for it; ``None`` to leave.
+
+        A worker that leaves is counted out here, under the lock, so a call queued at that
+        moment sees one worker fewer and starts another.
+        """
+        waited = False
+        idle_since: Optional[float] = None
+        while True:
+            start = None
+            with self._lock:
+                while True:
+                    if self._stopping or generation != self._generation:
+                        self._count_out(number, generation)
+                        return None
+                    now = self._clock()
+                    timers = self._timers
+                    while timers and timers[0][0] <= now:
+                        self._ready.append(heapq.heappop(timers)[2])
+                    paused = self._gate.remaining()
+                    work = bool(self._ready) or bool(self._queue and self._released)
+                    if work and not paused:
+                        if waited:
+                            break  # settle first, outside the lock
+                        batch = self._ready.popleft() if self._ready else self._queue.take()
+                        if not self._queue:
+                            self._released = False
+                        self._inflight[id(batch)] = batch
+                        left = len(self._ready) + (len(self._queue) if self._released else 0)
+                        if left > self._idle:
+                            start = self._reserve()
+                        break
+                    if work:
+                        timeout: Optional[float] = paused
+                    else:
+                        if idle_since is None:
+                            idle_since = now
+                        timeout = self._wait_time(now, idle_since)
+                        if timeout is None:  # idle long enough, or the app is gone
+                            self._count_out(number, generation)
+                            return None
+                    self._idle += 1
+                    try:
+                        notified = self._work.wait(timeout)
+                    finally:
+                        self._idle -= 1
+                    if not notified and self._queue and not self._released:
+                        self._released = True  # a wake-up that never came: go anyway
+                    waited = True
+            if start is not None:
+                self._start(*start)
+            if not waited:
+                return batch
+            # Woken from idle: the response that queued the call has only just gone out.
+            # Let the server thread finish with it before competing for the GIL.
+            time.sleep(_SETTLE)
+            waited = False
+            idle_since = None
+
+    def _wait_time(self, now: float, idle_since: float) -> Optional[float]:
+        """How long an unoccupied worker waits; ``None`` when it should leave. Locked."""
+        timeout = math.inf
+        if self._timers:
+            timeout = max(0.0, self._timers[0][0] - now)
+        if self._queue:  # queued by a request that has not woken the workers yet
+            return min(timeout, _WAKE_POLL)
+        idle_for = now - idle_since
+        if (idle_for >= self._idle_timeout or self._ledger.gone) and (
+            not self._timers or self._workers > 1  # the last one stays to keep time
+        ):
+            return None
+        return min(timeout, max(0.0, self._idle_timeout - idle_for))
+
+    def _settle(self, batch: Batch, verdict: Verdict) -> None:
+        """Record the verdict and end the batch, or put it on the timer heap."""
+        count = len(batch)
+        with self._lock:
+            owned = self._inflight.pop(id(batch), None) is not None
+        if not owned:
+            return  # the exit hook already counted it as dropped
+        wait: Optional[float] = None
+        try:
+            if verdict.outcome == "retry" and verdict.retry_after is not None:
+                self._gate.pause(verdict.retry_after)
+            wait = conclude(self._ledger, self._policy, batch, verdict)
+        except Exception:
+            logger.exception("flask-koala: recording an outcome failed unexpectedly")
+        shutdown = False
+        with self._lock:
+            if wait is not None and not self._stopping:
+                due = self._clock() + wait
+                heapq.heappush(self._timers, (due, next(self._seq), batch))
+                if self._idle and self._timers[0][2] is batch:
+                    self._work.notify()  # an idle worker must wait for this one instead
+            else:
+                shutdown = wait is not None
+                self._unfinished -= count
+                if self._unfinished <= 0:
+                    self._done.notify_all()
+        if shutdown:
+            self._ledger.failed(batch, "shutdown", error="shut down while waiting to retry")
+
+    # -- waiting and stopping ------------------------------------------------------------
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every call taken so far has ended; ``True`` when none is left."""
+        self._check_process()
+        deadline = None if timeout is None else self._clock() + max(timeout, 0.0)
+        self.wake()  # calls queued by a request whose response has not closed yet
+        with self._lock:
+            while self._unfinished > 0:
+                if not self._workers:
+                    # Never started, or gone: nothing will ever finish what is left.
+                    return False
+                wait = _LIVENESS_CHECK
+                if deadline is not None:
+                    wait = min(wait, deadline - self._clock())
+                    if wait <= 0:
+                        return False
+                self._done.wait(wait)
+            return True
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Flush, then stop for good; later calls are dropped. Idempotent."""
+        self._check_process()
+        with self._lock:
+            if self._closed:
+                return self._unfinished == 0
+        deadline = None if timeout is None else self._clock() + max(timeout, 0.0)
+        flushed = self.flush(timeout)
+        join = None if deadline is None else max(0.0, deadline - self._clock()) + _JOIN_GRACE
+        self._stop(join_timeout=join)
+        return flushed
+
+    def _stop(self, join_timeout: Optional[float], *, claim_inflight: bool = False) -> None:
+        """Stop for good: drop what is queued, fail what waits to retry, let workers leave.
+
+        A worker inside a request leaves once it ends (``KOALA_TIMEOUT`` at most);
+        ``join_timeout`` bounds how long to wait for that, ``None`` waits. At exit
+        (``claim_inflight``) what is still in a worker's hands is counted as dropped: the
+        process ends before the answer could be.
+        """
+        with self._lock:
+            self._closed = True
+            self._stopping = True
+            left = self._queue.clear()
+            for batch in self._ready:
+                left.extend(batch)
+            self._ready.clear()
+            waiting = [call for _, _, batch in self._timers for call in batch]
+            self._timers.clear()
+            self._unfinished -= len(left) + len(waiting)
+            self._work.notify_all()
+            self._done.notify_all()
+            threads = list(self._threads)
+        if left:
+            self._ledger.dropped(left, "shutdown", accepted=True)
+        if waiting:
+            self._ledger.failed(waiting, "shutdown", error="shut down while waiting to retry")
+        end = None if join_timeout is None else time.monotonic() + join_timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        if claim_inflight:
+            with self._lock:
+                claimed = [call for batch in self._inflight.values() for call in batch]
+                self._inflight.clear()
+                self._unfinished -= len(claimed)
+            if claimed:
+                self._ledger.dropped(claimed, "shutdown", accepted=True)
+
+    @property
+    def pending(self) -> int:
+        """Calls queued, waiting to retry or being delivered in this process."""
+        with self._lock:
+            return self._unfinished if self._pid == os.getpid() else 0
+
+
+# -- process lifecycle ---------------------------------------------------------------------
+
+
+class _Forkable(Protocol):
+    def _after_fork(self) -> None: ...
+
+
+_live: weakref.WeakSet[_Forkable] = weakref.WeakSet()
+_reset_lock = threading.Lock()
+
+
+def track(dispatcher: _Forkable) -> None:
+    """Rebuild this dispatcher in forked children; flush it at exit if it is an engine."""
+    _live.add(dispatcher)
+
+
+def _after_fork_in_child() -> None:
+    global _reset_lock
+    _reset_lock = threading.Lock()  # a parent thread may have held it at the fork
+    for dispatcher in list(_live):
+        dispatcher._after_fork()
+
+
+def _flush_when_multiprocessing_child_exits() -> None:
+    """In a ``multiprocessing`` child, flush at its exit as atexit would elsewhere.
+
+    Such a child ends with ``os._exit()``, which skips atexit; multiprocessing runs its
+    own finalizers first. Called when the workers start, since the child's finalizers
+    registered before that (at the fork) are cleared by multiprocessing itself.
+    """
+    # Not imported means not a multiprocessing child (its parent had imported it), and
+    # importing it here would cost the first login of every process some milliseconds.
+    multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is None or multiprocessing.parent_process() is None:
+        return
+    from multiprocessing import util
+
+    util.Finalize(None, _shutdown_at_exit, exitpriority=10)
+
+
+def _shutdown_at_exit() -> None:
+    """Give queued calls a bounded last chance, then let the daemon threads die quietly.
+
+    All engines share one deadline, the longest ``KOALA_SHUTDOWN_TIMEOUT`` among them, so
+    several apps in one process do not add up their waits. Calls still in a worker's hands
+    when it runs out end ``dropped`` (``shutdown``), not ``pending``.
+    """
+    engines = [e for e in list(_live) if isinstance(e, Engine) and not e._closed]
+    if not engines:
+        return
+    deadline = time.monotonic() + max(e.shutdown_timeout for e in engines)
+    for engine in engines:
+        try:
+            budget = min(engine.shutdown_timeout, max(0.0, deadline - time.monotonic()))
+            # Nothing may reach stderr at exit: where the app set up no logging, warnings
+            # about calls ending during this last flush would go to the last-resort handler.
+            engine._ledger.quiet = not logger.hasHandlers()
+            left = 0 if engine.flush(budget) else engine.pending
+            engine._ledger.quiet = True
+            engine._stop(join_timeout=_EXIT_JOIN, claim_inflight=True)
+            # Only where the app listens: at exit, logging's last-resort handler would
+            # print to stderr, and an exit must stay quiet.
+            if left and logger.hasHandlers():
+                logger.warning(
+                    "flask-koala: exiting with %d call(s) not delivered after %.1fs",
+                    left,
+                    engine.shutdown_timeout,
+                )
+        except Exception:
+            pass  # at exit there is nobody left to tell
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_shutdown_at_exit)
