@@ -293,6 +293,7 @@ class Engine:
         # releases the queue once its response is out.
         self._released = False
         self._workers = 0  # threads started and not yet left
+        self._starting = 0  # of which not yet looking for work
         self._idle = 0  # of which waiting for work
         self._numbers: set[int] = set()  # the <n> of flask-koala-<n> in use
         self._threads: list[threading.Thread] = []
@@ -310,8 +311,9 @@ class Engine:
 
     def _after_fork(self) -> None:
         # The parent still holds (and will send) what was queued; the child starts empty.
-        self._reset()
+        # The pid is set last (in _reset), so no other thread uses the engine half reset.
         self._ledger.reset()
+        self._reset()
 
     def _check_process(self) -> None:
         """Rebuild after a fork the hook missed, or for green threads patched in since."""
@@ -326,7 +328,7 @@ class Engine:
                 # Threads started before the patch are left to leave on their own.
                 self._primitives()
                 self._generation += 1
-                self._workers = self._idle = 0
+                self._workers = self._idle = self._starting = 0
                 self._numbers = set()
                 self._threads = []
 
@@ -379,8 +381,8 @@ class Engine:
         self._released = True
         if self._idle:
             self._work.notify(min(waiting, self._idle))
-        if waiting > self._idle:
-            return self._reserve()
+        if waiting > self._idle and not self._starting:
+            return self._reserve()  # one at a time: it starts the next if still needed
         return None
 
     def _reserve(self) -> Optional[tuple[int, int]]:
@@ -390,6 +392,7 @@ class Engine:
         number = next(n for n in itertools.count(1) if n not in self._numbers)
         self._numbers.add(number)
         self._workers += 1
+        self._starting += 1
         return number, self._generation
 
     def _start(self, number: int, generation: int) -> None:
@@ -406,7 +409,7 @@ class Engine:
             thread.start()
         except RuntimeError:  # interpreter shutting down, or no more threads
             with self._lock:
-                self._count_out(number, generation)
+                self._count_out(number, generation, starting=True)
             logger.debug("flask-koala: could not start a delivery thread", exc_info=True)
             return
         with self._lock:
@@ -419,10 +422,12 @@ class Engine:
     def _run(self, number: int, generation: int) -> None:
         channel: Optional[Channel] = None
         counted = True  # until _take says it has counted this worker out
+        starting = True
         try:
             channel = self._handler.open()
             while True:
-                batch = self._take(number, generation)
+                batch = self._take(number, generation, starting)
+                starting = False
                 if batch is None:
                     counted = False
                     return
@@ -438,21 +443,23 @@ class Engine:
         finally:
             if counted:
                 with self._lock:
-                    self._count_out(number, generation)
+                    self._count_out(number, generation, starting=starting)
             if channel is not None:
                 try:
                     channel.close()
                 except Exception:
                     logger.debug("flask-koala: closing a channel failed", exc_info=True)
 
-    def _count_out(self, number: int, generation: int) -> None:
+    def _count_out(self, number: int, generation: int, *, starting: bool = False) -> None:
         """A worker is leaving (or never started). Locked."""
         if generation == self._generation:
             self._numbers.discard(number)
             self._workers -= 1
+            if starting:
+                self._starting -= 1
             self._done.notify_all()  # a flush may be waiting on live workers
 
-    def _take(self, number: int, generation: int) -> Optional[Batch]:
+    def _take(self, number: int, generation: int, starting: bool = False) -> Optional[Batch]:
         """The next batch, once the workers were woken for it; ``None`` to leave.
 
         A worker that leaves is counted out here, under the lock, so a call queued at that
@@ -463,6 +470,9 @@ class Engine:
         while True:
             start = None
             with self._lock:
+                if starting and generation == self._generation:
+                    self._starting -= 1
+                starting = False
                 while True:
                     if self._stopping or generation != self._generation:
                         self._count_out(number, generation)
@@ -481,7 +491,7 @@ class Engine:
                             self._released = False
                         self._inflight[id(batch)] = batch
                         left = len(self._ready) + (len(self._queue) if self._released else 0)
-                        if left > self._idle:
+                        if left > self._idle and not self._starting:
                             start = self._reserve()
                         break
                     if work:

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
 import pytest
@@ -15,7 +15,7 @@ import pytest
 from flask_koala._config import Timeout
 from flask_koala._delivery import HTTPHandler
 from flask_koala._dispatchers import SyncDispatcher
-from flask_koala._engine import Engine, PersonQueue
+from flask_koala._engine import Engine, PauseGate, PersonQueue, Verdict
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
 from flask_koala._retry import RetryPolicy
@@ -26,6 +26,7 @@ URL = "http://127.0.0.1:9/web/projects/pk/batch"
 
 def handler(transport: Callable[[], Transport], url: str = URL) -> HTTPHandler:
     return HTTPHandler({"profile": url}, timeout=1.0, transport_factory=transport)
+
 
 PROFILE = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 
@@ -70,9 +71,7 @@ def ledger() -> Ledger:
 
 
 @pytest.fixture
-def make_engine(
-    transport: GatedTransport, ledger: Ledger
-) -> Iterator[Callable[..., Engine]]:
+def make_engine(transport: GatedTransport, ledger: Ledger) -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
     def make(**options: Any) -> Engine:
@@ -448,3 +447,350 @@ def test_retry_after_also_holds_back_a_worker_already_backing_off(ledger: Ledger
     pause_started = transport.times[1]
     assert len(transport.times) == 4
     assert all(t - pause_started >= 1.0 for t in transport.times[2:])
+
+
+# -- the Handler/Channel seam --------------------------------------------------------------
+
+
+class RecordingChannel:
+    """Answers each attempt from a script of verdicts (then ``sent``); records the batches."""
+
+    def __init__(self, owner: RecordingHandler) -> None:
+        self._owner = owner
+
+    def handle(self, batch: Sequence[Call]) -> Verdict:
+        owner = self._owner
+        owner.opened.wait(10)
+        with owner.lock:
+            owner.batches.append(list(batch))
+            owner.memos.append(getattr(batch, "memo", None))
+            return owner.verdicts.pop(0) if owner.verdicts else Verdict("sent", status=200)
+
+    def close(self) -> None:
+        with self._owner.lock:
+            self._owner.closed += 1
+
+
+class RecordingHandler:
+    def __init__(self, *verdicts: Verdict) -> None:
+        self.verdicts = list(verdicts)
+        self.batches: list[list[Call]] = []
+        self.memos: list[object] = []
+        self.lock = threading.Lock()
+        self.opened = threading.Event()
+        self.opened.set()
+        self.open_gate = threading.Event()
+        self.open_gate.set()
+        self.closed = 0
+
+    def open(self) -> RecordingChannel:
+        self.open_gate.wait(10)
+        return RecordingChannel(self)
+
+
+@pytest.fixture
+def make_seam_engine(ledger: Ledger) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(handler: RecordingHandler, **options: Any) -> Engine:
+        settings: dict[str, Any] = {
+            "max_workers": 2,
+            "max_queue_size": 100,
+            "shutdown_timeout": 1.0,
+            "policy": RetryPolicy(attempts=3, wait_initial=0.01),
+        }
+        settings.update(options)
+        engine = Engine(handler, ledger, **settings)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown(5)
+
+
+@pytest.mark.parametrize(
+    ("verdict", "counter"),
+    [
+        (Verdict("sent", status=202), "sent"),
+        (Verdict("published"), "published"),
+        (Verdict("dropped", "broker_error"), "dropped.broker_error"),
+        (Verdict("failed", "http_400", 400, "nope"), "failed.http_400"),
+    ],
+)
+def test_each_verdict_ends_the_batch_in_the_ledger(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger, verdict: Verdict, counter: str
+) -> None:
+    engine = make_seam_engine(RecordingHandler(verdict))
+    engine.submit(identify())
+    assert engine.flush(5)
+    counts = ledger.snapshot()
+    assert counts[counter] == 1
+    assert counts["pending"] == 0
+
+
+def test_a_retry_verdict_tries_again_up_to_the_attempts(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger
+) -> None:
+    retry = Verdict("retry", "http_503", 503)
+    handler = RecordingHandler(retry, retry, retry)
+    engine = make_seam_engine(handler, policy=RetryPolicy(attempts=3, wait_initial=0.01))
+    engine.submit(identify())
+    assert engine.flush(5)
+    counts = ledger.snapshot()
+    assert len(handler.batches) == 3  # attempts count the first try
+    assert counts["retried"] == 2
+    assert counts["failed.retries_exhausted"] == 1
+
+
+def test_a_handler_that_raises_fails_the_batch_once(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(RecordingHandler):
+        def open(self) -> RecordingChannel:
+            channel = super().open()
+            channel.handle = self.explode  # type: ignore[method-assign]
+            return channel
+
+        def explode(self, batch: Sequence[Call]) -> Verdict:
+            raise ValueError("a bug in a handler")
+
+    engine = make_seam_engine(Broken())
+    engine.submit(identify())
+    assert engine.flush(5)
+    assert ledger.snapshot()["failed.internal_error"] == 1
+    caplog.clear()  # the ERROR it logged is expected here
+
+
+def test_a_waiting_retry_holds_no_worker(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger
+) -> None:
+    handler = RecordingHandler(Verdict("retry", "http_503", 503))
+    # One worker; the first call's retry is due in 30 s.
+    engine = make_seam_engine(
+        handler, max_workers=1, policy=RetryPolicy(attempts=3, wait_initial=30, rng=lambda: 1.0)
+    )
+    engine.submit(identify(person(1)))
+    assert wait_until(lambda: ledger.snapshot()["retried"] == 1)
+    engine.submit(identify(person(2)))
+    assert wait_until(lambda: ledger.snapshot()["sent"] == 1)
+    assert engine.pending == 1  # the first call, waiting on the timer, not in a worker
+    assert engine.shutdown(0.1) is False
+    assert ledger.snapshot()["failed.shutdown"] == 1
+    assert ledger.snapshot()["pending"] == 0
+
+
+def test_a_retry_reuses_the_batch_and_its_memo(
+    make_seam_engine: Callable[..., Engine],
+) -> None:
+    handler = RecordingHandler(Verdict("retry", "timeout"))
+    engine = make_seam_engine(handler)
+    engine.submit(identify())
+    assert engine.flush(5)
+    first, second = handler.batches
+    assert first == second
+
+
+def test_the_http_channel_encodes_a_body_once_across_retries(
+    make_engine: Callable[..., Engine], transport: GatedTransport, ledger: Ledger
+) -> None:
+    answers = [Response(503), Response(200, "{}")]
+
+    class Flaky(GatedTransport):
+        def post(
+            self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout
+        ) -> Response:
+            with self._lock:
+                self.bodies.append(body)
+                return answers.pop(0)
+
+    flaky = Flaky()
+    engine = Engine(
+        handler(lambda: flaky), ledger, policy=RetryPolicy(attempts=3, wait_initial=0.01)
+    )
+    try:
+        engine.submit(identify())
+        assert engine.flush(5)
+    finally:
+        engine.shutdown(5)
+    first, second = flaky.bodies
+    assert first is second  # the very same bytes, not encoded again
+
+
+# -- workers that come and go --------------------------------------------------------------
+
+
+def test_a_burst_starts_one_thread_from_the_submitting_thread(
+    make_seam_engine: Callable[..., Engine],
+) -> None:
+    handler = RecordingHandler()
+    handler.open_gate.clear()  # workers stay in open(): none can start another
+    engine = make_seam_engine(handler, max_workers=50)
+    for n in range(100):
+        engine.submit(identify(person(n)))
+    assert koala_threads() == ["flask-koala-1"]
+    handler.open_gate.set()
+    assert engine.flush(10)
+
+
+def test_a_request_burst_starts_one_thread_at_its_wake(
+    make_seam_engine: Callable[..., Engine],
+) -> None:
+    handler = RecordingHandler()
+    handler.open_gate.clear()
+    engine = make_seam_engine(handler, max_workers=50)
+    for n in range(100):
+        engine.submit(identify(person(n)), wake=False)
+    engine.wake()
+    assert koala_threads() == ["flask-koala-1"]
+    handler.open_gate.set()
+    assert engine.flush(10)
+
+
+def test_idle_workers_leave_and_start_again_on_the_next_call(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger
+) -> None:
+    handler = RecordingHandler()
+    engine = make_seam_engine(handler, idle_timeout=0.2)
+    engine.submit(identify(person(1)))
+    assert engine.flush(5)
+    assert wait_until(lambda: koala_threads() == [])
+    assert handler.closed == 1  # the worker closed its channel on its way out
+    engine.submit(identify(person(2)))
+    assert engine.flush(5)
+    assert ledger.snapshot()["sent"] == 2
+
+
+def test_a_worker_stays_to_keep_time_for_a_waiting_retry(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger
+) -> None:
+    handler = RecordingHandler(Verdict("retry", "http_503", 503))
+    engine = make_seam_engine(
+        handler,
+        idle_timeout=0.05,
+        policy=RetryPolicy(attempts=2, wait_initial=0.5, rng=lambda: 1.0),
+    )
+    engine.submit(identify())
+    assert engine.flush(5)
+    assert ledger.snapshot()["sent"] == 1
+
+
+# -- accounting ----------------------------------------------------------------------------
+
+
+def test_pending_never_goes_negative_with_queue_full_drops(
+    make_engine: Callable[..., Engine], transport: GatedTransport, ledger: Ledger
+) -> None:
+    transport.gate.clear()
+    engine = make_engine(max_workers=1, max_queue_size=3)
+    accepted = sum(engine.submit(identify(person(n))) for n in range(10))
+    counts = ledger.snapshot()
+    assert counts["dropped.queue_full"] == 10 - accepted
+    assert counts["pending"] == engine.pending == accepted
+    transport.gate.set()
+    assert engine.flush(5)
+    assert ledger.snapshot()["pending"] == engine.pending == 0
+
+
+def test_leftovers_of_a_full_batch_keep_their_place_at_the_front() -> None:
+    queue = PersonQueue()
+    for _ in range(35):
+        queue.put(identify(person(1)))
+    later = identify(person(2))
+    queue.put(later)
+    assert len(queue.take()) == 30
+    rest = queue.take()
+    assert len(rest) == 5
+    assert all(c.profile_id == person(1) for c in rest)
+    assert queue.take() == [later]
+
+
+def test_calls_for_different_routes_never_share_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flask_koala._payload import ROUTES
+
+    monkeypatch.setitem(ROUTES, "account", "account")
+    queue = PersonQueue()
+    profile = identify()
+    account = profile._replace(kind="account")
+    queue.put(profile)
+    queue.put(account)
+    assert queue.take() == [profile]
+    assert queue.take() == [account]
+
+
+def test_at_exit_calls_in_a_workers_hands_end_dropped(
+    make_engine: Callable[..., Engine], transport: GatedTransport, ledger: Ledger
+) -> None:
+    transport.gate.clear()
+    engine = make_engine(max_workers=1)
+    engine.submit(identify())
+    assert wait_until(lambda: not engine._queue and engine._inflight)
+    engine._stop(join_timeout=0.05, claim_inflight=True)  # what the exit hook does
+    transport.gate.set()
+    for thread in threading.enumerate():
+        if thread.name.startswith("flask-koala-"):
+            thread.join(5)
+    counts = ledger.snapshot()
+    assert counts["dropped.shutdown"] == 1
+    assert counts["sent"] == 0  # the answer that came later is not counted twice
+    assert counts["pending"] == 0
+
+
+# -- races ---------------------------------------------------------------------------------
+
+
+def test_a_shorter_pause_never_overwrites_a_longer_one() -> None:
+    # The first pause(1) reads the clock; while it does, another thread pauses for 10 s.
+    # Without a lock around the read-modify-write, the 1 s pause would be written last.
+    longer_done = threading.Event()
+    first_read = threading.Event()
+    calls = [0]
+
+    def clock() -> float:
+        calls[0] += 1
+        if calls[0] == 1:
+            first_read.set()
+            longer_done.wait(0.5)
+        return 100.0
+
+    gate = PauseGate(clock)
+
+    def pause_longer() -> None:
+        first_read.wait(5)
+        gate.pause(10)
+        longer_done.set()
+
+    other = threading.Thread(target=pause_longer)
+    other.start()
+    gate.pause(1)
+    other.join(5)
+    assert gate.remaining() == 10.0
+
+
+def test_two_threads_of_a_forked_child_do_not_both_reset(transport: GatedTransport) -> None:
+    # As in a child forked from C (uWSGI without its fork hooks): the pid no longer matches,
+    # and two request threads make the first calls at once.
+    resetting = threading.Event()
+
+    class SlowReset(Ledger):
+        def reset(self) -> None:
+            if hasattr(self, "_lock") and not resetting.is_set():
+                resetting.set()
+                time.sleep(0.2)  # the other thread's call lands here, then is wiped
+            super().reset()
+
+    ledger = SlowReset(lambda: None)
+    engine = Engine(handler(lambda: transport), ledger, policy=RetryPolicy())
+    try:
+        engine._pid = -1
+        resetting.clear()
+        first = threading.Thread(target=engine.submit, args=(identify(person(1)),))
+        first.start()
+        assert resetting.wait(5)
+        engine.submit(identify(person(2)))
+        first.join(5)
+        assert engine.flush(5)
+        counts = ledger.snapshot()
+        assert (counts["queued"], counts["sent"], counts["pending"]) == (2, 2, 0)
+    finally:
+        engine.shutdown(5)
