@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -254,3 +255,32 @@ def test_exit_under_gevent_patched_after_the_engine_is_bounded() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "accepted"
     assert elapsed <= 1 + 3  # the exit flush, plus starting the interpreter
+
+
+def test_exit_counts_calls_in_flight_as_dropped_not_pending() -> None:
+    # The reporter is registered before flask_koala, so it runs after flask-koala's hook.
+    code = """
+import atexit, json
+def report():
+    from tests.process_app import app, koala
+    with app.app_context():
+        stats = dict(koala.stats)
+    print(json.dumps({k: stats.get(k, 0) for k in ("pending", "dropped.shutdown", "sent")}))
+atexit.register(report)
+from tests.process_app import main
+main(3)
+"""
+    with KoalaReceiver() as hanging:
+        hanging.delay(30)
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=env_for(hanging.url, KOALA_SHUTDOWN_TIMEOUT="0.5"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout.splitlines()[-1])
+    assert counts == {"pending": 0, "dropped.shutdown": 3, "sent": 0}
