@@ -279,12 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         if "3" in args.figures:
             _say(f"3. drain rate, receiver answering after {DRAIN_LATENCY * 1e3:.0f} ms")
             rows.append(figure_3(receiver, profile))
-        if "5" in args.figures:
-            _say("5. partial outage: half of the answers 503 (fresh process)")
-            rows.append(figure_5(receiver, profile))
     if "4" in args.figures:
         _say("4. memory held by a full backlog (receiver never answers, fresh process)")
         rows.append(figure_4(profile))
+    if "5" in args.figures:
+        _say("5. partial outage: half of the answers 503 (fresh process)")
+        with ReceiverProcess() as receiver:
+            rows.append(figure_5(receiver, profile))
     _say("")
     if name == "smoke":
         _say("(smoke run: far too few samples for these figures to mean anything)")

@@ -331,8 +331,8 @@ class CeleryDispatcher:
         celery_app: the app whose broker the tasks go to; the task is registered on it.
         endpoint: the Koala batch URL the worker posts to.
         timeout: per attempt, in the worker.
-        policy: the worker's retries and backoff; ``attempts`` is
-            ``KOALA_CELERY_MAX_RETRIES``.
+        policy: the worker's retries and backoff; ``attempts`` counts the first try, so
+            it is ``KOALA_CELERY_MAX_RETRIES + 1``.
         ledger: counts queued, published and dropped calls.
         queue: the Celery queue (``KOALA_CELERY_QUEUE``).
         publish_timeout: bounds each publish (``KOALA_CELERY_PUBLISH_TIMEOUT``).
