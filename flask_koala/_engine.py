@@ -280,6 +280,21 @@ class Engine:
         """The ledger every outcome is recorded in."""
         return self._ledger
 
+    @property
+    def policy(self) -> RetryPolicy:
+        """Retries and backoff."""
+        return self._policy
+
+    @property
+    def max_workers(self) -> int:
+        """At most this many threads."""
+        return self._max_workers
+
+    @property
+    def max_queue_size(self) -> int:
+        """Calls waiting beyond this are dropped."""
+        return self._max_queue_size
+
     def _reset(self) -> None:
         """Fresh queue, locks and no threads: at construction and in a forked child."""
         self._primitives()
@@ -593,10 +608,10 @@ class Engine:
         deadline = None if timeout is None else self._clock() + max(timeout, 0.0)
         flushed = self.flush(timeout)
         join = None if deadline is None else max(0.0, deadline - self._clock()) + _JOIN_GRACE
-        self._stop(join_timeout=join)
+        self.stop(join_timeout=join)
         return flushed
 
-    def _stop(self, join_timeout: Optional[float], *, claim_inflight: bool = False) -> None:
+    def stop(self, join_timeout: Optional[float], *, claim_inflight: bool = False) -> None:
         """Stop for good: drop what is queued, fail what waits to retry, let workers leave.
 
         A worker inside a request leaves once it ends (``KOALA_TIMEOUT`` at most);
@@ -699,7 +714,7 @@ def _shutdown_at_exit() -> None:
             engine._ledger.quiet = not logger.hasHandlers()
             left = 0 if engine.flush(budget) else engine.pending
             engine._ledger.quiet = True
-            engine._stop(join_timeout=_EXIT_JOIN, claim_inflight=True)
+            engine.stop(join_timeout=_EXIT_JOIN, claim_inflight=True)
             # Only where the app listens: at exit, logging's last-resort handler would
             # print to stderr, and an exit must stay quiet.
             if left and logger.hasHandlers():

@@ -102,9 +102,9 @@ def test_thread_mode_reads_its_settings(ledger: Ledger) -> None:
     engine = make_dispatcher(config, needs(ledger))
     assert isinstance(engine, Engine)
     try:
-        assert engine._max_workers == 3
-        assert engine._max_queue_size == 7
-        assert engine._policy.attempts == 3  # two retries after the first try
+        assert engine.max_workers == 3
+        assert engine.max_queue_size == 7
+        assert engine.policy.attempts == 3  # two retries after the first try
     finally:
         engine.shutdown(1)
 

@@ -45,11 +45,13 @@ class GatedTransport:
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set once a post is waiting at the gate
         self.bodies: list[bytes] = []
         self.closed = 0
         self._lock = threading.Lock()
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
+        self.entered.set()
         self.gate.wait(10)
         with self._lock:
             self.bodies.append(body)
@@ -724,8 +726,8 @@ def test_at_exit_calls_in_a_workers_hands_end_dropped(
     transport.gate.clear()
     engine = make_engine(max_workers=1)
     engine.submit(identify())
-    assert wait_until(lambda: not engine._queue and engine._inflight)
-    engine._stop(join_timeout=0.05, claim_inflight=True)  # what the exit hook does
+    assert transport.entered.wait(5)
+    engine.stop(join_timeout=0.05, claim_inflight=True)  # what the exit hook does
     transport.gate.set()
     for thread in threading.enumerate():
         if thread.name.startswith("flask-koala-"):
@@ -773,17 +775,20 @@ def test_two_threads_of_a_forked_child_do_not_both_reset(transport: GatedTranspo
     resetting = threading.Event()
 
     class SlowReset(Ledger):
+        armed = False
+
         def reset(self) -> None:
-            if hasattr(self, "_lock") and not resetting.is_set():
+            if self.armed and not resetting.is_set():
                 resetting.set()
                 time.sleep(0.2)  # the other thread's call lands here, then is wiped
             super().reset()
 
     ledger = SlowReset(lambda: None)
+    ledger.armed = True
     engine = Engine(handler(lambda: transport), ledger, policy=RetryPolicy())
     try:
-        engine._pid = -1
-        resetting.clear()
+        engine._pid = -1  # the pid check's view of a fork its hook never saw
+
         first = threading.Thread(target=engine.submit, args=(identify(person(1)),))
         first.start()
         assert resetting.wait(5)
