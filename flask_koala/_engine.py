@@ -60,8 +60,8 @@ IDLE_TIMEOUT = 5.0
 
 _THREAD_PREFIX = "flask-koala"
 _LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers still live
-# A worker waits at most this long for the wake-up of a request that queued calls, in
-# case the server never closed the response.
+# A worker waits at most this long at a time: a request that queued calls may never wake it
+# (a server that never closes the response), and an idle worker checks its app still lives.
 _WAKE_POLL = 1.0
 _SETTLE = 0.005  # how long a worker woken from idle leaves the GIL to the request threads
 # How long shutdown(timeout) waits, beyond its timeout, for workers to leave: idle ones do
@@ -548,7 +548,9 @@ class Engine:
             not self._timers or self._workers > 1  # the last one stays to keep time
         ):
             return None
-        return min(timeout, max(0.0, self._idle_timeout - idle_for))
+        # At most _WAKE_POLL: a request may queue a call without waking anyone, and a
+        # server that never closes its response (a test client) must not hold it longer.
+        return min(timeout, _WAKE_POLL, max(0.0, self._idle_timeout - idle_for))
 
     def _settle(self, batch: Batch, verdict: Verdict) -> None:
         """Record the verdict and end the batch, or put it on the timer heap."""

@@ -799,3 +799,14 @@ def test_two_threads_of_a_forked_child_do_not_both_reset(transport: GatedTranspo
         assert (counts["queued"], counts["sent"], counts["pending"]) == (2, 2, 0)
     finally:
         engine.shutdown(5)
+
+
+def test_a_call_queued_without_a_wake_goes_out_anyway_to_an_idle_worker(
+    make_engine: Callable[..., Engine], ledger: Ledger
+) -> None:
+    # As from a server (or test client) that never closes the response that queued it.
+    engine = make_engine(max_workers=1)
+    engine.submit(identify(person(1)))
+    assert wait_until(lambda: ledger.snapshot()["sent"] == 1)
+    engine.submit(identify(person(2)), wake=False)  # the worker is idle now
+    assert wait_until(lambda: ledger.snapshot()["sent"] == 2, timeout=3)
