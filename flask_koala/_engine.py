@@ -440,9 +440,12 @@ class Engine:
         starting = True
         try:
             channel = self._handler.open()
-            while True:
-                batch = self._take(number, generation, starting)
+            with self._lock:
+                if generation == self._generation:
+                    self._starting -= 1
                 starting = False
+            while True:
+                batch = self._take(number, generation)
                 if batch is None:
                     counted = False
                     return
@@ -474,7 +477,7 @@ class Engine:
                 self._starting -= 1
             self._done.notify_all()  # a flush may be waiting on live workers
 
-    def _take(self, number: int, generation: int, starting: bool = False) -> Optional[Batch]:
+    def _take(self, number: int, generation: int) -> Optional[Batch]:
         """The next batch, once the workers were woken for it; ``None`` to leave.
 
         A worker that leaves is counted out here, under the lock, so a call queued at that
@@ -485,9 +488,6 @@ class Engine:
         while True:
             start = None
             with self._lock:
-                if starting and generation == self._generation:
-                    self._starting -= 1
-                starting = False
                 while True:
                     if self._stopping or generation != self._generation:
                         self._count_out(number, generation)
