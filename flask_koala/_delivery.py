@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from ._config import Timeout
-from ._engine import Batch, Verdict
+from ._engine import Verdict
 from ._payload import Call, build_body, encode_body
+from ._queue import Batch
 from ._retry import is_retryable, parse_retry_after
 from ._transport import Response, Transport, TransportError, TransportFactory
 from ._version import __version__

@@ -24,10 +24,12 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 from ._config import KoalaConfig
 from ._delivery import HTTPHandler
-from ._engine import Batch, Channel, Engine, Handler, PauseGate, Verdict, conclude, track
+from ._engine import Channel, Engine, Handler, Verdict, conclude
 from ._ledger import Ledger
+from ._lifecycle import track
 from ._payload import Call
-from ._retry import RetryPolicy
+from ._queue import Batch
+from ._retry import PauseGate, RetryPolicy
 from ._transport import TransportFactory
 
 __all__ = [
@@ -134,8 +136,8 @@ class SyncDispatcher:
         self._gate = PauseGate(self._clock)
         self._pid = os.getpid()
 
-    def _after_fork(self) -> None:
-        # The parent's connections are the parent's: forget them without closing them.
+    def after_fork(self) -> None:
+        """In a forked child: the parent's connections are the parent's; forget them."""
         self._channels.clear()
         self._fresh()
         self._ledger.reset()
@@ -145,7 +147,7 @@ class SyncDispatcher:
 
     def submit(self, call: Call, *, wake: bool = True) -> bool:
         if self._pid != os.getpid():
-            self._after_fork()
+            self.after_fork()
         ledger = self._ledger
         if self._closed:
             ledger.dropped([call], "shutdown", accepted=False)

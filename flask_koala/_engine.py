@@ -4,17 +4,15 @@ The engine knows nothing of HTTP or Celery. A :class:`Handler` opens one :class:
 per worker thread; a channel makes one attempt at one batch and says how it went in a
 :class:`Verdict`. Everything else happens here:
 
-- a bounded queue grouped by person and route (:class:`PersonQueue`): calls about one
-  person waiting together leave as one batch, at most 30 entries per array;
+- a bounded queue of batches about one person and route (``_queue``);
 - waking: a request queues with ``wake=False`` and wakes the workers once its response has
-  gone out; the workers themselves start more workers as the backlog needs them, up to
-  ``max_workers``, so no request thread starts more than one;
+  gone out; workers start more workers as the backlog needs them, up to ``max_workers``;
 - retries on a timer heap: a batch waiting for its retry holds no worker, so a partial
   outage cannot stall calls that would go through;
-- ``Retry-After`` as an app-wide pause (:class:`PauseGate`);
+- ``Retry-After`` as an app-wide pause (``_retry.PauseGate``);
 - idle workers leave after ``idle_timeout`` (and their app's engine can then be collected);
-- forks (``os.register_at_fork`` and a pid check under a lock), green threads monkey-patched
-  in after the engine was built (gevent ``--preload``), and a bounded flush at exit.
+- forks and exit (with ``_lifecycle``), and threading monkey-patched in after the engine
+  was built (gevent ``--preload``).
 
 Nothing that can block or call user code (signals, logging, thread starts) runs while the
 engine's lock is held: under gevent a greenlet that yields there would deadlock the process.
@@ -22,36 +20,25 @@ engine's lock is held: under gevent a greenlet that yields there would deadlock 
 
 from __future__ import annotations
 
-import atexit
 import heapq
 import itertools
 import logging
 import math
 import os
-import sys
 import threading
 import time
-import weakref
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
-from typing import Callable, NamedTuple, Optional, Protocol
+from collections import deque
+from typing import Callable, Optional
 
+from ._handlers import Channel, Handler, Verdict, conclude
 from ._ledger import Ledger
-from ._payload import MAX_ENTRIES, Call
-from ._retry import RetryPolicy
+from ._lifecycle import flush_when_multiprocessing_child_exits, fork_lock, track
+from ._payload import Call
+from ._queue import Batch, PersonQueue
+from ._retry import PauseGate, RetryPolicy
 
-__all__ = [
-    "IDLE_TIMEOUT",
-    "Batch",
-    "Channel",
-    "Engine",
-    "Handler",
-    "PauseGate",
-    "PersonQueue",
-    "Verdict",
-    "conclude",
-    "track",
-]
+# The seam's types are defined in _handlers and re-exported: handlers import them from here.
+__all__ = ["IDLE_TIMEOUT", "Channel", "Engine", "Handler", "Verdict", "conclude"]
 
 logger = logging.getLogger("flask_koala")
 
@@ -70,167 +57,7 @@ _JOIN_GRACE = 0.2
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
 
 
-class Verdict(NamedTuple):
-    """How one attempt at one batch ended; the engine turns it into ledger calls and retries."""
-
-    outcome: str  # "sent" | "published" | "retry" | "failed" | "dropped"
-    reason: str = ""  # e.g. "http_503", "timeout", "connection_error", "broker_error"
-    status: Optional[int] = None  # HTTP status, when there was one
-    error: Optional[str] = None  # the collector's error text (the ledger redacts it)
-    retry_after: Optional[float] = None  # seconds, from Retry-After; pauses the whole app
-
-
-class Channel(Protocol):
-    """One worker's connection (an HTTP keep-alive socket, a broker producer)."""
-
-    def handle(self, batch: Sequence[Call]) -> Verdict:
-        """One attempt; never raises on network or broker errors."""
-        ...
-
-    def close(self) -> None:
-        """Release the connection."""
-        ...
-
-
-class Handler(Protocol):
-    """Delivers batches for one app; knows nothing of threads, queues or retries."""
-
-    def open(self) -> Channel:
-        """A channel for one worker; called on that worker's thread."""
-        ...
-
-
 _INTERNAL_ERROR = Verdict("failed", "internal_error")
-
-
-class Batch(list[Call]):
-    """Calls about one person and one route, tried together.
-
-    ``memo`` belongs to the handler: the HTTP handler keeps the encoded body there, so a
-    retry sends the very same bytes without encoding them again.
-    """
-
-    __slots__ = ("attempts", "memo")
-
-    def __init__(self, calls: Iterable[Call] = ()) -> None:
-        super().__init__(calls)
-        self.attempts = 0  # tries made so far, the first one included
-        self.memo: object = None
-
-
-def conclude(
-    ledger: Ledger, policy: RetryPolicy, batch: Batch, verdict: Verdict
-) -> Optional[float]:
-    """Record how an attempt went; return the wait before the next try, ``None`` once ended."""
-    outcome, reason = verdict.outcome, verdict.reason or "error"
-    if outcome == "sent":
-        ledger.sent(batch, verdict.status or 200)
-    elif outcome == "published":
-        ledger.published(batch)
-    elif outcome == "dropped":
-        ledger.dropped(batch, reason, accepted=True)
-    elif outcome == "retry" and batch.attempts < policy.attempts:
-        wait = verdict.retry_after
-        if wait is None:
-            wait = policy.backoff(batch.attempts - 1)
-        ledger.retried(batch, reason, wait)
-        return wait
-    elif outcome == "retry":
-        error = f"{reason}: {verdict.error or ''}".rstrip(": ")
-        ledger.failed(batch, "retries_exhausted", status=verdict.status, error=error)
-    else:
-        ledger.failed(batch, reason, status=verdict.status, error=verdict.error)
-    return None
-
-
-class PauseGate:
-    """A ``Retry-After`` seen by one worker pauses every worker of the app.
-
-    The read-modify-write of the deadline is under a lock: two workers seeing different
-    ``Retry-After`` values at once keep the longer pause, never the one written last.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._until = -math.inf
-
-    def pause(self, seconds: float) -> None:
-        """Hold every attempt back for ``seconds`` from now (never shortens a pause)."""
-        with self._lock:
-            until = self._clock() + seconds
-            if until > self._until:
-                self._until = until
-
-    def remaining(self) -> float:
-        """Seconds left in the current pause, 0 when open."""
-        until = self._until
-        if until == -math.inf:
-            return 0.0
-        return max(0.0, until - self._clock())
-
-
-_Key = tuple[str, Optional[str], Optional[str]]
-
-
-class PersonQueue:
-    """A FIFO of calls, grouped by person and route so that one request can carry several.
-
-    Calls about the same person for the same route waiting together come out as one batch
-    (at most 30 of each kind, i.e. of each array); the batch takes the place of the person's
-    first call, and what is left over keeps its place at the front. Not thread-safe: the
-    engine holds its lock around every use.
-    """
-
-    def __init__(self) -> None:
-        self._people: OrderedDict[_Key, list[Call]] = OrderedDict()
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def put(self, call: Call) -> None:
-        """Add a call at the back (or beside the same person's calls)."""
-        key = (call.route, call.profile_id, call.email)
-        calls = self._people.get(key)
-        if calls is None:
-            self._people[key] = [call]
-        else:
-            calls.append(call)
-        self._size += 1
-
-    def take(self) -> Batch:
-        """Remove and return the oldest person's calls, at most 30 of each kind."""
-        key, calls = self._people.popitem(last=False)
-        batch, rest = _split(calls)
-        if rest:
-            self._people[key] = rest
-            self._people.move_to_end(key, last=False)
-        self._size -= len(batch)
-        return batch
-
-    def clear(self) -> list[Call]:
-        """Remove and return everything."""
-        calls = [call for group in self._people.values() for call in group]
-        self._people.clear()
-        self._size = 0
-        return calls
-
-
-def _split(calls: list[Call]) -> tuple[Batch, list[Call]]:
-    if len(calls) <= MAX_ENTRIES:
-        return Batch(calls), []
-    batch = Batch()
-    rest: list[Call] = []
-    counts: dict[str, int] = {}
-    for call in calls:
-        count = counts.get(call.kind, 0)
-        if count < MAX_ENTRIES:
-            counts[call.kind] = count + 1
-            batch.append(call)
-        else:
-            rest.append(call)
-    return batch, rest
 
 
 class Engine:
@@ -273,12 +100,7 @@ class Engine:
         self._closed = False
         self._generation = 0
         self._reset()
-        track(self)
-
-    @property
-    def ledger(self) -> Ledger:
-        """The ledger every outcome is recorded in."""
-        return self._ledger
+        track(self, self)
 
     @property
     def policy(self) -> RetryPolicy:
@@ -304,9 +126,7 @@ class Engine:
         self._seq = itertools.count()
         self._inflight: dict[int, Batch] = {}
         self._unfinished = 0  # calls queued, waiting to retry or being delivered
-        # Whether workers may take what is queued: a request queues with wake=False and
-        # releases the queue once its response is out.
-        self._released = False
+        self._released = False  # may workers take what is queued (wake=False holds it)
         self._workers = 0  # threads started and not yet left
         self._starting = 0  # of which not yet looking for work
         self._idle = 0  # of which waiting for work
@@ -324,7 +144,8 @@ class Engine:
         self._work = threading.Condition(self._lock)  # workers wait here
         self._done = threading.Condition(self._lock)  # flush waits here
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
+        """In a forked child: start empty, with fresh locks and no threads."""
         # The parent still holds (and will send) what was queued; the child starts empty.
         # The pid is set last (in _reset), so no other thread uses the engine half reset.
         self._ledger.reset()
@@ -334,9 +155,9 @@ class Engine:
         """Rebuild after a fork the hook missed, or for green threads patched in since."""
         if self._pid == os.getpid() and self._lock_type is threading.Lock:
             return
-        with _reset_lock:  # two threads of a forked child must not both reset
+        with fork_lock():  # two threads of a forked child must not both reset
             if self._pid != os.getpid():
-                self._after_fork()
+                self.after_fork()
             elif self._lock_type is not threading.Lock:
                 # gevent or eventlet patched threading after this engine was built (gunicorn
                 # -k gevent --preload): locks made before would block the whole process.
@@ -413,7 +234,7 @@ class Engine:
     def _start(self, number: int, generation: int) -> None:
         if not self._exit_hooked:
             self._exit_hooked = True
-            _flush_when_multiprocessing_child_exits()
+            flush_when_multiprocessing_child_exits()
         thread = threading.Thread(
             target=self._run,
             args=(number, generation),
@@ -616,10 +437,8 @@ class Engine:
     def stop(self, join_timeout: Optional[float], *, claim_inflight: bool = False) -> None:
         """Stop for good: drop what is queued, fail what waits to retry, let workers leave.
 
-        A worker inside a request leaves once it ends (``KOALA_TIMEOUT`` at most);
-        ``join_timeout`` bounds how long to wait for that, ``None`` waits. At exit
-        (``claim_inflight``) what is still in a worker's hands is counted as dropped: the
-        process ends before the answer could be.
+        ``join_timeout`` bounds the wait for a worker inside a request (``None`` waits). At
+        exit (``claim_inflight``) what is still in a worker's hands ends dropped.
         """
         with self._lock:
             self._closed = True
@@ -656,79 +475,26 @@ class Engine:
         with self._lock:
             return self._unfinished if self._pid == os.getpid() else 0
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` (or the exit hook) stopped it for good."""
+        return self._closed
 
-# -- process lifecycle ---------------------------------------------------------------------
+    def exit_flush(self, budget: float) -> None:
+        """At interpreter exit: flush for ``budget`` seconds, then stop for good.
 
-
-class _Forkable(Protocol):
-    def _after_fork(self) -> None: ...
-
-
-_live: weakref.WeakSet[_Forkable] = weakref.WeakSet()
-_reset_lock = threading.Lock()
-
-
-def track(dispatcher: _Forkable) -> None:
-    """Rebuild this dispatcher in forked children; flush it at exit if it is an engine."""
-    _live.add(dispatcher)
-
-
-def _after_fork_in_child() -> None:
-    global _reset_lock
-    _reset_lock = threading.Lock()  # a parent thread may have held it at the fork
-    for dispatcher in list(_live):
-        dispatcher._after_fork()
-
-
-def _flush_when_multiprocessing_child_exits() -> None:
-    """In a ``multiprocessing`` child, flush at its exit as atexit would elsewhere.
-
-    Such a child ends with ``os._exit()``, which skips atexit; multiprocessing runs its
-    own finalizers first. Called when the workers start, since the child's finalizers
-    registered before that (at the fork) are cleared by multiprocessing itself.
-    """
-    # Not imported means not a multiprocessing child (its parent had imported it), and
-    # importing it here would cost the first login of every process some milliseconds.
-    multiprocessing = sys.modules.get("multiprocessing")
-    if multiprocessing is None or multiprocessing.parent_process() is None:
-        return
-    from multiprocessing import util
-
-    util.Finalize(None, _shutdown_at_exit, exitpriority=10)
-
-
-def _shutdown_at_exit() -> None:
-    """Give queued calls a bounded last chance, then let the daemon threads die quietly.
-
-    All engines share one deadline, the longest ``KOALA_SHUTDOWN_TIMEOUT`` among them, so
-    several apps in one process do not add up their waits. Calls still in a worker's hands
-    when it runs out end ``dropped`` (``shutdown``), not ``pending``.
-    """
-    engines = [e for e in list(_live) if isinstance(e, Engine) and not e._closed]
-    if not engines:
-        return
-    deadline = time.monotonic() + max(e.shutdown_timeout for e in engines)
-    for engine in engines:
-        try:
-            budget = min(engine.shutdown_timeout, max(0.0, deadline - time.monotonic()))
-            # Nothing may reach stderr at exit: where the app set up no logging, warnings
-            # about calls ending during this last flush would go to the last-resort handler.
-            engine._ledger.quiet = not logger.hasHandlers()
-            left = 0 if engine.flush(budget) else engine.pending
-            engine._ledger.quiet = True
-            engine.stop(join_timeout=_EXIT_JOIN, claim_inflight=True)
-            # Only where the app listens: at exit, logging's last-resort handler would
-            # print to stderr, and an exit must stay quiet.
-            if left and logger.hasHandlers():
-                logger.warning(
-                    "flask-koala: exiting with %d call(s) not delivered after %.1fs",
-                    left,
-                    engine.shutdown_timeout,
-                )
-        except Exception:
-            pass  # at exit there is nobody left to tell
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_shutdown_at_exit)
+        Calls still in a worker's hands when it runs out end ``dropped`` (``shutdown``),
+        not ``pending``: the process ends before their answer could.
+        """
+        # Nothing may reach stderr at exit: where the app set up no logging, warnings
+        # about calls ending during this last flush would go to the last-resort handler.
+        self._ledger.quiet = not logger.hasHandlers()
+        left = 0 if self.flush(budget) else self.pending
+        self._ledger.quiet = True
+        self.stop(join_timeout=_EXIT_JOIN, claim_inflight=True)
+        if left and logger.hasHandlers():
+            logger.warning(
+                "flask-koala: exiting with %d call(s) not delivered after %.1fs",
+                left,
+                self.shutdown_timeout,
+            )

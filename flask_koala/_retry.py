@@ -10,12 +10,14 @@ counts the first try, as stamina's does; the ``KOALA_MAX_RETRIES`` setting count
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+import threading
 import time
 from email.utils import parsedate_to_datetime
 from typing import Callable, Optional
 
-__all__ = ["RETRY_AFTER_MAX", "RetryPolicy", "is_retryable", "parse_retry_after"]
+__all__ = ["RETRY_AFTER_MAX", "PauseGate", "RetryPolicy", "is_retryable", "parse_retry_after"]
 
 #: The longest ``Retry-After`` honoured, in seconds; a larger one is clamped to this.
 RETRY_AFTER_MAX = 60.0
@@ -83,3 +85,30 @@ class RetryPolicy:
     def from_retries(cls, retries: int) -> RetryPolicy:
         """The policy for a number of retries, as ``KOALA_MAX_RETRIES`` gives it."""
         return cls(attempts=retries + 1)
+
+
+class PauseGate:
+    """A ``Retry-After`` seen by one worker pauses every worker of the app.
+
+    The read-modify-write of the deadline is under a lock: two workers seeing different
+    ``Retry-After`` values at once keep the longer pause, never the one written last.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._until = -math.inf
+
+    def pause(self, seconds: float) -> None:
+        """Hold every attempt back for ``seconds`` from now (never shortens a pause)."""
+        with self._lock:
+            until = self._clock() + seconds
+            if until > self._until:
+                self._until = until
+
+    def remaining(self) -> float:
+        """Seconds left in the current pause, 0 when open."""
+        until = self._until
+        if until == -math.inf:
+            return 0.0
+        return max(0.0, until - self._clock())

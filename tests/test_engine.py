@@ -15,10 +15,11 @@ import pytest
 from flask_koala._config import Timeout
 from flask_koala._delivery import HTTPHandler
 from flask_koala._dispatchers import SyncDispatcher
-from flask_koala._engine import Engine, PauseGate, PersonQueue, Verdict
+from flask_koala._engine import Engine, Verdict
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
-from flask_koala._retry import RetryPolicy
+from flask_koala._queue import PersonQueue
+from flask_koala._retry import PauseGate, RetryPolicy
 from flask_koala._transport import Response, Transport
 
 URL = "http://127.0.0.1:9/web/projects/pk/batch"
