@@ -5,6 +5,8 @@ the figures of the process being measured. It prints one JSON line with the two 
 then takes one command per line on stdin and answers each with one line:
 
 - ``delay <seconds>``: hold every Koala answer that long (``KoalaReceiver.delay``).
+- ``flaky <fraction> <count>``: answer the next ``count`` requests 503 with probability
+  ``fraction`` each, 200 otherwise (seeded, so every run sees the same sequence).
 - ``count``: the number of Koala requests answered 2xx so far.
 - ``reset``: forget everything and lift the delay.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,6 +65,13 @@ def main() -> None:
             command, _, value = line.strip().partition(" ")
             if command == "delay":
                 koala.delay(float(value))
+                answer = "ok"
+            elif command == "flaky":
+                fraction, count = value.split()
+                rng = random.Random(11)
+                koala.respond_with(
+                    *[503 if rng.random() < float(fraction) else 200 for _ in range(int(count))]
+                )
                 answer = "ok"
             elif command == "count":
                 answer = str(len(koala.bodies))

@@ -32,18 +32,16 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional, cast
+from typing import Any, Optional
 
 from celery import signals as celery_signals
 
 from ._config import KoalaConfig, Timeout
-from ._delivery import Delivery
-from ._dispatch import ThreadDispatcher
+from ._engine import Engine, Verdict
 from ._exceptions import ConfigError
 from ._ledger import Ledger, Throttle, redact
 from ._payload import Call, build_body
 from ._retry import RetryPolicy
-from ._transport import TransportFactory
 from .celery import TASK_NAME, register_task
 
 __all__ = ["BrokerChannel", "CeleryDispatcher", "CeleryPublisher", "Verdict", "task_kwargs"]
@@ -53,22 +51,6 @@ logger = logging.getLogger("flask_koala")
 # Celery's protocol 2 body is ``[args, kwargs, embed]``; the task takes no callbacks.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _PERSISTENT = 2  # AMQP delivery mode, as Celery's default
-
-
-# -- STAND-IN until flask_koala/_engine.py lands ---------------------------------------
-# The engine helper defines Verdict in _engine.py (PLAN.md, "The engine / handler seam").
-# When it is merged, replace this class with ``from ._engine import Verdict``.
-class Verdict(NamedTuple):
-    """How one attempt at one batch ended; the engine turns it into ledger calls and retries."""
-
-    outcome: str
-    reason: str = ""
-    status: Optional[int] = None
-    error: Optional[str] = None
-    retry_after: Optional[float] = None
-
-
-# -- end of stand-in ------------------------------------------------------------------------
 
 
 def task_kwargs(
@@ -88,7 +70,7 @@ def _shared_kwargs(endpoint: str, timeout: Timeout, policy: RetryPolicy) -> dict
         "endpoint": endpoint,
         "timeout": list(timeout) if isinstance(timeout, tuple) else timeout,
         "policy": {
-            "max_retries": policy.attempts,
+            "max_retries": policy.attempts - 1,  # on the wire: retries, not tries
             "wait_initial": policy.wait_initial,
             "wait_max": policy.wait_max,
             "wait_exp_base": policy.wait_exp_base,
@@ -392,34 +374,6 @@ def _release(connection: Any) -> None:
         logger.debug("flask-koala: closing the broker connection failed", exc_info=True)
 
 
-# -- STAND-IN until flask_koala/_engine.py lands ---------------------------------------
-# Today's ThreadDispatcher runs a Delivery and calls ``send(batch, transport)``. This thin
-# adapter runs the handler's channel in that place and records each Verdict in the ledger,
-# which the new engine does itself. When the engine is merged, delete _VerdictDelivery and
-# build the dispatcher as ``Engine(CeleryPublisher(...), max_workers=1, ...)``.
-class _VerdictDelivery:
-    """Runs a channel's :meth:`BrokerChannel.handle` where ThreadDispatcher expects a Delivery."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-        self.stop = threading.Event()  # ThreadDispatcher resets these two; unused here
-        self.gate: Any = None
-
-    def send(self, calls: Sequence[Call], channel: BrokerChannel) -> bool:
-        verdict = channel.handle(calls)
-        if verdict.outcome == "published":
-            self.ledger.published(calls)
-            return True
-        if verdict.outcome == "dropped":
-            self.ledger.dropped(calls, verdict.reason, accepted=True)
-        else:
-            self.ledger.failed(calls, verdict.reason, status=verdict.status, error=verdict.error)
-        return False
-
-
-# -- end of stand-in ------------------------------------------------------------------------
-
-
 class CeleryDispatcher:
     """Publishes each accepted call as a :data:`~flask_koala.celery.TASK_NAME` task.
 
@@ -454,9 +408,10 @@ class CeleryDispatcher:
             publish_timeout=publish_timeout,
         )
         # One thread: a publish takes a fraction of a millisecond while the broker is up.
-        self._engine = ThreadDispatcher(
-            cast(Delivery, _VerdictDelivery(ledger)),
-            cast(TransportFactory, self.handler.open),
+        self._engine = Engine(
+            self.handler,
+            ledger,
+            policy=RetryPolicy(attempts=1),  # the worker retries; a broker error drops
             max_workers=1,
             max_queue_size=max_queue_size,
             shutdown_timeout=shutdown_timeout,
@@ -480,7 +435,7 @@ class CeleryDispatcher:
             celery_app,
             endpoint=config.endpoint,
             timeout=config.timeout,
-            policy=RetryPolicy(attempts=config.celery_max_retries),
+            policy=RetryPolicy.from_retries(config.celery_max_retries),
             ledger=ledger,
             queue=config.celery_queue,
             publish_timeout=config.celery_publish_timeout,

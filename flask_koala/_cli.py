@@ -248,7 +248,7 @@ def identify_command(
             mask(f"no answer from {config.api_url} ({outcome.reason}: {outcome.error})")
         )
     click.echo(mask(f"HTTP {answer.status} {_shorten(answer.text) or '(empty body)'}"))
-    if outcome.delivered:
+    if outcome.outcome == "sent":
         click.echo("Koala accepted the call.")
         return
     raise click.ClickException(mask(_refusal(answer.status, outcome.error or "")))

@@ -103,15 +103,18 @@ class KoalaConfig:
         return f"{self.api_url}/web/projects/{self.public_key or ''}/batch"
 
     @property
+    def sending_mode(self) -> str:
+        """How calls leave while sending is on: ``"sync"`` or the dispatcher."""
+        return "sync" if self.sync else self.dispatcher
+
+    @property
     def mode(self) -> str:
         """One word for how calls end up: disabled, suppressed, sync or the dispatcher."""
         if not self.enabled:
             return "disabled"
         if self.suppress_send:
             return "suppressed"
-        if self.sync:
-            return "sync"
-        return self.dispatcher
+        return self.sending_mode
 
 
 def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaConfig:

@@ -1,33 +1,47 @@
-"""Sending one batch to Koala until it is delivered or has finally failed.
+"""Delivering a batch over HTTP: the engine's handler for Koala's ingest API.
 
-:class:`Delivery` applies the retry policy around a :class:`~flask_koala._transport.Transport`
-and reports the end to the :class:`~flask_koala._ledger.Ledger`. Threads, queues and Flask
-live elsewhere; this is the part every way of sending shares.
+:class:`HTTPHandler` opens one :class:`HTTPChannel` (one keep-alive transport) per worker;
+a channel posts a batch once and classifies the answer into a
+:class:`~flask_koala._engine.Verdict` by the policy of ``koala-api.md``: any 2xx is sent;
+408, 429, 5xx, timeouts and connection errors are worth a retry; any other 4xx is final.
+Retries, pauses and counting are the engine's; threads and Flask live elsewhere.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Sequence
-from typing import Callable, Optional
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from ._config import Timeout
-from ._ledger import Ledger
+from ._engine import Verdict
 from ._payload import Call, build_body, encode_body
-from ._retry import RetryPolicy, is_retryable, parse_retry_after
-from ._transport import Response, Transport, TransportError
+from ._queue import Batch
+from ._retry import is_retryable, parse_retry_after
+from ._transport import Response, Transport, TransportError, TransportFactory
 from ._version import __version__
 
-__all__ = ["USER_AGENT", "Delivery", "Outcome", "PauseGate", "attempt", "error_text", "headers"]
+__all__ = [
+    "USER_AGENT",
+    "HTTPChannel",
+    "HTTPHandler",
+    "attempt",
+    "classify",
+    "error_text",
+    "headers",
+]
 
 USER_AGENT = f"flask-koala/{__version__}"
+
+# JSON, and a User-Agent so Koala does not take us for a bot; one mapping for every post.
+_HEADERS: Mapping[str, str] = MappingProxyType(
+    {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+)
 
 
 def headers() -> dict[str, str]:
     """The headers of every call: JSON, and a User-Agent so Koala does not take us for a bot."""
-    return {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+    return dict(_HEADERS)
 
 
 def error_text(response: Response) -> str:
@@ -41,145 +55,77 @@ def error_text(response: Response) -> str:
     return response.text.strip()[:200]
 
 
-class Outcome:
-    """What one attempt came to: delivered, retry (after ``wait``), or final failure."""
-
-    __slots__ = ("delivered", "error", "reason", "retry", "retry_after", "status")
-
-    def __init__(
-        self,
-        *,
-        delivered: bool = False,
-        retry: bool = False,
-        reason: Optional[str] = None,
-        status: Optional[int] = None,
-        error: Optional[str] = None,
-        retry_after: Optional[float] = None,
-    ) -> None:
-        self.delivered = delivered
-        self.retry = retry
-        self.reason = reason
-        self.status = status
-        self.error = error
-        self.retry_after = retry_after
-
-
-def attempt(transport: Transport, url: str, body: bytes, timeout: Timeout) -> Outcome:
-    """Post once and classify the answer by the policy of ``koala-api.md``."""
-    try:
-        response = transport.post(url, body, headers(), timeout)
-    except TransportError as exc:
-        return Outcome(retry=exc.retryable, reason=exc.reason, error=exc.detail)
+def classify(response: Response) -> Verdict:
+    """The verdict on an HTTP answer."""
     status = response.status
     if 200 <= status <= 299:
-        return Outcome(delivered=True, status=status)
+        return Verdict("sent", status=status)
     reason = f"http_{status}"
     if is_retryable(status):
-        return Outcome(
-            retry=True,
-            reason=reason,
-            status=status,
-            error=error_text(response),
-            retry_after=parse_retry_after(response.retry_after),
+        return Verdict(
+            "retry",
+            reason,
+            status,
+            error_text(response),
+            parse_retry_after(response.retry_after),
         )
-    return Outcome(reason=reason, status=status, error=error_text(response))
+    return Verdict("failed", reason, status, error_text(response))
 
 
-class PauseGate:
-    """A ``Retry-After`` seen by one worker pauses every worker of the app."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._until = 0.0
-
-    def pause(self, seconds: float) -> None:
-        """Hold every attempt back for ``seconds`` from now (never shortens a pause)."""
-        self._until = max(self._until, self._clock() + seconds)
-
-    def remaining(self) -> float:
-        """Seconds left in the current pause, 0 when open."""
-        return max(0.0, self._until - self._clock())
+def attempt(transport: Transport, url: str, body: bytes, timeout: Timeout) -> Verdict:
+    """Post once and classify the answer; no answer at all is worth a retry."""
+    try:
+        response = transport.post(url, body, _HEADERS, timeout)
+    except TransportError as exc:
+        # A setting of the environment that cannot work (a socks proxy, a missing CA bundle)
+        # fails at once; anything else without an answer is worth a retry.
+        return Verdict("retry" if exc.retryable else "failed", exc.reason, error=exc.detail)
+    return classify(response)
 
 
-class Delivery:
-    """Delivers batches to one endpoint with retries; reports how each ended.
+class HTTPHandler:
+    """Posts batches to Koala; one transport per worker.
 
     Args:
-        endpoint: the batch URL.
+        routes: the URL of each route a call can have (:attr:`~flask_koala._payload.Call.route`).
         timeout: per attempt, as ``KOALA_TIMEOUT``.
-        policy: retries and backoff.
-        ledger: where outcomes are recorded.
-        stop: when set, waits end at once and a call mid-retry fails with reason
-            ``shutdown`` instead of waiting on.
+        transport_factory: makes one transport (one keep-alive connection) per channel.
     """
 
     def __init__(
         self,
-        endpoint: str,
+        routes: Mapping[str, str],
         *,
         timeout: Timeout,
-        policy: RetryPolicy,
-        ledger: Ledger,
-        stop: Optional[threading.Event] = None,
+        transport_factory: TransportFactory,
     ) -> None:
-        self.endpoint = endpoint
+        self.routes = dict(routes)
         self.timeout = timeout
-        self.policy = policy
-        self.ledger = ledger
-        self.gate = PauseGate()
-        self.stop = stop if stop is not None else threading.Event()
+        self.transport_factory = transport_factory
 
-    def send(self, calls: Sequence[Call], transport: Transport) -> bool:
-        """Deliver one batch (calls about one person); ``True`` when Koala took it."""
-        body = encode_body(build_body(calls))
-        retry = 0
-        if not self._wait_for_gate():
-            self.ledger.dropped(calls, "shutdown", accepted=True)
-            return False
-        while True:
-            outcome = attempt(transport, self.endpoint, body, self.timeout)
-            if outcome.delivered:
-                self.ledger.sent(calls, outcome.status or 200)
-                return True
-            if not outcome.retry:
-                self.ledger.failed(
-                    calls, outcome.reason or "error", status=outcome.status, error=outcome.error
-                )
-                return False
-            if retry >= self.policy.attempts:
-                self.ledger.failed(
-                    calls,
-                    "retries_exhausted",
-                    status=outcome.status,
-                    error=f"{outcome.reason}: {outcome.error or ''}".rstrip(": "),
-                )
-                return False
-            if outcome.retry_after is not None:
-                wait = outcome.retry_after
-                self.gate.pause(wait)
-            else:
-                wait = self.policy.backoff(retry)
-            self.ledger.retried(calls, outcome.reason or "error", wait)
-            retry += 1
-            # The gate is read again after the wait: another worker may have seen a
-            # Retry-After while this one was backing off.
-            if not self._wait(wait) or not self._wait_for_gate():
-                self.ledger.failed(calls, "shutdown", error="shut down while waiting to retry")
-                return False
+    def open(self) -> HTTPChannel:
+        """A channel with a transport of its own."""
+        return HTTPChannel(self, self.transport_factory())
 
-    def _wait_for_gate(self) -> bool:
-        """Wait out a ``Retry-After`` pause, however often it is extended; ``False`` on stop."""
-        remaining = self.gate.remaining()
-        while remaining > 0:
-            if not self._wait(remaining):
-                return False
-            remaining = self.gate.remaining()
-        return not self.stop.is_set()
 
-    def _wait(self, seconds: float) -> bool:
-        """Sleep unless stopping; ``False`` when the stop came first."""
-        if self.stop.is_set():
-            return False
-        if seconds > 0:
-            return not self.stop.wait(seconds)
-        return True
+class HTTPChannel:
+    """One worker's transport; posts each batch once."""
+
+    def __init__(self, handler: HTTPHandler, transport: Transport) -> None:
+        self._routes = handler.routes
+        self._timeout = handler.timeout
+        self.transport = transport
+
+    def handle(self, batch: Sequence[Call]) -> Verdict:
+        """One attempt at the batch; the encoded body is kept for its retries."""
+        memo = batch.memo if isinstance(batch, Batch) else None
+        if isinstance(memo, bytes):
+            body = memo
+        else:
+            body = encode_body(build_body(batch))
+            if isinstance(batch, Batch):
+                batch.memo = body
+        return attempt(self.transport, self._routes[batch[0].route], body, self._timeout)
+
+    def close(self) -> None:
+        self.transport.close()

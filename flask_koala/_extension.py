@@ -19,12 +19,10 @@ from flask import Flask
 from . import _hooks, _identify_login, _missing_cookie, _templating
 from ._cli import koala_cli
 from ._config import KoalaConfig, load_config
-from ._delivery import Delivery
-from ._dispatch import Dispatcher, SuppressedDispatcher, SyncDispatcher, ThreadDispatcher
+from ._dispatchers import REGISTRY, Dispatcher, Needs
 from ._identify_login import UserGetter
 from ._ledger import Ledger
 from ._pipeline import Pipeline, Resolver
-from ._retry import RetryPolicy
 from ._state import EXTENSION_KEY, AppState, current_state
 from ._transport import HTTPTransport, TransportFactory
 
@@ -305,7 +303,9 @@ def _build_pipeline(
         dispatcher=_make_dispatcher(config, ledger, transport_factory, celery_app)
         if sends and config.public_key is not None
         else None,
-        suppressed=SuppressedDispatcher(ledger) if config.enabled else None,
+        suppressed=REGISTRY["suppressed"](config, Needs(ledger, transport_factory))
+        if config.enabled
+        else None,
         is_testing=(lambda: bool(getattr(app_ref(), "testing", False)))
         if config.suppress_follows_testing
         else None,
@@ -320,23 +320,6 @@ def _make_dispatcher(
     ledger: Ledger,
     transport_factory: TransportFactory,
     celery_app: Any = None,
-) -> Optional[Dispatcher]:
-    if config.dispatcher == "celery":
-        from ._celery_publish import CeleryDispatcher  # Celery is an optional extra
-
-        return CeleryDispatcher.from_config(config, ledger, celery_app)
-    delivery = Delivery(
-        config.endpoint,
-        timeout=config.timeout,
-        policy=RetryPolicy(attempts=config.max_retries),
-        ledger=ledger,
-    )
-    if config.sync:
-        return SyncDispatcher(delivery, transport_factory)
-    return ThreadDispatcher(
-        delivery,
-        transport_factory,
-        max_workers=config.max_workers,
-        max_queue_size=config.max_queue_size,
-        shutdown_timeout=config.shutdown_timeout,
-    )
+) -> Dispatcher:
+    """The dispatcher that sends: the one ``KOALA_DISPATCHER`` or ``KOALA_SYNC`` names."""
+    return REGISTRY[config.sending_mode](config, Needs(ledger, transport_factory, celery_app))

@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from types import MappingProxyType
@@ -163,6 +164,12 @@ class Ledger:
         #: summary line of the exit hook replaces the per-outcome warnings.
         self.quiet = False
         self.reset()
+
+    @property
+    def gone(self) -> bool:
+        """Whether the app this ledger reports for was collected (its workers may leave)."""
+        sender = self._sender
+        return isinstance(sender, weakref.ref) and sender() is None
 
     def reset(self) -> None:
         """Start from zero with fresh locks, as a forked child must."""

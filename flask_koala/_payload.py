@@ -24,6 +24,7 @@ from ._ids import new_uuid
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_ENTRIES",
+    "ROUTES",
     "Call",
     "build_body",
     "clean_email",
@@ -41,6 +42,9 @@ logger = logging.getLogger("flask_koala")
 MAX_ENTRIES = 30
 #: A single call whose body would be larger than this is skipped as ``too_large``.
 MAX_BODY_BYTES = 32 * 1024
+#: The route of each kind of call (see :attr:`Call.route`); the HTTP handler maps a route
+#: to its URL.
+ROUTES = {"identify": "profile", "track": "profile"}
 _MAX_EMAIL = 254
 _MAX_EVENT = 255
 _MAX_DEPTH = 8
@@ -69,6 +73,14 @@ class Call(NamedTuple):
     def person(self) -> tuple[Optional[str], Optional[str]]:
         """Calls with the same person may share one request; others never do."""
         return (self.profile_id, self.email)
+
+    @property
+    def route(self) -> str:
+        """The endpoint this kind of call goes to; only calls with one route share a request.
+
+        Identify and track both go to the profile route, ``/web/projects/{key}/batch``.
+        """
+        return ROUTES[self.kind]
 
     @classmethod
     def identify(cls, *, profile_id: Optional[str], email: str, traits: dict[str, Any]) -> Call:

@@ -19,7 +19,7 @@ from ._payload import Call, clean_email, clean_event, clean_traits, fits
 
 if TYPE_CHECKING:
     from ._config import KoalaConfig
-    from ._dispatch import Dispatcher
+    from ._dispatchers import Dispatcher
     from ._ledger import Ledger
 
 __all__ = [

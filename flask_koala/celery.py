@@ -118,7 +118,7 @@ def _deliver(
     retry_policy = _policy(policy)
     outcome = attempt(_transport(), endpoint, encode_body(body), _timeout(timeout))
     count = len(message_ids)
-    if outcome.delivered:
+    if outcome.outcome == "sent":
         logger.debug(
             "flask-koala: delivered %d call(s), HTTP %s, after %d retries",
             count,
@@ -133,10 +133,10 @@ def _deliver(
         }
     reason = outcome.reason or "error"
     error = outcome.error
-    if outcome.retry and retries >= retry_policy.attempts:
+    if outcome.outcome == "retry" and retries + 1 >= retry_policy.attempts:
         error = f"{reason}: {error or ''}".rstrip(": ")
         reason = "retries_exhausted"
-    elif outcome.retry:
+    elif outcome.outcome == "retry":
         wait = outcome.retry_after
         if wait is None:
             wait = retry_policy.backoff(retries)
@@ -171,10 +171,11 @@ def _timeout(value: Any) -> Timeout:
 
 
 def _policy(values: Optional[Mapping[str, Any]]) -> RetryPolicy:
+    # On the wire "max_retries" counts retries; RetryPolicy.attempts counts the first try too.
     if not values:
-        return RetryPolicy(attempts=KoalaConfig.celery_max_retries)
+        return RetryPolicy.from_retries(KoalaConfig.celery_max_retries)
     return RetryPolicy(
-        attempts=int(values.get("max_retries", KoalaConfig.celery_max_retries)),
+        attempts=int(values.get("max_retries", KoalaConfig.celery_max_retries)) + 1,
         wait_initial=float(values.get("wait_initial", RetryPolicy.wait_initial)),
         wait_max=float(values.get("wait_max", RetryPolicy.wait_max)),
         wait_exp_base=float(values.get("wait_exp_base", RetryPolicy.wait_exp_base)),

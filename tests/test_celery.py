@@ -234,7 +234,7 @@ def test_task_4xx_is_final(celery_app: Celery, receiver: KoalaReceiver) -> None:
 def test_task_gives_up_after_max_retries(celery_app: Celery, receiver: KoalaReceiver) -> None:
     Koala(celery=celery_app)
     receiver.outage(60)
-    result = run_task(celery_app, receiver, attempts=2, wait_initial=0.01)
+    result = run_task(celery_app, receiver, attempts=3, wait_initial=0.01)  # first try + 2
     with pytest.raises(DeliveryFailed, match="retries_exhausted"):
         result.get()
     assert len(receiver.calls) == 3

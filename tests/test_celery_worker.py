@@ -18,9 +18,9 @@ from celery import Celery
 from flask import Flask
 
 from flask_koala import Koala, signals
-from flask_koala._celery_publish import CeleryDispatcher, CeleryPublisher, Verdict
-from flask_koala._delivery import Delivery
-from flask_koala._dispatch import ThreadDispatcher
+from flask_koala._celery_publish import CeleryDispatcher, CeleryPublisher
+from flask_koala._delivery import HTTPHandler
+from flask_koala._engine import Engine, Verdict
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
 from flask_koala._receiver import KoalaReceiver
@@ -152,9 +152,10 @@ def test_outage_longer_than_the_thread_engines_budget_ends_in_delivery(
     assert outage > budget
     endpoint = f"{receiver.url}/web/projects/pk_test/batch"
     thread_ledger, celery_ledger = Ledger(lambda: None), Ledger(lambda: None)
-    engine = ThreadDispatcher(
-        Delivery(endpoint, timeout=5.0, policy=thread_policy, ledger=thread_ledger),
-        HTTPTransport,
+    engine = Engine(
+        HTTPHandler({"profile": endpoint}, timeout=5.0, transport_factory=HTTPTransport),
+        thread_ledger,
+        policy=thread_policy,
         max_workers=1,
         max_queue_size=10,
         shutdown_timeout=1,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import random
+import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -205,3 +210,91 @@ def test_login_through_the_engine_reaches_receiver(
     client.post("/login/jane")
     assert flush(app, 10)
     assert receiver.bodies[0]["profile_id"] == PROFILE_ID
+
+
+@pytest.mark.parametrize("status", [201, 202, 204])
+def test_any_2xx_is_sent(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver, status: int
+) -> None:
+    app = make_app()
+    receiver.respond_with(status)
+    identify_many(app, 1)
+    assert flush(app, 30)
+    assert len(receiver.calls) == 1
+    counts = stats(app)
+    assert (counts["sent"], counts["retried"], counts["failed"]) == (1, 0, 0)
+
+
+def test_koalas_error_text_is_redacted_in_the_warning_and_the_signal(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flask_koala import signals
+
+    app = make_app()
+    receiver.respond_with(422, body={"error": f"bad email user0@example.com for {person(0)}"})
+    seen: list[dict[str, Any]] = []
+    with signals.call_failed.connected_to(lambda s, **kw: seen.append(kw), sender=app):
+        identify_many(app, 1)
+        assert flush(app, 30)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "user0@example.com" not in warning
+    assert person(0) not in warning
+    assert "HTTP 422" in warning
+    assert "***@***" in warning
+    assert seen[0]["error"] == "bad email ***@*** for <uuid>"
+
+
+def test_a_partial_outage_does_not_stall_delivery(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    # Half of Koala's answers are 503 and each takes 20 ms. A call waiting for its retry
+    # holds no worker, so the four workers keep delivering the others meanwhile.
+    app = make_app({"KOALA_MAX_WORKERS": 4})
+    rng = random.Random(11)
+    receiver.respond_with(*[rng.choice((503, 200)) for _ in range(3000)])
+    receiver.delay(0.02)
+    ids = identify_many(app, 300)
+    receiver.wait_for(300, timeout=8)
+    delivered_in_time = len(receiver.bodies)
+    receiver.reset()  # the outage ends; what is left goes through
+    assert flush(app, 60)
+    assert delivered_in_time >= 0.85 * 300
+    delivered = receiver.message_ids()
+    assert len(delivered) == len(set(delivered))  # each accepted once
+    counts = stats(app)
+    assert counts["sent"] + counts.get("failed.retries_exhausted", 0) == 300
+    assert set(delivered) <= set(ids)
+    assert counts["pending"] == 0
+
+
+def socket_count() -> int:
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            if os.readlink(fd).startswith("socket:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_discarded_apps_leave_no_threads_or_sockets(receiver: KoalaReceiver) -> None:
+    from .support import build_app
+
+    gc.collect()
+    before = socket_count()
+    for _n in range(60):
+        app = build_app({"KOALA_API_URL": receiver.url})
+        identify_many(app, 1)
+        assert flush(app, 10)
+    del app
+    assert receiver.wait_for(60)
+
+    def clean() -> bool:
+        gc.collect()
+        koala = [t for t in threading.enumerate() if t.name.startswith("flask-koala-")]
+        return not koala and socket_count() <= before + 2
+
+    assert wait_until(clean, timeout=15)

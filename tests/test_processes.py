@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -50,8 +52,9 @@ def person(n: int) -> str:
     return f"3f2504e0-4f89-41d3-9a0c-{n:012d}"
 
 
-@pytest.fixture
-def gunicorn(receiver: KoalaReceiver) -> Iterator[str]:
+@contextlib.contextmanager
+def serve(receiver: KoalaReceiver, *options: str) -> Iterator[str]:
+    """Run tests.process_app under gunicorn with two workers; yield its URL."""
     binary = shutil.which("gunicorn", path=str(Path(sys.executable).parent))
     if binary is None:
         pytest.skip("gunicorn is not installed (pip install -e '.[dev]')")
@@ -59,7 +62,7 @@ def gunicorn(receiver: KoalaReceiver) -> Iterator[str]:
     proc = subprocess.Popen(
         [
             binary,
-            "--preload",
+            *options,
             "--workers",
             "2",
             "--bind",
@@ -81,14 +84,21 @@ def gunicorn(receiver: KoalaReceiver) -> Iterator[str]:
         proc.terminate()
         _, stderr = communicate(proc, timeout=20)
         assert proc.returncode == 0, stderr.decode()
+    assert b"WORKER TIMEOUT" not in stderr, stderr.decode()
 
 
-def test_gunicorn_preload_workers_deliver_logins(gunicorn: str, receiver: KoalaReceiver) -> None:
+@pytest.fixture
+def gunicorn(receiver: KoalaReceiver) -> Iterator[str]:
+    with serve(receiver, "--preload") as url:
+        yield url
+
+
+def log_in_twenty(url: str, receiver: KoalaReceiver) -> None:
     with requests.Session() as http:
         for n in range(20):
             # A fresh connection each time, so both workers get logins.
             response = http.post(
-                f"{gunicorn}/login/jane",
+                f"{url}/login/jane",
                 cookies={"ko_id": person(n)},
                 headers={"Connection": "close"},
                 timeout=10,
@@ -99,6 +109,36 @@ def test_gunicorn_preload_workers_deliver_logins(gunicorn: str, receiver: KoalaR
     assert {person(n) for n in range(20)} <= profiles
     assert len(receiver.bodies) == 21  # no worker re-sent the master's call
     assert receiver.violations == []
+
+
+def test_gunicorn_preload_workers_deliver_logins(gunicorn: str, receiver: KoalaReceiver) -> None:
+    log_in_twenty(gunicorn, receiver)
+
+
+@pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])
+def test_gunicorn_gevent_workers_deliver_logins(receiver: KoalaReceiver, preload: bool) -> None:
+    # With --preload the engine is built (and here even started) in the master, before the
+    # worker monkey-patches threading: its locks are real ones under green threads.
+    pytest.importorskip("gevent")
+    options = ["--worker-class", "gevent", "--timeout", "10"]
+    with serve(receiver, *options, *(["--preload"] if preload else [])) as url:
+        if preload:
+            log_in_twenty(url, receiver)
+            return
+        with requests.Session() as http:
+            for n in range(20):
+                response = http.post(
+                    f"{url}/login/jane",
+                    cookies={"ko_id": person(n)},
+                    headers={"Connection": "close"},
+                    timeout=10,
+                )
+                assert response.status_code == 200
+        # Without --preload each worker imports the app and warms up on its own.
+        assert receiver.wait_for(22, timeout=20)
+        profiles = {body["profile_id"] for body in receiver.bodies}
+        assert {person(n) for n in range(20)} <= profiles
+        assert receiver.violations == []
 
 
 def run_script(api_url: str, count: int, shutdown_timeout: str) -> tuple[float, str]:
@@ -192,3 +232,57 @@ with app.app_context():
     )
     assert result.returncode == 0, result.stderr
     assert len(receiver.bodies) == 6  # the parent's one, and the child's five
+
+
+def test_exit_under_gevent_patched_after_the_engine_is_bounded() -> None:
+    pytest.importorskip("gevent")
+    code = (
+        "from tests.process_app import main;"
+        "from gevent import monkey; monkey.patch_all();"
+        "import time; start = time.monotonic(); main(10)"
+    )
+    with KoalaReceiver() as hanging:
+        hanging.delay(30)
+        start = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=env_for(hanging.url, KOALA_SHUTDOWN_TIMEOUT="1"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "accepted"
+    assert elapsed <= 1 + 3  # the exit flush, plus starting the interpreter
+
+
+def test_exit_counts_calls_in_flight_as_dropped_not_pending() -> None:
+    # The reporter is registered before flask_koala, so it runs after flask-koala's hook.
+    code = """
+import atexit, json
+def report():
+    from tests.process_app import app, koala
+    with app.app_context():
+        stats = dict(koala.stats)
+    print(json.dumps({k: stats.get(k, 0) for k in ("pending", "dropped.shutdown", "sent")}))
+atexit.register(report)
+from tests.process_app import main
+main(3)
+"""
+    with KoalaReceiver() as hanging:
+        hanging.delay(30)
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=env_for(hanging.url, KOALA_SHUTDOWN_TIMEOUT="0.5"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout.splitlines()[-1])
+    assert counts == {"pending": 0, "dropped.shutdown": 3, "sent": 0}

@@ -51,3 +51,9 @@ def test_backoff_is_capped_exponential_times_jitter() -> None:
 def test_backoff_full_jitter_can_be_zero() -> None:
     policy = RetryPolicy(rng=lambda: 0.0)
     assert policy.backoff(3) == 0.0
+
+
+def test_attempts_count_the_first_try() -> None:
+    # stamina's vocabulary: KOALA_MAX_RETRIES = 6 means 7 tries in all.
+    assert RetryPolicy.from_retries(6).attempts == 7
+    assert RetryPolicy().attempts == RetryPolicy.from_retries(6).attempts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable
 
@@ -59,3 +60,12 @@ def test_calls_outside_a_request_wake_at_once(
     with app.app_context():
         koala.identify("jane@example.com", profile_id=PROFILE_ID)
     assert receiver.wait_for(1, timeout=5)
+
+
+def test_a_login_starts_at_most_one_worker(make_app: Callable[..., Flask]) -> None:
+    # Before, the first login started every one of KOALA_MAX_WORKERS threads itself.
+    app = make_app({"KOALA_MAX_WORKERS": 50})
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    client.post("/login/jane").close()
+    assert len([t for t in threading.enumerate() if t.name.startswith("flask-koala-")]) <= 1

@@ -1,0 +1,274 @@
+"""How accepted calls leave the request thread: the dispatchers, chosen by mode.
+
+A dispatcher takes a :class:`~flask_koala._payload.Call` with :meth:`Dispatcher.submit`,
+which never blocks on the network and never raises, and sees it to its end. The mode
+(:attr:`~flask_koala._config.KoalaConfig.mode`) picks one from :data:`REGISTRY`, and each
+factory reads its own settings:
+
+- ``"thread"``: the thread engine (:class:`~flask_koala._engine.Engine`) with the HTTP
+  handler, the default;
+- ``"sync"``: :class:`SyncDispatcher`, delivery on the calling thread (``KOALA_SYNC``);
+- ``"suppressed"``: :class:`SuppressedDispatcher`, record and go no further;
+- ``"celery"``: the thread engine with a publishing handler (``flask_koala.celery``,
+  imported only when chosen, so ``import flask_koala`` never loads Celery).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, NamedTuple, Optional, Protocol
+
+from ._config import KoalaConfig
+from ._delivery import HTTPHandler
+from ._engine import Channel, Engine, Handler, Verdict, conclude
+from ._ledger import Ledger
+from ._lifecycle import track
+from ._payload import Call
+from ._queue import Batch
+from ._retry import PauseGate, RetryPolicy
+from ._transport import TransportFactory
+
+__all__ = [
+    "REGISTRY",
+    "Dispatcher",
+    "Needs",
+    "SuppressedDispatcher",
+    "SyncDispatcher",
+    "make_dispatcher",
+]
+
+logger = logging.getLogger("flask_koala")
+
+
+class Dispatcher(Protocol):
+    """Sees accepted calls to their end."""
+
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
+        """Take the call; ``False`` when it was dropped instead. Never blocks or raises.
+
+        ``wake=False`` leaves the workers asleep until :meth:`wake`: a request queues its
+        calls and wakes the workers once its response has gone out.
+        """
+        ...
+
+    def wake(self) -> None:
+        """Let the workers start on what is queued."""
+        ...
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every call taken so far has ended; ``True`` when none is left."""
+        ...
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Flush, then stop for good; later calls are dropped. Idempotent."""
+        ...
+
+    @property
+    def pending(self) -> int:
+        """Calls taken and not ended yet, in this process."""
+        ...
+
+
+class SuppressedDispatcher:
+    """Sending suppressed: each call is recorded (``call_accepted``) and ends there."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._closed = False
+
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
+        if self._closed:
+            self._ledger.dropped([call], "shutdown", accepted=False)
+            return False
+        self._ledger.suppressed(call)
+        return True
+
+    def wake(self) -> None:
+        pass
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        return True
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        self._closed = True
+        return True
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+
+class SyncDispatcher:
+    """Delivers on the calling thread, retries included: for tests and scripts.
+
+    Each calling thread gets its own channel; :meth:`shutdown` closes all of them, and so
+    does the garbage collector when the dispatcher is dropped without a shutdown.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        ledger: Ledger,
+        *,
+        policy: RetryPolicy,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._handler = handler
+        self._ledger = ledger
+        self._policy = policy
+        self._clock = clock
+        self._sleep = sleep
+        self._closed = False
+        self._channels: list[Channel] = []
+        self._fresh()
+        # A module-level function over the list only: the finalizer must not keep us alive.
+        self._finalizer = weakref.finalize(self, _close_all, self._channels)
+        track(self)
+
+    def _fresh(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._gate = PauseGate(self._clock)
+        self._pid = os.getpid()
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's connections are the parent's; forget them."""
+        self._channels.clear()
+        self._fresh()
+        self._ledger.reset()
+
+    def wake(self) -> None:
+        pass
+
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
+        if self._pid != os.getpid():
+            self.after_fork()
+        ledger = self._ledger
+        if self._closed:
+            ledger.dropped([call], "shutdown", accepted=False)
+            return False
+        ledger.accepted(call)
+        ledger.announce(call)
+        batch = Batch([call])
+        try:
+            self._deliver(batch)
+        except Exception:
+            logger.exception("flask-koala: delivering a call failed unexpectedly")
+            ledger.failed(batch, "internal_error")
+        return True
+
+    def _deliver(self, batch: Batch) -> None:
+        channel = self._channel()
+        while True:
+            self._sleep(self._gate.remaining())
+            batch.attempts += 1
+            verdict: Verdict = channel.handle(batch)
+            if verdict.outcome == "retry" and verdict.retry_after is not None:
+                self._gate.pause(verdict.retry_after)
+            wait = conclude(self._ledger, self._policy, batch, verdict)
+            if wait is None:
+                return
+            self._sleep(wait)
+
+    def _channel(self) -> Channel:
+        channel: Optional[Channel] = getattr(self._local, "channel", None)
+        if channel is None:
+            channel = self._local.channel = self._handler.open()
+            with self._lock:
+                self._channels.append(channel)
+        return channel
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        return True
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Stop taking calls and close every thread's channel, not just this one's."""
+        self._closed = True
+        with self._lock:
+            self._local = threading.local()
+        _close_all(self._channels)
+        return True
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+
+def _close_all(channels: list[Channel]) -> None:
+    while channels:
+        channel = channels.pop()
+        try:
+            channel.close()
+        except Exception:
+            logger.debug("flask-koala: closing a channel failed", exc_info=True)
+
+
+# -- the registry --------------------------------------------------------------------------
+
+
+class Needs(NamedTuple):
+    """What a factory may need beyond the config: made once per app by the extension."""
+
+    ledger: Ledger
+    transport_factory: TransportFactory
+    celery_app: Any = None
+
+
+Factory = Callable[[KoalaConfig, Needs], Dispatcher]
+
+
+def _http_handler(config: KoalaConfig, needs: Needs) -> HTTPHandler:
+    return HTTPHandler(
+        {"profile": config.endpoint},
+        timeout=config.timeout,
+        transport_factory=needs.transport_factory,
+    )
+
+
+def _thread(config: KoalaConfig, needs: Needs) -> Dispatcher:
+    return Engine(
+        _http_handler(config, needs),
+        needs.ledger,
+        policy=RetryPolicy.from_retries(config.max_retries),
+        max_workers=config.max_workers,
+        max_queue_size=config.max_queue_size,
+        shutdown_timeout=config.shutdown_timeout,
+    )
+
+
+def _sync(config: KoalaConfig, needs: Needs) -> Dispatcher:
+    return SyncDispatcher(
+        _http_handler(config, needs),
+        needs.ledger,
+        policy=RetryPolicy.from_retries(config.max_retries),
+    )
+
+
+def _suppressed(config: KoalaConfig, needs: Needs) -> Dispatcher:
+    return SuppressedDispatcher(needs.ledger)
+
+
+def _celery(config: KoalaConfig, needs: Needs) -> Dispatcher:
+    from ._celery_publish import CeleryDispatcher  # Celery is an optional extra
+
+    return CeleryDispatcher.from_config(config, needs.ledger, needs.celery_app)
+
+
+#: The dispatcher factory of each mode; ``"disabled"`` has none.
+REGISTRY: dict[str, Factory] = {
+    "thread": _thread,
+    "sync": _sync,
+    "suppressed": _suppressed,
+    "celery": _celery,
+}
+
+
+def make_dispatcher(config: KoalaConfig, needs: Needs) -> Optional[Dispatcher]:
+    """The dispatcher for the config's mode; ``None`` when flask-koala is disabled."""
+    factory = REGISTRY.get(config.mode)
+    return None if factory is None else factory(config, needs)

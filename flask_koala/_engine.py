@@ -1,0 +1,500 @@
+"""The thread engine: queueing, waking, workers, retry scheduling, pauses, forks and exit.
+
+The engine knows nothing of HTTP or Celery. A :class:`Handler` opens one :class:`Channel`
+per worker thread; a channel makes one attempt at one batch and says how it went in a
+:class:`Verdict`. Everything else happens here:
+
+- a bounded queue of batches about one person and route (``_queue``);
+- waking: a request queues with ``wake=False`` and wakes the workers once its response has
+  gone out; workers start more workers as the backlog needs them, up to ``max_workers``;
+- retries on a timer heap: a batch waiting for its retry holds no worker, so a partial
+  outage cannot stall calls that would go through;
+- ``Retry-After`` as an app-wide pause (``_retry.PauseGate``);
+- idle workers leave after ``idle_timeout`` (and their app's engine can then be collected);
+- forks and exit (with ``_lifecycle``), and threading monkey-patched in after the engine
+  was built (gevent ``--preload``).
+
+Nothing that can block or call user code (signals, logging, thread starts) runs while the
+engine's lock is held: under gevent a greenlet that yields there would deadlock the process.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from typing import Callable, Optional
+
+from ._handlers import Channel, Handler, Verdict, conclude
+from ._ledger import Ledger
+from ._lifecycle import flush_when_multiprocessing_child_exits, fork_lock, track
+from ._payload import Call
+from ._queue import Batch, PersonQueue
+from ._retry import PauseGate, RetryPolicy
+
+# The seam's types are defined in _handlers and re-exported: handlers import them from here.
+__all__ = ["IDLE_TIMEOUT", "Channel", "Engine", "Handler", "Verdict", "conclude"]
+
+logger = logging.getLogger("flask_koala")
+
+#: How long a worker with nothing to do waits before it leaves (it starts again on demand).
+IDLE_TIMEOUT = 5.0
+
+_THREAD_PREFIX = "flask-koala"
+_LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers still live
+# A worker waits at most this long at a time: a request that queued calls may never wake it
+# (a server that never closes the response), and an idle worker checks its app still lives.
+_WAKE_POLL = 1.0
+_SETTLE = 0.005  # how long a worker woken from idle leaves the GIL to the request threads
+# How long shutdown(timeout) waits, beyond its timeout, for workers to leave: idle ones do
+# at once, one inside a request when it ends (KOALA_TIMEOUT at most; it is a daemon).
+_JOIN_GRACE = 0.2
+_EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
+
+
+_INTERNAL_ERROR = Verdict("failed", "internal_error")
+
+
+class Engine:
+    """A bounded in-memory queue drained by daemon threads named ``flask-koala-<n>``.
+
+    It is the thread-mode dispatcher itself (``submit``/``wake``/``flush``/``shutdown``/
+    ``pending``), and the Celery dispatcher runs one with a publishing handler.
+
+    Args:
+        handler: opens one channel per worker, which makes the attempts.
+        ledger: where every outcome is recorded.
+        policy: retries and backoff; ``attempts`` counts the first try.
+        max_workers: at most this many threads, started as the backlog needs them.
+        max_queue_size: calls waiting beyond this are dropped, never blocked on.
+        shutdown_timeout: how long the exit hook flushes before it gives up.
+        idle_timeout: a worker with nothing to do for this long leaves.
+        clock: monotonic clock for retries and pauses.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        ledger: Ledger,
+        *,
+        policy: RetryPolicy,
+        max_workers: int = 4,
+        max_queue_size: int = 10_000,
+        shutdown_timeout: float = 2.0,
+        idle_timeout: float = IDLE_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._handler = handler
+        self._ledger = ledger
+        self._policy = policy
+        self._max_workers = max(1, max_workers)
+        self._max_queue_size = max_queue_size
+        self.shutdown_timeout = shutdown_timeout
+        self._idle_timeout = idle_timeout
+        self._clock = clock
+        self._closed = False
+        self._generation = 0
+        self._reset()
+        track(self, self)
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """Retries and backoff."""
+        return self._policy
+
+    @property
+    def max_workers(self) -> int:
+        """At most this many threads."""
+        return self._max_workers
+
+    @property
+    def max_queue_size(self) -> int:
+        """Calls waiting beyond this are dropped."""
+        return self._max_queue_size
+
+    def _reset(self) -> None:
+        """Fresh queue, locks and no threads: at construction and in a forked child."""
+        self._primitives()
+        self._queue = PersonQueue()
+        self._ready: deque[Batch] = deque()  # retries that are due, before new calls
+        self._timers: list[tuple[float, int, Batch]] = []  # retries waiting, a heap
+        self._seq = itertools.count()
+        self._inflight: dict[int, Batch] = {}
+        self._unfinished = 0  # calls queued, waiting to retry or being delivered
+        self._released = False  # may workers take what is queued (wake=False holds it)
+        self._workers = 0  # threads started and not yet left
+        self._starting = 0  # of which not yet looking for work
+        self._idle = 0  # of which waiting for work
+        self._numbers: set[int] = set()  # the <n> of flask-koala-<n> in use
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._exit_hooked = False
+        self._gate = PauseGate(self._clock)
+        self._generation += 1
+        self._pid = os.getpid()
+
+    def _primitives(self) -> None:
+        self._lock_type = threading.Lock
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # workers wait here
+        self._done = threading.Condition(self._lock)  # flush waits here
+
+    def after_fork(self) -> None:
+        """In a forked child: start empty, with fresh locks and no threads."""
+        # The parent still holds (and will send) what was queued; the child starts empty.
+        # The pid is set last (in _reset), so no other thread uses the engine half reset.
+        self._ledger.reset()
+        self._reset()
+
+    def _check_process(self) -> None:
+        """Rebuild after a fork the hook missed, or for green threads patched in since."""
+        if self._pid == os.getpid() and self._lock_type is threading.Lock:
+            return
+        with fork_lock():  # two threads of a forked child must not both reset
+            if self._pid != os.getpid():
+                self.after_fork()
+            elif self._lock_type is not threading.Lock:
+                # gevent or eventlet patched threading after this engine was built (gunicorn
+                # -k gevent --preload): locks made before would block the whole process.
+                # Threads started before the patch are left to leave on their own.
+                self._primitives()
+                self._generation += 1
+                self._workers = self._idle = self._starting = 0
+                self._numbers = set()
+                self._threads = []
+
+    # -- the request thread ---------------------------------------------------------------
+
+    def submit(self, call: Call, *, wake: bool = True) -> bool:
+        """Take the call; ``False`` when it was dropped instead. Never blocks or raises."""
+        self._check_process()
+        start = None
+        with self._lock:
+            if self._closed or self._stopping:
+                accepted, reason = False, "shutdown"
+            elif len(self._queue) >= self._max_queue_size:
+                accepted, reason = False, "queue_full"
+            else:
+                accepted, reason = True, ""
+                self._ledger.accepted(call)
+                self._queue.put(call)
+                self._unfinished += 1
+                if wake:
+                    start = self._release()
+                elif not self._workers:
+                    # One worker, to wait for the wake-up (or go after _WAKE_POLL if the
+                    # server never closes the response); the backlog starts the others.
+                    start = self._reserve()
+        if start is not None:
+            self._start(*start)
+        if accepted:
+            self._ledger.announce(call)
+        else:
+            self._ledger.dropped([call], reason, accepted=False)
+        return accepted
+
+    def wake(self) -> None:
+        """Let the workers start on what is queued (never raises)."""
+        try:
+            self._check_process()
+            with self._lock:
+                start = self._release()
+            if start is not None:
+                self._start(*start)
+        except Exception:
+            logger.exception("flask-koala: waking the delivery threads failed")
+
+    def _release(self) -> Optional[tuple[int, int]]:
+        """Wake idle workers for what waits; reserve a new one if they are too few. Locked."""
+        waiting = len(self._queue) + len(self._ready)
+        if not waiting or self._stopping:
+            return None
+        self._released = True
+        if self._idle:
+            self._work.notify(min(waiting, self._idle))
+        if waiting > self._idle and not self._starting:
+            return self._reserve()  # one at a time: it starts the next if still needed
+        return None
+
+    def _reserve(self) -> Optional[tuple[int, int]]:
+        """Count in one more worker, if there is room; the caller starts it unlocked."""
+        if self._workers >= self._max_workers or self._stopping:
+            return None
+        number = next(n for n in itertools.count(1) if n not in self._numbers)
+        self._numbers.add(number)
+        self._workers += 1
+        self._starting += 1
+        return number, self._generation
+
+    def _start(self, number: int, generation: int) -> None:
+        if not self._exit_hooked:
+            self._exit_hooked = True
+            flush_when_multiprocessing_child_exits()
+        thread = threading.Thread(
+            target=self._run,
+            args=(number, generation),
+            name=f"{_THREAD_PREFIX}-{number}",
+            daemon=True,
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutting down, or no more threads
+            with self._lock:
+                self._count_out(number, generation, starting=True)
+            logger.debug("flask-koala: could not start a delivery thread", exc_info=True)
+            return
+        with self._lock:
+            if generation == self._generation:
+                self._threads = [t for t in self._threads if t.is_alive()]
+                self._threads.append(thread)
+
+    # -- the workers ---------------------------------------------------------------------
+
+    def _run(self, number: int, generation: int) -> None:
+        channel: Optional[Channel] = None
+        counted = True  # until _take says it has counted this worker out
+        starting = True
+        try:
+            channel = self._handler.open()
+            with self._lock:
+                if generation == self._generation:
+                    self._starting -= 1
+                starting = False
+            while True:
+                batch = self._take(number, generation)
+                if batch is None:
+                    counted = False
+                    return
+                batch.attempts += 1
+                try:
+                    verdict = channel.handle(batch)
+                except Exception:
+                    logger.exception("flask-koala: delivering a call failed unexpectedly")
+                    verdict = _INTERNAL_ERROR
+                self._settle(batch, verdict)
+        except Exception:
+            logger.exception("flask-koala: a delivery thread stopped unexpectedly")
+        finally:
+            if counted:
+                with self._lock:
+                    self._count_out(number, generation, starting=starting)
+            if channel is not None:
+                try:
+                    channel.close()
+                except Exception:
+                    logger.debug("flask-koala: closing a channel failed", exc_info=True)
+
+    def _count_out(self, number: int, generation: int, *, starting: bool = False) -> None:
+        """A worker is leaving (or never started). Locked."""
+        if generation == self._generation:
+            self._numbers.discard(number)
+            self._workers -= 1
+            if starting:
+                self._starting -= 1
+            self._done.notify_all()  # a flush may be waiting on live workers
+
+    def _take(self, number: int, generation: int) -> Optional[Batch]:
+        """The next batch, once the workers were woken for it; ``None`` to leave.
+
+        A worker that leaves is counted out here, under the lock, so a call queued at that
+        moment sees one worker fewer and starts another.
+        """
+        waited = False
+        idle_since: Optional[float] = None
+        while True:
+            start = None
+            with self._lock:
+                while True:
+                    if self._stopping or generation != self._generation:
+                        self._count_out(number, generation)
+                        return None
+                    now = self._clock()
+                    timers = self._timers
+                    while timers and timers[0][0] <= now:
+                        self._ready.append(heapq.heappop(timers)[2])
+                    paused = self._gate.remaining()
+                    work = bool(self._ready) or bool(self._queue and self._released)
+                    if work and not paused:
+                        if waited:
+                            break  # settle first, outside the lock
+                        batch = self._ready.popleft() if self._ready else self._queue.take()
+                        if not self._queue:
+                            self._released = False
+                        self._inflight[id(batch)] = batch
+                        left = len(self._ready) + (len(self._queue) if self._released else 0)
+                        if left > self._idle and not self._starting:
+                            start = self._reserve()
+                        break
+                    if work:
+                        timeout: Optional[float] = paused
+                    else:
+                        if idle_since is None:
+                            idle_since = now
+                        timeout = self._wait_time(now, idle_since)
+                        if timeout is None:  # idle long enough, or the app is gone
+                            self._count_out(number, generation)
+                            return None
+                    self._idle += 1
+                    try:
+                        notified = self._work.wait(timeout)
+                    finally:
+                        self._idle -= 1
+                    if not notified and self._queue and not self._released:
+                        self._released = True  # a wake-up that never came: go anyway
+                    waited = True
+            if start is not None:
+                self._start(*start)
+            if not waited:
+                return batch
+            # Woken from idle: the response that queued the call has only just gone out.
+            # Let the server thread finish with it before competing for the GIL.
+            time.sleep(_SETTLE)
+            waited = False
+            idle_since = None
+
+    def _wait_time(self, now: float, idle_since: float) -> Optional[float]:
+        """How long an unoccupied worker waits; ``None`` when it should leave. Locked."""
+        timeout = math.inf
+        if self._timers:
+            timeout = max(0.0, self._timers[0][0] - now)
+        if self._queue:  # queued by a request that has not woken the workers yet
+            return min(timeout, _WAKE_POLL)
+        idle_for = now - idle_since
+        if (idle_for >= self._idle_timeout or self._ledger.gone) and (
+            not self._timers or self._workers > 1  # the last one stays to keep time
+        ):
+            return None
+        # At most _WAKE_POLL: a request may queue a call without waking anyone, and a
+        # server that never closes its response (a test client) must not hold it longer.
+        return min(timeout, _WAKE_POLL, max(0.0, self._idle_timeout - idle_for))
+
+    def _settle(self, batch: Batch, verdict: Verdict) -> None:
+        """Record the verdict and end the batch, or put it on the timer heap."""
+        count = len(batch)
+        with self._lock:
+            owned = self._inflight.pop(id(batch), None) is not None
+        if not owned:
+            return  # the exit hook already counted it as dropped
+        wait: Optional[float] = None
+        try:
+            if verdict.outcome == "retry" and verdict.retry_after is not None:
+                self._gate.pause(verdict.retry_after)
+            wait = conclude(self._ledger, self._policy, batch, verdict)
+        except Exception:
+            logger.exception("flask-koala: recording an outcome failed unexpectedly")
+        shutdown = False
+        with self._lock:
+            if wait is not None and not self._stopping:
+                due = self._clock() + wait
+                heapq.heappush(self._timers, (due, next(self._seq), batch))
+                if self._idle and self._timers[0][2] is batch:
+                    self._work.notify()  # an idle worker must wait for this one instead
+            else:
+                shutdown = wait is not None
+                self._unfinished -= count
+                if self._unfinished <= 0:
+                    self._done.notify_all()
+        if shutdown:
+            self._ledger.failed(batch, "shutdown", error="shut down while waiting to retry")
+
+    # -- waiting and stopping ------------------------------------------------------------
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every call taken so far has ended; ``True`` when none is left."""
+        self._check_process()
+        deadline = None if timeout is None else self._clock() + max(timeout, 0.0)
+        self.wake()  # calls queued by a request whose response has not closed yet
+        with self._lock:
+            while self._unfinished > 0:
+                if not self._workers:
+                    # Never started, or gone: nothing will ever finish what is left.
+                    return False
+                wait = _LIVENESS_CHECK
+                if deadline is not None:
+                    wait = min(wait, deadline - self._clock())
+                    if wait <= 0:
+                        return False
+                self._done.wait(wait)
+            return True
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Flush, then stop for good; later calls are dropped. Idempotent."""
+        self._check_process()
+        with self._lock:
+            if self._closed:
+                return self._unfinished == 0
+        deadline = None if timeout is None else self._clock() + max(timeout, 0.0)
+        flushed = self.flush(timeout)
+        join = None if deadline is None else max(0.0, deadline - self._clock()) + _JOIN_GRACE
+        self.stop(join_timeout=join)
+        return flushed
+
+    def stop(self, join_timeout: Optional[float], *, claim_inflight: bool = False) -> None:
+        """Stop for good: drop what is queued, fail what waits to retry, let workers leave.
+
+        ``join_timeout`` bounds the wait for a worker inside a request (``None`` waits). At
+        exit (``claim_inflight``) what is still in a worker's hands ends dropped.
+        """
+        with self._lock:
+            self._closed = True
+            self._stopping = True
+            left = self._queue.clear()
+            for batch in self._ready:
+                left.extend(batch)
+            self._ready.clear()
+            waiting = [call for _, _, batch in self._timers for call in batch]
+            self._timers.clear()
+            self._unfinished -= len(left) + len(waiting)
+            self._work.notify_all()
+            self._done.notify_all()
+            threads = list(self._threads)
+        if left:
+            self._ledger.dropped(left, "shutdown", accepted=True)
+        if waiting:
+            self._ledger.failed(waiting, "shutdown", error="shut down while waiting to retry")
+        end = None if join_timeout is None else time.monotonic() + join_timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        if claim_inflight:
+            with self._lock:
+                claimed = [call for batch in self._inflight.values() for call in batch]
+                self._inflight.clear()
+                self._unfinished -= len(claimed)
+            if claimed:
+                self._ledger.dropped(claimed, "shutdown", accepted=True)
+
+    @property
+    def pending(self) -> int:
+        """Calls queued, waiting to retry or being delivered in this process."""
+        with self._lock:
+            return self._unfinished if self._pid == os.getpid() else 0
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` (or the exit hook) stopped it for good."""
+        return self._closed
+
+    def exit_flush(self, budget: float) -> None:
+        """At interpreter exit: flush for ``budget`` seconds, then stop for good.
+
+        Calls still in a worker's hands when it runs out end ``dropped`` (``shutdown``),
+        not ``pending``: the process ends before their answer could.
+        """
+        # Nothing may reach stderr at exit: where the app set up no logging, warnings
+        # about calls ending during this last flush would go to the last-resort handler.
+        self._ledger.quiet = not logger.hasHandlers()
+        left = 0 if self.flush(budget) else self.pending
+        self._ledger.quiet = True
+        self.stop(join_timeout=_EXIT_JOIN, claim_inflight=True)
+        if left and logger.hasHandlers():
+            logger.warning(
+                "flask-koala: exiting with %d call(s) not delivered after %.1fs",
+                left,
+                self.shutdown_timeout,
+            )
