@@ -68,6 +68,9 @@ class Call(NamedTuple):
     traits: Optional[dict[str, Any]] = None
     event: Optional[str] = None
     properties: Optional[dict[str, Any]] = None
+    #: An upper bound of the bytes this call adds to a request body (:func:`body_bound`);
+    #: the queue keeps a batch of several calls within :data:`MAX_BODY_BYTES` with it.
+    size: int = 0
 
     @property
     def person(self) -> tuple[Optional[str], Optional[str]]:
@@ -83,9 +86,11 @@ class Call(NamedTuple):
         return ROUTES[self.kind]
 
     @classmethod
-    def identify(cls, *, profile_id: Optional[str], email: str, traits: dict[str, Any]) -> Call:
+    def identify(
+        cls, *, profile_id: Optional[str], email: str, traits: dict[str, Any], size: int = 0
+    ) -> Call:
         """A new identify call, stamped now, with a fresh ``message_id``."""
-        return cls("identify", new_uuid(), profile_id, email, time.time(), traits)
+        return cls("identify", new_uuid(), profile_id, email, time.time(), traits, None, None, size)
 
     @classmethod
     def track(
@@ -95,9 +100,12 @@ class Call(NamedTuple):
         email: Optional[str],
         event: str,
         properties: dict[str, Any],
+        size: int = 0,
     ) -> Call:
         """A new track call, stamped now, with a fresh ``message_id``."""
-        return cls("track", new_uuid(), profile_id, email, time.time(), None, event, properties)
+        return cls(
+            "track", new_uuid(), profile_id, email, time.time(), None, event, properties, size
+        )
 
 
 def clean_email(value: object) -> Optional[str]:
@@ -165,7 +173,8 @@ def clean_traits(value: object) -> tuple[Optional[dict[str, Any]], int]:
 
 def _plain_mapping(value: Mapping[Any, Any], depth: int) -> tuple[dict[str, Any], int]:
     # Size bounds: a str's JSON form is at most 6 bytes a character (\u00XX escapes; a
-    # character outside the BMP is one str character and 4 UTF-8 bytes).
+    # character outside the BMP is one str character and 4 UTF-8 bytes), and at most 2
+    # when it is printable ASCII (only '"' and '\\' are escaped): see _text_bound.
     out: dict[str, Any] = {}
     size = 2
     for key, item in value.items():
@@ -179,20 +188,25 @@ def _plain_mapping(value: Mapping[Any, Any], depth: int) -> tuple[dict[str, Any]
         if kind is str:
             if not item.isascii():
                 _check_text(item)
-            size += 6 * (len(key) + len(item)) + 6
+            size += _text_bound(key) + _text_bound(item) + 6
             out[key] = item
             continue
         if item is None or kind is bool or (kind is int and -(10**18) < item < 10**18):
-            size += 6 * len(key) + 26
+            size += _text_bound(key) + 26
             out[key] = item
             continue
         plain, item_size = _plain(item, depth + 1)
         if plain is _DROP:
             logger.debug("flask-koala: dropped trait %r: JSON cannot encode it", key)
             continue
-        size += 6 * len(key) + 4 + item_size
+        size += _text_bound(key) + 4 + item_size
         out[key] = plain
     return out, size
+
+
+def _text_bound(text: str) -> int:
+    """At most how many bytes ``text`` takes inside a JSON string, quotes not counted."""
+    return 2 * len(text) if text.isascii() and text.isprintable() else 6 * len(text)
 
 
 def _plain(value: Any, depth: int) -> tuple[Any, int]:
@@ -200,7 +214,7 @@ def _plain(value: Any, depth: int) -> tuple[Any, int]:
         return value, 5
     if isinstance(value, str):
         _check_text(value)
-        return value, 6 * len(value) + 2
+        return value, _text_bound(value) + 2
     if isinstance(value, int):
         if abs(value) >= 10**30:
             return _DROP, 0
@@ -237,14 +251,21 @@ def size_bound(call: Call, traits_bound: int) -> int:
 
     Args:
         traits_bound: the bound :func:`clean_traits` gave for the traits or properties.
-            The email, the event name and the envelope are added here: the email twice
-            for an identify (at the top and in the traits), once for a track.
+    """
+    return body_bound(call.kind, call.email, call.event, traits_bound)
+
+
+def body_bound(kind: str, email: Optional[str], event: Optional[str], traits_bound: int) -> int:
+    """:func:`size_bound` from the parts, before the call is made.
+
+    The email, the event name and the envelope are added to ``traits_bound``: the email
+    twice for an identify (at the top and in the traits), once for a track.
     """
     bound = traits_bound + _ENVELOPE_BYTES
-    if call.email is not None:
-        bound += (2 if call.kind == "identify" else 1) * (6 * len(call.email) + 12)
-    if call.event is not None:
-        bound += 6 * len(call.event) + 2
+    if email is not None:
+        bound += (2 if kind == "identify" else 1) * (6 * len(email) + 12)
+    if event is not None:
+        bound += 6 * len(event) + 2
     return bound
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Protocol,
 
 from ._ids import parse_profile_id
 from ._ledger import describe_error
-from ._payload import Call, clean_email, clean_event, clean_traits, fits
+from ._payload import Call, body_bound, clean_email, clean_event, clean_traits, fits, size_bound
 
 if TYPE_CHECKING:
     from ._config import KoalaConfig
@@ -222,7 +222,8 @@ class Pipeline:
             ledger.skipped("duplicate", email=clean, profile_id=resolved)
             return False
         plain["email"] = clean
-        call = Call.identify(profile_id=resolved, email=clean, traits=plain)
+        bound = body_bound("identify", clean, None, size)
+        call = Call.identify(profile_id=resolved, email=clean, traits=plain, size=bound)
         if not fits(call, size):
             ledger.skipped("too_large", email=clean, profile_id=resolved)
             return False
@@ -263,7 +264,10 @@ class Pipeline:
         if plain is None:
             ledger.skipped("bad_properties", kind="track", email=clean, profile_id=resolved)
             return False
-        call = Call.track(profile_id=resolved, email=clean, event=name, properties=plain)
+        bound = body_bound("track", clean, name, size)
+        call = Call.track(
+            profile_id=resolved, email=clean, event=name, properties=plain, size=bound
+        )
         if not fits(call, size):
             ledger.skipped("too_large", kind="track", email=clean, profile_id=resolved)
             return False
@@ -281,9 +285,11 @@ class Pipeline:
         if _identified(environ, profile_id, email):
             ledger.skipped("duplicate", email=email, profile_id=profile_id)
             return False
-        if not fits(call, _traits_size(call.traits)):
+        traits_bound = _traits_size(call.traits)
+        if not fits(call, traits_bound):
             ledger.skipped("too_large", email=email, profile_id=profile_id)
             return False
+        call = call._replace(size=size_bound(call, traits_bound))
         return self._submit(dispatcher, call, environ)
 
     def profile_id(self, environ: Optional[Environ], cookie: Optional[str]) -> Optional[str]:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Optional
 
-from ._payload import MAX_ENTRIES, Call
+from ._payload import MAX_BODY_BYTES, MAX_ENTRIES, Call
 
 __all__ = ["Batch", "PersonQueue"]
 
@@ -79,15 +79,19 @@ class PersonQueue:
 
 
 def _split(calls: list[Call]) -> tuple[Batch, list[Call]]:
-    if len(calls) <= MAX_ENTRIES:
+    """At most 30 calls of each kind, and at most :data:`MAX_BODY_BYTES` by the calls' size
+    bounds (the first call always goes, having fit alone); the rest waits, in order."""
+    if len(calls) <= MAX_ENTRIES and sum(call.size for call in calls) <= MAX_BODY_BYTES:
         return Batch(calls), []
     batch = Batch()
     rest: list[Call] = []
     counts: dict[str, int] = {}
+    used = 0
     for call in calls:
         count = counts.get(call.kind, 0)
-        if count < MAX_ENTRIES:
+        if count < MAX_ENTRIES and (not batch or used + call.size <= MAX_BODY_BYTES):
             counts[call.kind] = count + 1
+            used += call.size
             batch.append(call)
         else:
             rest.append(call)

@@ -298,3 +298,20 @@ def test_discarded_apps_leave_no_threads_or_sockets(receiver: KoalaReceiver) -> 
         return not koala and socket_count() <= before + 2
 
     assert wait_until(clean, timeout=15)
+
+
+def test_one_persons_large_calls_are_sent_in_bodies_within_the_limit(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    # While the first call is held by a slow collector, 19 more about the same person queue
+    # up; merged into one request they would make a 60 KB body, which a strict collector
+    # refuses (413). They leave in several bodies of at most 32 KiB instead.
+    app = make_app({"KOALA_MAX_WORKERS": 1}, koala=koala)
+    receiver.delay(0.3)
+    with app.app_context():
+        for _ in range(20):
+            assert koala.identify("jane@example.com", {"notes": "x" * 3000}, profile_id=PROFILE_ID)
+        assert koala.flush(20)
+        assert koala.stats["sent"] == 20
+    assert receiver.violations == []
+    assert 3 <= len(receiver.bodies) < 20  # merged, but never over the limit

@@ -136,6 +136,22 @@ def test_queue_batches_at_most_30_of_a_kind() -> None:
     assert len(queue) == 0
 
 
+def test_queue_keeps_a_batch_within_the_body_limit() -> None:
+    queue = PersonQueue()
+    for _ in range(5):
+        queue.put(identify()._replace(size=10_000))
+    assert len(queue.take()) == 3  # 30,000 of 32,768 bytes
+    assert len(queue.take()) == 2
+
+
+def test_queue_sends_a_call_over_the_budget_alone() -> None:
+    queue = PersonQueue()
+    queue.put(identify()._replace(size=40_000))  # its exact body fit, its bound did not
+    queue.put(identify())
+    assert len(queue.take()) == 1
+    assert len(queue.take()) == 1
+
+
 # -- lazy start, threads -------------------------------------------------------------------
 
 

@@ -145,6 +145,18 @@ def test_size_bound_covers_encoded_size() -> None:
     assert bound >= len(json.dumps(traits, separators=(",", ":"), ensure_ascii=False).encode())
 
 
+@pytest.mark.parametrize("text", ['"' * 300, "\\" * 300, "plain ascii" * 30, "\x01" * 300])
+def test_size_bound_covers_ascii_text_with_escapes(text: str) -> None:
+    traits, bound = clean_traits({text: text, "list": [text]})
+    assert bound >= len(json.dumps(traits, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def test_size_bound_of_printable_ascii_is_at_most_twice_its_length() -> None:
+    # Tight enough that one person's calls with a few KB of traits can share a request.
+    _, bound = clean_traits({"notes": "x" * 3000})
+    assert bound <= 2 * 3000 + 100
+
+
 def test_size_bound_covers_a_datetime_with_a_second_offset() -> None:
     zone = dt.timezone(dt.timedelta(hours=5, minutes=30, seconds=15, microseconds=1))
     traits, bound = clean_traits({"": dt.datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=zone)})
