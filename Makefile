@@ -43,8 +43,12 @@ $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,celery,bench]'
 	@touch $@
 
+# Then Celery mode's publishing figures, where a Redis server can be started.
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.run
+	@if command -v redis-server >/dev/null || [ -n "$$KOALA_BENCH_REDIS_URL" ]; then \
+	  $(BIN)/python -m benchmarks.celery_mode; \
+	else echo "Celery figures skipped: no redis-server (apt-get install redis-server)"; fi
 
 # The docs site (Sphinx + MyST, docs/), warnings as errors as Read the Docs builds it.
 $(VENV)/.docs-installed: $(STAMP)

@@ -6,7 +6,9 @@ production, so they compete with the request threads for the GIL). This process 
 client: one keep-alive connection per server, logins one after another, each timed from
 sending the request to reading the whole response. Variants take turns in short blocks, in
 a shuffled order each round, so drift on a noisy machine hits all of them alike; the figure
-is the median of every login of a variant.
+is the median of every login of a variant. Its spread: the rounds are cut into
+:data:`GROUPS` consecutive groups, the time added is measured in each group alone, and the
+lowest and highest of those are printed beside the figure.
 
 Two regimes are measured:
 
@@ -32,18 +34,29 @@ from .apps import VARIANTS
 from .loopback import ReceiverProcess, child_env, gunicorn
 from .stats import median
 
+#: How many consecutive groups of rounds the spread of a figure is measured over.
+GROUPS = 6
+
 
 @dataclass
 class Latency:
-    """Median login times per variant, in seconds, for both regimes."""
+    """Median login times per variant, in seconds, for both regimes, and per group."""
 
     paced: dict[str, float]
     saturated: dict[str, float]
     logins: int  # timed logins per variant and regime
+    paced_groups: dict[str, list[float]]
+    saturated_groups: dict[str, list[float]]
 
     def added(self, variant: str, regime: str = "paced") -> float:
         times = self.paced if regime == "paced" else self.saturated
         return times[variant] - times["bare"]
+
+    def spread(self, variant: str, regime: str = "paced") -> tuple[float, float]:
+        """The lowest and highest time added, group by group."""
+        groups = self.paced_groups if regime == "paced" else self.saturated_groups
+        added = [v - b for v, b in zip(groups[variant], groups["bare"])]
+        return min(added), max(added)
 
 
 def _login(connection: http.client.HTTPConnection) -> None:
@@ -58,7 +71,8 @@ def _login(connection: http.client.HTTPConnection) -> None:
 
 def _timed(
     connections: dict[str, http.client.HTTPConnection], rounds: int, block: int, gap: float
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median login time per variant, and the medians of each group of rounds."""
     samples: dict[str, list[float]] = {name: [] for name in connections}
     order = list(connections)
     clock = time.perf_counter
@@ -72,7 +86,15 @@ def _timed(
                 samples[name].append(clock() - start)
                 if gap:
                     time.sleep(gap)
-    return {name: median(values) for name, values in samples.items()}
+    groups = min(GROUPS, rounds)
+    per_group = {
+        name: [
+            median(values[len(values) * g // groups : len(values) * (g + 1) // groups])
+            for g in range(groups)
+        ]
+        for name, values in samples.items()
+    }
+    return {name: median(values) for name, values in samples.items()}, per_group
 
 
 def measure(
@@ -96,6 +118,6 @@ def measure(
         for connection in connections.values():
             for _ in range(warmup):  # the first waits for gunicorn to boot
                 _login(connection)
-        paced = _timed(connections, rounds, block, gap)
-        saturated = _timed(connections, max(1, rounds // 2), block, 0.0)
-    return Latency(paced, saturated, rounds * block)
+        paced, paced_groups = _timed(connections, rounds, block, gap)
+        saturated, saturated_groups = _timed(connections, max(1, rounds // 2), block, 0.0)
+    return Latency(paced, saturated, rounds * block, paced_groups, saturated_groups)

@@ -19,7 +19,8 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -48,6 +49,9 @@ class Profile:
     drain_calls: int  # figure 3
     backlog: int  # figure 4
     outage_calls: int = 300  # figure 5
+    repeats: int = 3  # figures 3 to 5: fresh processes, for the spread
+    request_calls: int = 1000  # figure 0: identifies per round
+    request_rounds: int = 15
 
 
 PROFILES = {
@@ -68,6 +72,8 @@ PROFILES = {
         cpu_rounds=5,
         drain_calls=200,
         backlog=10_000,
+        repeats=2,
+        request_rounds=7,
     ),
     "smoke": Profile(
         rounds=1,
@@ -78,6 +84,9 @@ PROFILES = {
         drain_calls=8,
         backlog=1_000,
         outage_calls=20,
+        repeats=1,
+        request_calls=50,
+        request_rounds=2,
     ),
 }
 
@@ -112,9 +121,32 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _spread(values: list[float], fmt: str = "{:.0f}", unit: str = "") -> str:
+    """The lowest and highest of repeated measurements, as text."""
+    if len(values) < 2:
+        return "one round"
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}{unit}"
+
+
+def figure_0(profile: Profile) -> Row:
+    result = _child("request_path", profile.request_calls, profile.request_rounds)
+    held = result["median"] * 1e6
+    _say(
+        f"  {result['rounds']} rounds of {result['calls']} identifies with four traits in one"
+        f" request: {held:.1f} µs CPU each (rounds {result['min'] * 1e6:.1f}-"
+        f"{result['max'] * 1e6:.1f})"
+    )
+    return Row(
+        "0. identify() holds the request",
+        f"{held:.1f} µs (rounds {result['min'] * 1e6:.1f}-{result['max'] * 1e6:.1f})",
+        "≤ 8 µs",
+        held <= 8,
+    )
+
+
 def figure_1(
     receiver: ReceiverProcess, profile: Profile, variants: tuple[str, ...], gap: float
-) -> Row:
+) -> list[Row]:
     result = latency.measure(
         receiver,
         variants=variants,
@@ -137,19 +169,30 @@ def figure_1(
         )
         _say(f"    {name:9} paced {micros(paced):>9}  saturated {micros(saturated):>9}{added}")
     koala = result.added("koala")
+    low, high = result.spread("koala")
     share = koala / bare
-    segment = result.added("segment") if "segment" in variants else math.nan
-    if segment > 0:
-        versus = koala / segment
-        measured = f"+{koala * 1e6:.0f} µs = {share:.1%} of bare; {versus:.2f}x Segment's"
-        passed: bool | None = share <= 0.05 and versus <= 1 / 3
-    elif "segment" in variants:
-        measured = f"+{koala * 1e6:.0f} µs = {share:.1%} of bare; Segment's lost in noise"
-        passed = None
+    measured = f"+{koala * 1e6:.0f} µs (groups {low * 1e6:.0f}-{high * 1e6:.0f}) = {share:.1%}"
+    saturated = result.added("koala", "saturated")
+    s_low, s_high = result.spread("koala", "saturated")
+    measured_saturated = f"+{saturated * 1e6:.0f} µs (groups {s_low * 1e6:.0f}-{s_high * 1e6:.0f})"
+    paced_ok = share <= 0.02
+    saturated_ok: bool | None = None
+    if "segment" in variants:
+        segment = result.added("segment")
+        segment_saturated = result.added("segment", "saturated")
+        if segment > 0:
+            measured += f"; {koala / segment:.2f}x Segment's +{segment * 1e6:.0f} µs"
+            paced_ok = paced_ok and koala <= 0.2 * segment
+        else:
+            measured += "; Segment's lost in noise"
+        measured_saturated += f"; Segment's +{segment_saturated * 1e6:.0f} µs"
+        saturated_ok = saturated <= segment_saturated
     else:
-        measured = f"+{koala * 1e6:.0f} µs = {share:.1%} of bare; Segment not installed"
-        passed = share <= 0.05
-    return Row("1. time added to a login", measured, "≤ 5% of bare, ≤ 0.33x Segment's", passed)
+        measured += "; Segment not installed"
+    return [
+        Row("1. time added to a paced login", measured, "≤ 2% of bare, ≤ 0.2x Segment's", paced_ok),
+        Row("1b. time added, saturated", measured_saturated, "≤ Segment's", saturated_ok),
+    ]
 
 
 def figure_2(receiver: ReceiverProcess, profile: Profile) -> Row:
@@ -172,62 +215,84 @@ def figure_2(receiver: ReceiverProcess, profile: Profile) -> Row:
 
 def figure_3(receiver: ReceiverProcess, profile: Profile) -> Row:
     receiver.command(f"delay {DRAIN_LATENCY}")
+    shares = []
+    delivered = True
     try:
-        result = _child("drain", receiver.koala_url, profile.drain_calls)
+        for _ in range(profile.repeats):
+            result = _child("drain", receiver.koala_url, profile.drain_calls)
+            shares.append(result["rate"] / result["ideal"])
+            delivered = delivered and bool(result["delivered"])
     finally:
         receiver.command("delay 0")
-    share = result["rate"] / result["ideal"]
+    share = sorted(shares)[len(shares) // 2]
     _say(
         f"  {result['calls']} people, MAX_WORKERS={result['workers']}, round trip"
-        f" {result['round_trip'] * 1e3:.1f} ms: {result['rate']:.1f} calls/s of an ideal"
-        f" {result['ideal']:.1f}" + ("" if result["delivered"] else " (NOT all delivered)")
+        f" {result['round_trip'] * 1e3:.1f} ms: {share * result['ideal']:.1f} calls/s of an"
+        f" ideal {result['ideal']:.1f} (median of {len(shares)} fresh processes)"
+        + ("" if delivered else " (NOT all delivered)")
     )
     return Row(
         "3. drain rate at 50 ms latency",
-        f"{share:.0%} of MAX_WORKERS/round trip",
-        "≥ 80%",
-        share >= 0.8 and bool(result["delivered"]),
+        f"{share:.0%} of MAX_WORKERS/round trip ({_spread([x * 100 for x in shares], unit='%')})",
+        "≥ 95%",
+        share >= 0.95 and delivered,
     )
 
 
 def figure_4(profile: Profile) -> Row:
+    growths = []
     with ReceiverProcess(delay=3600) as hanging:
-        result = _child("memory", hanging.koala_url, profile.backlog)
-    growth_mb = result["growth"] / 2**20
+        for _ in range(profile.repeats):
+            result = _child("memory", hanging.koala_url, profile.backlog)
+            growths.append(result["growth"] / 2**20 * 10_000 / max(1, result["calls"]))
+    scaled = sorted(growths)[len(growths) // 2]
     _say(
         f"  {result['accepted']} of {result['calls']} calls queued ({result['dropped']} dropped),"
-        f" RSS {result['before'] / 2**20:.1f} MB -> +{growth_mb:.1f} MB"
+        f" RSS {result['before'] / 2**20:.1f} MB before; growth per 10,000 calls, median of"
+        f" {len(growths)} fresh processes: +{scaled:.1f} MB"
     )
-    scaled = growth_mb * 10_000 / max(1, result["calls"])
-    measured = f"+{growth_mb:.1f} MB"
-    if result["calls"] != 10_000:
-        measured += f" ({scaled:.1f} MB per 10,000)"
     return Row(
-        f"4. RSS, backlog of {result['calls']:,}", measured, "≤ 30 MB per 10,000", scaled <= 30
+        f"4. RSS, backlog of {result['calls']:,}",
+        f"+{scaled:.1f} MB per 10,000 ({_spread(growths, '{:.1f}', ' MB')})",
+        "≤ 10 MB per 10,000",
+        scaled <= 10,
     )
 
 
 def figure_5(receiver: ReceiverProcess, profile: Profile) -> Row:
     calls = profile.outage_calls
-    receiver.command(f"delay {OUTAGE_LATENCY}")
-    receiver.command(f"flaky 0.5 {calls * 4}")
-    try:
-        result = _child("outage", receiver.koala_url, calls, OUTAGE_WINDOW)
-    finally:
+    shares = []
+    ended = True
+    for _ in range(profile.repeats):
         receiver.command("reset")
-    share = result["in_window"] / result["calls"]
-    ended = result["sent"] + result["exhausted"] == result["calls"] and result["flushed"]
+        receiver.command(f"delay {OUTAGE_LATENCY}")
+        receiver.command(f"flaky 0.5 {calls * 4}")
+        result = _child("outage", receiver.koala_url, calls, OUTAGE_WINDOW)
+        shares.append(result["in_window"] / result["calls"])
+        ended = ended and result["sent"] + result["exhausted"] == calls and result["flushed"]
+    receiver.command("reset")
+    share = sorted(shares)[len(shares) // 2]
     _say(
-        f"  {result['calls']} people, MAX_WORKERS=4, {OUTAGE_LATENCY * 1e3:.0f} ms per answer,"
-        f" about half 503: {result['in_window']} delivered within {OUTAGE_WINDOW:.0f} s"
-        f" ({result['retried']} retries); in the end {result['sent']} sent,"
-        f" {result['exhausted']} retries_exhausted" + ("" if ended else " (NOT all ended)")
+        f"  {calls} people, MAX_WORKERS=4, {OUTAGE_LATENCY * 1e3:.0f} ms per answer, about half"
+        f" 503; last of {len(shares)} fresh processes: {result['in_window']} delivered within"
+        f" {OUTAGE_WINDOW:.0f} s ({result['retried']} retries); in the end {result['sent']}"
+        f" sent, {result['exhausted']} retries_exhausted" + ("" if ended else " (NOT all ended)")
     )
+    spread = _spread([x * 100 for x in shares], unit="%")
     return Row(
         "5. partial outage, half 503",
-        f"{share:.0%} delivered within {OUTAGE_WINDOW:.0f} s",
+        f"{share:.0%} within {OUTAGE_WINDOW:.0f} s ({spread})",
         "≥ 85%",
-        share >= 0.85 and bool(ended),
+        share >= 0.85 and ended,
+    )
+
+
+def _conditions() -> str:
+    """The machine as the run found it: a figure means little without its load."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} CPUs, load average {load}; Python {platform.python_version()},"
+        f" {platform.machine()}"
     )
 
 
@@ -255,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "--gap", type=float, default=10.0, help="figure 1: pause after each paced login, ms"
     )
     parser.add_argument(
-        "--figures", default="12345", help="which figures to measure, e.g. 12 (default: all)"
+        "--figures", default="012345", help="which figures to measure, e.g. 12 (default: all)"
     )
     args = parser.parse_args(argv)
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -271,11 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         _say("segment-analytics-python is not installed (pip install -e '.[bench]'): skipped")
     started = time.monotonic()
     _say(f"flask-koala benchmarks, {name} run, all traffic on 127.0.0.1")
+    _say(_conditions())
     rows = []
+    if "0" in args.figures:
+        _say("0. what identify() holds the request (fresh process, CPU time)")
+        rows.append(figure_0(profile))
     with ReceiverProcess() as receiver:
         if "1" in args.figures:
             _say("1. login time over HTTP (gunicorn gthread per variant, keep-alive client)")
-            rows.append(figure_1(receiver, profile, variants, args.gap / 1000))
+            rows.extend(figure_1(receiver, profile, variants, args.gap / 1000))
             receiver.command("reset")
         if "2" in args.figures:
             _say("2. CPU per delivered identify (Flask test client, fresh process)")
@@ -295,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if name == "smoke":
         _say("(smoke run: far too few samples for these figures to mean anything)")
     _say(_table(rows))
-    _say(f"\n{name} run took {time.monotonic() - started:.0f} s")
+    _say(f"\n{name} run took {time.monotonic() - started:.0f} s; at the end: {_conditions()}")
     return 0
 
 
