@@ -25,7 +25,7 @@ extensions = [
 source_suffix = {".md": "markdown"}
 root_doc = "index"
 # Notes other branches leave for the integrator to fold into these pages; not pages.
-exclude_patterns = ["_build", "incoming", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
