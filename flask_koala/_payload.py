@@ -174,7 +174,8 @@ def clean_traits(value: object) -> tuple[Optional[dict[str, Any]], int]:
 def _plain_mapping(value: Mapping[Any, Any], depth: int) -> tuple[dict[str, Any], int]:
     # Size bounds: a str's JSON form is at most 6 bytes a character (\u00XX escapes; a
     # character outside the BMP is one str character and 4 UTF-8 bytes), and at most 2
-    # when it is printable ASCII (only '"' and '\\' are escaped): see _text_bound.
+    # when it is printable ASCII (only '"' and '\\' are escaped): see _text_bound, inlined
+    # here for string values. Keys are short: 6 a character is bound enough.
     out: dict[str, Any] = {}
     size = 2
     for key, item in value.items():
@@ -186,20 +187,22 @@ def _plain_mapping(value: Mapping[Any, Any], depth: int) -> tuple[dict[str, Any]
             _check_text(key)
         kind = type(item)
         if kind is str:
-            if not item.isascii():
+            if item.isascii():
+                size += 6 * len(key) + (2 if item.isprintable() else 6) * len(item) + 6
+            else:
                 _check_text(item)
-            size += _text_bound(key) + _text_bound(item) + 6
+                size += 6 * (len(key) + len(item)) + 6
             out[key] = item
             continue
         if item is None or kind is bool or (kind is int and -(10**18) < item < 10**18):
-            size += _text_bound(key) + 26
+            size += 6 * len(key) + 26
             out[key] = item
             continue
         plain, item_size = _plain(item, depth + 1)
         if plain is _DROP:
             logger.debug("flask-koala: dropped trait %r: JSON cannot encode it", key)
             continue
-        size += _text_bound(key) + 4 + item_size
+        size += 6 * len(key) + 4 + item_size
         out[key] = plain
     return out, size
 
