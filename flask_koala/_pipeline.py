@@ -302,12 +302,6 @@ class Pipeline:
 
     # -- the decisions -------------------------------------------------------------------
 
-    def sending_suppressed(self) -> bool:
-        """Whether a call made now would be recorded only."""
-        if self._is_testing is not None:
-            return self._is_testing()
-        return self.dispatcher is None and self.suppressed is not None
-
     def _dispatcher(self) -> Optional[Dispatcher]:
         """Where a call made now goes: suppression may follow ``app.testing`` live."""
         if self._is_testing is not None and self._is_testing():
