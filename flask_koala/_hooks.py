@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 from flask import Flask, Response, current_app, has_request_context, request
+from flask_login import current_user as proxy
 from flask_login import user_loaded_from_cookie, user_logged_in
 
 from . import signals
@@ -48,8 +49,6 @@ def current_user() -> Any:
     """Flask-Login's logged-in user of this request, or ``None``."""
     if not has_request_context() or getattr(current_app, "login_manager", None) is None:
         return None
-    from flask_login import current_user as proxy
-
     if not getattr(proxy, "is_authenticated", False):
         return None
     return proxy._get_current_object()

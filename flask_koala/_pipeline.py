@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Protocol,
 
 from ._ids import new_uuid, parse_profile_id
 from ._ledger import describe_error
-from ._payload import Call, body_bound, clean_email, clean_event, clean_traits, fits, size_bound
+from ._payload import (
+    MAX_BODY_BYTES,
+    Call,
+    body_bound,
+    clean_email,
+    clean_event,
+    clean_traits,
+    fits,
+    size_bound,
+)
 
 if TYPE_CHECKING:
     from ._config import KoalaConfig
@@ -155,7 +164,6 @@ class Pipeline:
         self.policy = policy
         self._is_testing = is_testing
         self._current_user = current_user
-        self._cookie_name = config.cookie_name
         self._enabled = config.enabled
 
     # -- ways in -------------------------------------------------------------------------
@@ -226,7 +234,7 @@ class Pipeline:
         bound = body_bound("identify", clean, None, size)
         # Positionally, as Call.identify would: this is the request thread's hottest line.
         call = Call("identify", new_uuid(), resolved, clean, time(), plain, None, None, bound)
-        if not fits(call, size):
+        if bound > MAX_BODY_BYTES and not fits(call, size):  # only then encode to measure
             ledger.skipped("too_large", email=clean, profile_id=resolved)
             return False
         return self._submit(dispatcher, call, environ)
@@ -270,7 +278,7 @@ class Pipeline:
         call = Call.track(
             profile_id=resolved, email=clean, event=name, properties=plain, size=bound
         )
-        if not fits(call, size):
+        if bound > MAX_BODY_BYTES and not fits(call, size):  # only then encode to measure
             ledger.skipped("too_large", kind="track", email=clean, profile_id=resolved)
             return False
         return self._submit(dispatcher, call, environ)
