@@ -5,8 +5,8 @@ per worker thread; a channel makes one attempt at one batch and says how it went
 :class:`Verdict`. Everything else happens here:
 
 - a bounded queue of batches about one person and route (``_queue``);
-- waking: a request queues with ``wake=False`` and wakes the workers once its response has
-  gone out; workers start more workers as the backlog needs them, up to ``max_workers``;
+- waking: a request queues with ``wake=False`` and wakes (or starts) the workers once its
+  response has gone out; workers start more as the backlog needs, up to ``max_workers``;
 - retries on a timer heap: a batch waiting for its retry holds no worker, so a partial
   outage cannot stall calls that would go through;
 - ``Retry-After`` as an app-wide pause (``_retry.PauseGate``);
@@ -51,11 +51,8 @@ _LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers 
 # (a server that never closes the response), and an idle worker checks its app still lives.
 _WAKE_POLL = 1.0
 _SETTLE = 0.005  # how long a worker woken from idle leaves the GIL to the request threads
-# How long shutdown(timeout) waits, beyond its timeout, for workers to leave: idle ones do
-# at once, one inside a request when it ends (KOALA_TIMEOUT at most; it is a daemon).
-_JOIN_GRACE = 0.2
+_JOIN_GRACE = 0.2  # shutdown(timeout)'s wait, beyond it, for workers to leave (a daemon)
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
-
 
 _INTERNAL_ERROR = Verdict("failed", "internal_error")
 
@@ -127,6 +124,7 @@ class Engine:
         self._inflight: dict[int, Batch] = {}
         self._unfinished = 0  # calls queued, waiting to retry or being delivered
         self._released = False  # may workers take what is queued (wake=False holds it)
+        self._closes_seen = False  # has a wake() followed a response (see submit)
         self._workers = 0  # threads started and not yet left
         self._starting = 0  # of which not yet looking for work
         self._idle = 0  # of which waiting for work
@@ -186,9 +184,9 @@ class Engine:
                 self._unfinished += 1
                 if wake:
                     start = self._release()
-                elif not self._workers:
-                    # One worker, to wait for the wake-up (or go after _WAKE_POLL if the
-                    # server never closes the response); the backlog starts the others.
+                elif not self._workers and not self._closes_seen:
+                    # Until a response is seen closed, one worker waits for the wake-up, or
+                    # goes after _WAKE_POLL if none comes (a test client never closes).
                     start = self._reserve()
         if start is not None:
             self._start(*start)
@@ -198,11 +196,13 @@ class Engine:
             self._ledger.dropped([call], reason, accepted=False)
         return accepted
 
-    def wake(self) -> None:
-        """Let the workers start on what is queued (never raises)."""
+    def wake(self, *, response_closed: bool = True) -> None:
+        """Let the workers start on what is queued (never raises). Once a wake-up followed a
+        closed response, requests leave starting workers to it (see :meth:`submit`)."""
         try:
             self._check_process()
             with self._lock:
+                self._closes_seen = self._closes_seen or response_closed
                 start = self._release()
             if start is not None:
                 self._start(*start)
@@ -408,7 +408,7 @@ class Engine:
         """Wait until every call taken so far has ended; ``True`` when none is left."""
         self._check_process()
         deadline = None if timeout is None else self._clock() + max(timeout, 0.0)
-        self.wake()  # calls queued by a request whose response has not closed yet
+        self.wake(response_closed=False)  # calls queued by a request not yet closed
         with self._lock:
             while self._unfinished > 0:
                 if not self._workers:

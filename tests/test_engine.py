@@ -827,3 +827,27 @@ def test_a_call_queued_without_a_wake_goes_out_anyway_to_an_idle_worker(
     assert wait_until(lambda: ledger.snapshot()["sent"] == 1)
     engine.submit(identify(person(2)), wake=False)  # the worker is idle now
     assert wait_until(lambda: ledger.snapshot()["sent"] == 2, timeout=3)
+
+
+def test_a_request_starts_a_worker_until_a_response_is_seen_closed(
+    make_seam_engine: Callable[..., Engine],
+) -> None:
+    engine = make_seam_engine(RecordingHandler())
+    engine.submit(identify(person(1)), wake=False)  # a server never seen closing a response
+    assert len(koala_threads()) == 1  # waits for the wake-up, or goes after a while
+    assert engine.flush(5)
+
+
+def test_once_a_response_was_seen_closed_requests_start_no_thread(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger
+) -> None:
+    engine = make_seam_engine(RecordingHandler(), idle_timeout=0.05)
+    engine.submit(identify(person(1)), wake=False)
+    engine.wake()  # the response closed
+    assert engine.flush(5)
+    assert wait_until(lambda: koala_threads() == [])
+    engine.submit(identify(person(2)), wake=False)  # the request thread: no thread start
+    assert koala_threads() == []
+    engine.wake()  # after its response: the worker starts here
+    assert engine.flush(5)
+    assert ledger.snapshot()["sent"] == 2
