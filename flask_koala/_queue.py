@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Optional, Union
 
-from ._payload import MAX_BODY_BYTES, MAX_ENTRIES, Call
+from ._payload import MAX_BODY_BYTES, MAX_ENTRIES, ROUTES, Call
 
 __all__ = ["Batch", "PersonQueue"]
 
@@ -66,31 +66,32 @@ class PersonQueue:
     def put(self, call: Call) -> None:
         """Add a call at the back (or beside the same person's calls)."""
         self._size += 1
-        if self._others:  # a second group may be waiting, even after the first one left
-            others = self._others.get((call.route, call.profile_id, call.email))
-            if others is not None:
-                others.append(call)
-                return
         profile_id = call.profile_id
         group = self._groups.get(profile_id)
         if group is None:
+            if not self._others:  # the common case: nobody else to look for
+                self._groups[profile_id] = call
+                self._order.append(profile_id)
+                return
+        else:
+            first = group[0] if isinstance(group, list) else group
+            if call.email == first.email and (call.kind == first.kind or call.route == first.route):
+                if isinstance(group, list):
+                    group.append(call)
+                else:
+                    self._groups[profile_id] = [group, call]
+                return
+        # Another email or route of this profile id, or of one whose first group left.
+        key = (ROUTES[call.kind], profile_id, call.email)  # call.route, without a call
+        others = self._others.get(key)
+        if others is not None:
+            others.append(call)
+        elif group is None:
             self._groups[profile_id] = call
             self._order.append(profile_id)
-        elif isinstance(group, list):
-            if _together(group[0], call):
-                group.append(call)
-            else:
-                self._put_other(call)
-        elif _together(group, call):
-            self._groups[profile_id] = [group, call]
         else:
-            self._put_other(call)
-
-    def _put_other(self, call: Call) -> None:
-        """A new group about a profile id that already has one (another email or route)."""
-        key = (call.route, call.profile_id, call.email)
-        self._others[key] = [call]
-        self._order.append(key)
+            self._others[key] = [call]
+            self._order.append(key)
 
     def take(self) -> Batch:
         """Remove and return the oldest person's calls, at most 30 of each kind."""
@@ -123,11 +124,6 @@ class PersonQueue:
         self._order.clear()
         self._size = 0
         return calls
-
-
-def _together(first: Call, call: Call) -> bool:
-    """Whether ``call`` joins the group ``first`` heads, both about one profile id."""
-    return call.email == first.email and (call.kind == first.kind or call.route == first.route)
 
 
 def _split(calls: list[Call]) -> tuple[Batch, list[Call]]:
