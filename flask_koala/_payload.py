@@ -55,6 +55,11 @@ _ENVELOPE_BYTES = 512
 # escape; they cannot be encoded as UTF-8, so a value holding one can never be sent.
 _BAD_EMAIL_CHARS = re.compile("[\\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# One int object per distinct size bound, shared by the calls that have it: a bound is
+# above CPython's cached small ints, so 10,000 waiting calls would otherwise hold 10,000
+# ints of 32 bytes, for a few dozen distinct values. Capped: it can never grow far.
+_BOUNDS: dict[int, int] = {}
+_MAX_BOUNDS = 1024
 
 
 class Call(NamedTuple):
@@ -269,7 +274,9 @@ def body_bound(kind: str, email: Optional[str], event: Optional[str], traits_bou
         bound += (2 if kind == "identify" else 1) * (6 * len(email) + 12)
     if event is not None:
         bound += 6 * len(event) + 2
-    return bound
+    if len(_BOUNDS) < _MAX_BOUNDS:
+        return _BOUNDS.setdefault(bound, bound)
+    return _BOUNDS.get(bound, bound)
 
 
 def fits(call: Call, traits_bound: int) -> bool:

@@ -18,7 +18,7 @@ from flask_koala._dispatchers import SyncDispatcher
 from flask_koala._engine import Engine, Verdict
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
-from flask_koala._queue import PersonQueue
+from flask_koala._queue import Batch, PersonQueue
 from flask_koala._retry import PauseGate, RetryPolicy
 from flask_koala._transport import Response, Transport
 
@@ -150,6 +150,84 @@ def test_queue_sends_a_call_over_the_budget_alone() -> None:
     queue.put(identify())
     assert len(queue.take()) == 1
     assert len(queue.take()) == 1
+
+
+def test_queue_hands_out_a_lone_call_as_a_batch() -> None:
+    queue = PersonQueue()
+    call = identify()
+    queue.put(call)
+    batch = queue.take()
+    assert isinstance(batch, Batch)
+    assert batch == [call]
+    assert batch.attempts == 0
+
+
+def test_queue_groups_an_identify_and_a_track_about_one_person() -> None:
+    queue = PersonQueue()
+    first = identify()
+    event = Call.track(profile_id=PROFILE, email=first.email, event="Signed up", properties={})
+    queue.put(first)
+    queue.put(event)
+    assert queue.take() == [first, event]
+
+
+def test_queue_keeps_each_email_of_one_visitor_in_its_place() -> None:
+    queue = PersonQueue()
+    jane, other, john = identify(), identify(person(2)), identify(email="john@example.com")
+    for call in (jane, other, john):
+        queue.put(call)
+    assert [queue.take(), queue.take(), queue.take()] == [[jane], [other], [john]]
+
+
+def test_queue_groups_the_calls_of_a_visitors_second_email() -> None:
+    queue = PersonQueue()
+    jane, john1, john2 = (
+        identify(),
+        identify(email="john@example.com"),
+        identify(email="john@example.com"),
+    )
+    for call in (jane, john1, john2):
+        queue.put(call)
+    assert queue.take() == [jane]
+    assert queue.take() == [john1, john2]
+
+
+def test_leftovers_of_a_second_emails_full_batch_keep_their_place() -> None:
+    queue = PersonQueue()
+    queue.put(identify())
+    for _ in range(35):
+        queue.put(identify(email="john@example.com"))
+    later = identify(person(2))
+    queue.put(later)
+    assert len(queue.take()) == 1
+    assert len(queue.take()) == 30
+    assert [c.email for c in queue.take()] == ["john@example.com"] * 5
+    assert queue.take() == [later]
+
+
+def test_queue_groups_a_second_email_after_the_first_one_left() -> None:
+    queue = PersonQueue()
+    jane, john1, john2 = (
+        identify(),
+        identify(email="john@example.com"),
+        identify(email="john@example.com"),
+    )
+    queue.put(jane)
+    queue.put(john1)
+    assert queue.take() == [jane]
+    queue.put(john2)
+    assert queue.take() == [john1, john2]
+    assert len(queue) == 0
+
+
+def test_queue_clear_returns_every_call_oldest_group_first() -> None:
+    queue = PersonQueue()
+    calls = [identify(), identify(person(2)), identify(email="john@example.com"), identify()]
+    for call in calls:
+        queue.put(call)
+    assert queue.clear() == [calls[0], calls[3], calls[1], calls[2]]
+    assert len(queue) == 0
+    assert not queue
 
 
 # -- lazy start, threads -------------------------------------------------------------------

@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from flask_koala import _payload
 from flask_koala._payload import (
     MAX_BODY_BYTES,
     Call,
+    body_bound,
     build_body,
     clean_email,
     clean_event,
@@ -161,6 +163,21 @@ def test_size_bound_covers_a_datetime_with_a_second_offset() -> None:
     zone = dt.timezone(dt.timedelta(hours=5, minutes=30, seconds=15, microseconds=1))
     traits, bound = clean_traits({"": dt.datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=zone)})
     assert bound >= len(json.dumps(traits, separators=(",", ":")).encode())
+
+
+def test_calls_with_one_size_bound_share_one_int() -> None:
+    # A backlog holds one int per distinct bound, not one per call.
+    first = body_bound("identify", "jane@example.com", None, 1000)
+    second = body_bound("identify", "jane@example.com", None, 1000)
+    assert first == second == 1000 + 512 + 2 * (6 * 16 + 12)
+    assert first is second
+
+
+def test_shared_size_bounds_stop_growing_at_their_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_payload, "_MAX_BOUNDS", len(_payload._BOUNDS))
+    before = len(_payload._BOUNDS)
+    assert body_bound("track", None, None, 987_654) == 987_654 + 512
+    assert len(_payload._BOUNDS) == before
 
 
 EMOJI_EMAIL = "\U0001f600" * 235 + "@example.com"  # 247 characters, 952 bytes
