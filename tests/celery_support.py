@@ -21,14 +21,10 @@ from typing import Any, Optional
 
 import pytest
 
+from .support import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 _START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def skip_without_redis() -> None:

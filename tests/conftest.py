@@ -1,4 +1,5 @@
-"""Fixtures: a loopback Koala receiver, a Flask-Login app wired to it, and three guards.
+"""Fixtures: a loopback Koala receiver, a Flask-Login app wired to it, child processes, and
+three guards.
 
 The guards make the suite strict where production code is lenient: flask-koala logs and
 swallows every exception around user code and the network, so a test fails when such a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -22,7 +24,14 @@ from flask import Flask
 from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID, build_app, child_processes, kill_new_children, koala_of
+from .support import (
+    PROFILE_ID,
+    Child,
+    build_app,
+    child_processes,
+    kill_new_children,
+    koala_of,
+)
 
 # pytester runs the testing plugin as a user's suite would; the plugin itself is used here too.
 pytest_plugins = ["pytester", "flask_koala.testing"]
@@ -49,6 +58,20 @@ def make_app(receiver: KoalaReceiver) -> Iterator[Callable[..., Flask]]:
     for app in apps:
         with app.app_context():
             koala_of(app).shutdown(timeout=5)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Child]]:
+    """Start a :class:`Child` (same arguments); any still running after the test is killed."""
+    children: list[Child] = []
+
+    def start(command: list[str], **options: Any) -> Child:
+        children.append(Child(command, **options))
+        return children[-1]
+
+    yield start
+    for child in children:
+        child.stop(signal.SIGKILL)
 
 
 @pytest.fixture

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import re
 import signal
+import socket
 import subprocess
+import threading
 import time
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from flask import Flask, jsonify, request
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
@@ -138,6 +143,134 @@ def doc_section(*headings: str) -> str:
 
 #: The name the docs tests used while the guide was one README.
 readme_section = doc_section
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on (until some other process takes it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Child:
+    """A command in a child process, its output read line by line on a thread.
+
+    Stderr is read with stdout unless ``merge_stderr`` is False: then it is kept apart, in
+    :attr:`stderr` once the child has ended. A Python child writes unbuffered UTF-8, so each
+    line arrives as printed. Every wait is bounded: :meth:`stop` and :meth:`wait` SIGKILL a
+    child that overruns theirs, with whatever it started.
+    """
+
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        cwd: Path = ROOT,
+        env: Optional[Mapping[str, str]] = None,
+        merge_stderr: bool = True,
+    ) -> None:
+        env = {**(os.environ if env is None else env)}
+        env.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        self.process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            start_new_session=True,  # a kill takes whatever it started along
+        )
+        #: The lines read so far, without their newline; every line once the child has ended.
+        self.seen: list[str] = []
+        #: Its stderr, once it has ended (empty when merged into the lines).
+        self.stderr = ""
+        #: Its exit code, once :meth:`wait` or :meth:`stop` has seen it end.
+        self.returncode: Optional[int] = None
+        self._lines: queue.Queue[Optional[str]] = queue.Queue()  # None: stdout has ended
+        self._stdout_ended = False
+        self._readers = [threading.Thread(target=self._read_lines, daemon=True)]
+        if not merge_stderr:
+            self._readers.append(threading.Thread(target=self._read_stderr, daemon=True))
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def output(self) -> str:
+        """The lines read so far, as one text."""
+        return "\n".join(self.seen)
+
+    def read_until(self, pattern: str, timeout: float = 20) -> list[str]:
+        """The lines after those read before, up to the first that matches ``pattern`` (a regex).
+
+        Raises AssertionError, naming the lines it saw, if none does within ``timeout`` seconds
+        or before stdout ends.
+        """
+        start = len(self.seen)
+        deadline = time.monotonic() + timeout
+        while (line := self._next_line(deadline - time.monotonic())) is not None:
+            if re.search(pattern, line):
+                return self.seen[start:]
+        raise AssertionError(f"no line matching {pattern!r} in {timeout}s: {self.seen[start:]}")
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> bool:
+        """Whether a line matching ``pattern`` (a regex) comes within ``timeout`` seconds."""
+        try:
+            self.read_until(pattern, timeout)
+        except AssertionError:
+            return False
+        return True
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Send ``signum``, then :meth:`wait` for the child to end; its exit code."""
+        self.process.send_signal(signum)  # no-op once the child has ended
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 20) -> int:
+        """The exit code once the child ends, its output all read; -9 if it overran ``timeout``."""
+        if self.returncode is not None:
+            return self.returncode  # its process group is gone: its id may be another's now
+        try:
+            code: Optional[int] = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        # What is left of its process group (all of it, if it overran) goes now.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        if code is None:
+            code = self.process.wait()
+        for reader in self._readers:
+            reader.join(5)  # bounded: a grandchild that left the group may hold a pipe open
+        while self._next_line(0) is not None:
+            pass
+        self.returncode = code
+        return code
+
+    def _next_line(self, timeout: float) -> Optional[str]:
+        """The next line, now in :attr:`seen`; None if none came in time or stdout has ended."""
+        if self._stdout_ended:
+            return None
+        try:
+            line = self._lines.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        if line is None:
+            self._stdout_ended = True
+        else:
+            self.seen.append(line)
+        return line
+
+    def _read_lines(self) -> None:
+        assert self.process.stdout is not None
+        with self.process.stdout as stdout:
+            for line in stdout:
+                self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        with self.process.stderr as stderr:
+            self.stderr = stderr.read()
 
 
 def kill(process: subprocess.Popen[Any]) -> None:

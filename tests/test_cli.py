@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
-import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -23,9 +18,8 @@ from flask_koala._cli import format_call
 from flask_koala._ledger import mask_key
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
-from .support import PROFILE_ID, communicate, kill, koala_of
+from .support import PROFILE_ID, ROOT, Child, koala_of
 
-ROOT = Path(__file__).resolve().parent.parent
 MASKED = "pk_t…st"  # pk_test, as `check` and `identify` print it
 
 
@@ -299,61 +293,11 @@ def test_receiver_help_shows_the_default_port(app: Flask) -> None:
     assert "8787" in invoke(app, "receiver", "--help").output
 
 
-class Console:
-    """A command running in a child process, its output read line by line with a timeout."""
-
-    def __init__(self, args: list[str]) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
-        self.process = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        assert self.process.stdout is not None
-        stdout = self.process.stdout
-        threading.Thread(target=self._read, args=(stdout,), daemon=True).start()
-
-    def _read(self, stdout: Any) -> None:
-        for line in stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def read_until(self, pattern: str, timeout: float = 20) -> list[str]:
-        seen = []
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r}; saw {seen}") from None
-            seen.append(line)
-            if re.search(pattern, line):
-                return seen
-
-    def stop(self, signum: int) -> tuple[int, str]:
-        self.process.send_signal(signum)
-        _, stderr = communicate(self.process, timeout=20)
-        return self.process.returncode, stderr
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            kill(self.process)
-
-
 @pytest.fixture
-def console() -> Iterator[Callable[[list[str]], Console]]:
-    started: list[Console] = []
-
-    def start(args: list[str]) -> Console:
-        started.append(Console(args))
-        return started[-1]
-
-    yield start
-    for each in started:
-        each.kill()
+def console(spawn: Callable[..., Child]) -> Callable[[list[str]], Child]:
+    """Start a command with its stderr kept apart from the lines it prints."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return lambda command: spawn(command, env=env, merge_stderr=False)
 
 
 def post_identify(url: str) -> requests.Response:
@@ -382,25 +326,25 @@ def listening_url(lines: list[str]) -> str:
 
 @pytest.mark.slow
 def test_python_m_testing_prints_calls_and_stops_on_ctrl_c(
-    console: Callable[[list[str]], Console],
+    console: Callable[[list[str]], Child],
 ) -> None:
     receiver = console([sys.executable, "-m", "flask_koala.testing", "--port", "0"])
     url = listening_url(receiver.read_until("listening on"))
 
     assert post_identify(url).status_code == 200
     printed = receiver.read_until("identify traits")
-    code, stderr = receiver.stop(signal.SIGINT)
+    code = receiver.stop(signal.SIGINT)
 
     assert re.search(r"POST /web/projects/pk_t…st/batch -> 200 OK$", printed[-3])
     assert printed[-2] == f"  profile_id {PROFILE_ID[:8]}-…, email j***@example.com"
     assert printed[-1] == '  identify traits {"email": "j***@example.com", "plan": "pro"}'
     assert code == 0
-    assert "Traceback" not in stderr
+    assert "Traceback" not in receiver.stderr
 
 
 @pytest.mark.slow
 def test_flask_koala_receiver_prints_violations_and_stops_on_sigterm(
-    console: Callable[[list[str]], Console],
+    console: Callable[[list[str]], Child],
 ) -> None:
     flask = [sys.executable, "-m", "flask", "--app", "examples.factory_app"]
     receiver = console([*flask, "koala", "receiver", "--port", "0"])
@@ -408,37 +352,37 @@ def test_flask_koala_receiver_prints_violations_and_stops_on_sigterm(
 
     requests.post(f"{url}/web/projects/pk_test/batch", data=b"[]", timeout=5)
     printed = receiver.read_until("violation")
-    code, stderr = receiver.stop(signal.SIGTERM)
+    code = receiver.stop(signal.SIGTERM)
 
     assert printed[-3].endswith("-> 400 Bad Request")
     assert printed[-2] == "  body []"
     assert printed[-1] == "  violation: Content-Type header is missing, expected application/json"
     assert code == 0
-    assert "Traceback" not in stderr
+    assert "Traceback" not in receiver.stderr
 
 
 @pytest.mark.slow
 def test_receiver_on_every_interface_warns_on_stderr(
-    console: Callable[[list[str]], Console],
+    console: Callable[[list[str]], Child],
 ) -> None:
     command = [sys.executable, "-m", "flask_koala.testing", "--host", "0.0.0.0", "--port", "0"]
     receiver = console(command)
     receiver.read_until("listening on")
-    code, stderr = receiver.stop(signal.SIGINT)
+    code = receiver.stop(signal.SIGINT)
 
     assert code == 0
-    assert "not a loopback address: other machines can send calls to it" in stderr
+    assert "not a loopback address: other machines can send calls to it" in receiver.stderr
 
 
 @pytest.mark.slow
 def test_receiver_on_loopback_says_nothing_on_stderr(
-    console: Callable[[list[str]], Console],
+    console: Callable[[list[str]], Child],
 ) -> None:
     receiver = console([sys.executable, "-m", "flask_koala.testing", "--port", "0"])
     receiver.read_until("listening on")
-    code, stderr = receiver.stop(signal.SIGINT)
+    code = receiver.stop(signal.SIGINT)
 
-    assert (code, stderr) == (0, "")
+    assert (code, receiver.stderr) == (0, "")
 
 
 # -- format_call ----------------------------------------------------------------------------

@@ -8,20 +8,17 @@ shows. The testing example passes under pytest in the same folder.
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .support import ROOT, Child, free_port
+
 PAGES = [ROOT / "README.md", ROOT / "docs" / "quickstart.md"]
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.M | re.S)
 
@@ -55,10 +52,9 @@ def shown_output(page: Path) -> list[str]:
     return body.splitlines()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def new_project_env() -> dict[str, str]:
+    """This environment without the settings a new project would not have."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "FLASK_"))}
 
 
 def test_readme_and_docs_show_the_same_quickstart() -> None:
@@ -69,49 +65,6 @@ def test_readme_and_docs_show_the_same_quickstart() -> None:
     assert shown_output(readme) == shown_output(docs)
 
 
-class Process:
-    """A command of the quickstart, its output read line by line."""
-
-    def __init__(self, command: list[str], cwd: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "FLASK_"))}
-        env["PYTHONUNBUFFERED"] = "1"
-        self.proc = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, pattern: str, timeout: float = 20) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self.seen.append(line)
-            if re.search(pattern, line):
-                return True
-        return False
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     for name, body in files(PAGES[0]).items():
@@ -119,17 +72,9 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the quickstart logs in with curl")
-def test_quickstart_call_arrives(project: Path, processes: list[Process]) -> None:
+def test_quickstart_call_arrives(project: Path, spawn: Callable[..., Child]) -> None:
     receiver_port, app_port = str(free_port()), str(free_port())
     app_py = project / "app.py"
     app_py.write_text(app_py.read_text().replace("8787", receiver_port))
@@ -137,12 +82,13 @@ def test_quickstart_call_arrives(project: Path, processes: list[Process]) -> Non
     assert receiver_cmd == "python -m flask_koala.testing"
     assert flask_cmd == "flask --app app run"
 
-    receiver = Process(
-        [sys.executable, "-m", "flask_koala.testing", "--port", receiver_port], project
+    env = new_project_env()
+    receiver = spawn(
+        [sys.executable, "-m", "flask_koala.testing", "--port", receiver_port], cwd=project, env=env
     )
-    processes.append(receiver)
-    app = Process([sys.executable, "-m", *flask_cmd.split(), "--port", app_port], project)
-    processes.append(app)
+    app = spawn(
+        [sys.executable, "-m", *flask_cmd.split(), "--port", app_port], cwd=project, env=env
+    )
     assert receiver.wait_for("Ctrl-C stops"), receiver.seen
     assert app.wait_for(r"Running on http://127\.0\.0\.1"), app.seen
 
@@ -158,11 +104,10 @@ def test_quickstart_call_arrives(project: Path, processes: list[Process]) -> Non
 
 @pytest.mark.slow
 def test_quickstart_testing_example_passes(project: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "FLASK_"))}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
         cwd=project,
-        env=env,
+        env=new_project_env(),
         capture_output=True,
         text=True,
         timeout=120,

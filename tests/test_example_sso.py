@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.cookiejar
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from examples import sso_callback
 from flask_koala._ids import parse_profile_id
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID, delivered, wait
+from .support import PROFILE_ID, delivered, free_port, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,13 +130,6 @@ def test_flask_cli_finds_the_app() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "/sso/callback" in result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.slow

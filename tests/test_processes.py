@@ -18,7 +18,7 @@ import requests
 
 from flask_koala._receiver import KoalaReceiver
 
-from .support import communicate, kill
+from .support import communicate, free_port, kill
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -30,12 +30,6 @@ def env_for(api_url: str, **extra: str) -> dict[str, str]:
     env["KOALA_API_URL"] = api_url
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
