@@ -422,6 +422,15 @@ def test_a_broker_that_refuses_is_a_dropped_verdict() -> None:
     assert (verdict.outcome, verdict.reason) == ("dropped", "broker_error")
 
 
+def test_a_broker_that_refuses_drops_each_batch_handled_at_once() -> None:
+    channel = publisher(closed_port_url()).open()
+    try:
+        verdicts = channel.handle_many([[a_call()], [a_call()], [a_call()]])
+    finally:
+        channel.close()
+    assert [(v.outcome, v.reason) for v in verdicts] == [("dropped", "broker_error")] * 3
+
+
 # -- the README section --------------------------------------------------------------------
 
 
