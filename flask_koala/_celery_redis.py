@@ -98,7 +98,13 @@ class RedisList:
             and list(getattr(channel, "priority_steps", [0]))[:1] == [0]
             and hasattr(channel, "pool")
         )
-        return cls(channel, routing_key, headers, properties) if simple else None
+        if not simple:
+            return None
+        try:
+            return cls(channel, routing_key, headers, properties)
+        except Exception:  # a transport or client unlike kombu's and redis-py's own
+            logger.debug("flask-koala: publishing through kombu's producer", exc_info=True)
+            return None
 
     def connect(self) -> None:
         """Connect now; raises whatever redis-py raises."""
@@ -123,7 +129,7 @@ class RedisList:
         for message in messages:
             parts.append(b"$%d\r\n%s\r\n" % (len(message), message))
         connection = self._connection
-        connection.send_packed_command([b"".join(parts)], check_health=False)
+        connection.send_packed_command([b"".join(parts)])  # PINGs first after a long idle
         connection.read_response()  # raises redis-py's ResponseError for an error reply
 
     def close(self) -> None:
