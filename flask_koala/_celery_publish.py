@@ -30,15 +30,16 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any, Optional
 
 from celery import signals as celery_signals
 
+from ._celery_redis import PERSISTENT, RedisList
 from ._config import KoalaConfig, Timeout
 from ._engine import Engine, Verdict
 from ._exceptions import ConfigError
+from ._ids import new_uuid
 from ._ledger import Ledger, Throttle, redact
 from ._payload import Call, build_body
 from ._retry import RetryPolicy
@@ -50,7 +51,10 @@ logger = logging.getLogger("flask_koala")
 
 # Celery's protocol 2 body is ``[args, kwargs, embed]``; the task takes no callbacks.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-_PERSISTENT = 2  # AMQP delivery mode, as Celery's default
+_PUBLISHED = Verdict("published")
+
+#: One task message's body (JSON), task id and ``kwargsrepr``.
+Parts = tuple[bytes, str, str]
 
 
 def task_kwargs(
@@ -108,7 +112,7 @@ class CeleryPublisher:
         fast: bool = True,
     ) -> None:
         register_task(celery_app)
-        #: Push straight onto a Redis list where kombu would (see :class:`_RedisList`).
+        #: Push straight onto a Redis list where kombu would (see :mod:`flask_koala._celery_redis`).
         self.fast = fast
         self.celery = celery_app
         self.publish_timeout = publish_timeout
@@ -180,20 +184,40 @@ class CeleryPublisher:
         channel.connect_quietly()
         return channel
 
-    def message(self, batch: Sequence[Call]) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
-        """The body, headers and properties of the task message for one batch."""
-        task_id = str(uuid.uuid4())
+    def parts(self, batch: Sequence[Call]) -> Parts:
+        """What differs between two task messages: the body, the task id, ``kwargsrepr``."""
         ids = [call.message_id for call in batch]
         kwargs = {"body": build_body(batch), "message_ids": ids, **self._shared}
         body = json.dumps([[], kwargs, _EMBED], separators=(",", ":")).encode()
+        # Celery puts a repr of the arguments in kwargsrepr for its logs and monitors; ours
+        # would hold the email, so they get the message ids only.
+        return body, new_uuid(), f"{{'message_ids': {ids!r}}}"
+
+    def headers(self, task_id: str, kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The headers and properties of one task message."""
         headers = self._headers.copy()
         headers["id"] = headers["root_id"] = task_id
-        # Celery puts a repr of the arguments here for its logs and monitors; ours would
-        # hold the email, so they get the message ids only.
-        headers["kwargsrepr"] = f"{{'message_ids': {ids!r}}}"
+        headers["kwargsrepr"] = kwargsrepr
         properties = self._properties.copy()
         properties["correlation_id"] = task_id
-        return body, headers, properties
+        return headers, properties
+
+    def message(self, batch: Sequence[Call]) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+        """The body, headers and properties of the task message for one batch."""
+        body, task_id, kwargsrepr = self.parts(batch)
+        return (body, *self.headers(task_id, kwargsrepr))
+
+    def redis_list(self, connection: Any, channel: Any) -> Optional[RedisList]:
+        """Where a Redis broker lets the messages go straight onto the queue's list."""
+        return RedisList.of(
+            connection,
+            channel,
+            queue=self.queue,
+            exchange=self.exchange,
+            routing_key=self.routing_key,
+            headers=self._headers,
+            properties=self._properties,
+        )
 
     def warn_broker_error(self, exc: BaseException) -> None:
         """Say what the broker did, at most once a minute (the ledger counts the drop)."""
@@ -209,28 +233,34 @@ class CeleryPublisher:
 
 
 class BrokerChannel:
-    """One worker's broker connection and producer; publishes one batch per :meth:`handle`."""
+    """One worker's broker connection and producer; one task message per batch."""
 
     def __init__(self, publisher: CeleryPublisher) -> None:
         self._publisher = publisher
         self._connection: Any = None
         self._producer: Any = None
-        self._redis: Optional[_RedisList] = None
+        self._redis: Optional[RedisList] = None
         self._failure: Optional[tuple[float, Exception]] = None
 
     def connect(self) -> None:
         """Connect and declare the queue; raises whatever the broker client raises."""
         publisher = self._publisher
         connection = publisher.connection()
+        redis = None
         try:
             channel = connection.default_channel
             producer = publisher.celery.amqp.Producer(channel, auto_declare=False)
             producer.maybe_declare(publisher.queue)
+            if publisher.fast:
+                redis = publisher.redis_list(connection, channel)
+                if redis is not None:
+                    redis.connect()
         except BaseException:
+            if redis is not None:
+                redis.close()
             _release(connection)
             raise
-        self._connection, self._producer = connection, producer
-        self._redis = _RedisList.of(connection, channel, publisher) if publisher.fast else None
+        self._connection, self._producer, self._redis = connection, producer, redis
 
     def connect_quietly(self) -> None:
         """Connect ahead of the first batch; a broker that is down is met again then.
@@ -246,27 +276,37 @@ class BrokerChannel:
 
     def handle(self, batch: Sequence[Call]) -> Verdict:
         """Publish the batch as one task message; never raises on broker errors."""
+        return self.handle_many([batch])[0]
+
+    def handle_many(self, batches: Sequence[Sequence[Call]]) -> list[Verdict]:
+        """Publish each batch as a task message of its own, all in one round trip where
+        the broker takes them so (a Redis list): they are then published or dropped
+        together. Elsewhere one message at a time, each with its own verdict. Never raises
+        on broker errors.
+        """
+        if len(batches) > 1 and self._redis is None:
+            return [self.handle(batch) for batch in batches]
         publisher = self._publisher
-        message = publisher.message(batch)  # a fault here is ours, not the broker's
+        messages = [publisher.parts(batch) for batch in batches]  # a fault here is ours
         try:
             fresh = self._producer is None
             try:
-                self._publish(message)
+                self._publish(messages)
             except Exception:
                 self.close()
                 if fresh:
                     raise
                 # One reconnect when a kept connection went stale (a restarted broker);
                 # anything slower is a broker that is down.
-                self._publish(message)
+                self._publish(messages)
         except Exception as exc:
             self.close()
             publisher.warn_broker_error(exc)
             error = redact(f"{type(exc).__name__}: {exc}")
-            return Verdict("dropped", "broker_error", error=error)
-        return Verdict("published")
+            return [Verdict("dropped", "broker_error", error=error)] * len(batches)
+        return [_PUBLISHED] * len(batches)
 
-    def _publish(self, message: tuple[bytes, dict[str, Any], dict[str, Any]]) -> None:
+    def _publish(self, messages: Sequence[Parts]) -> None:
         if self._producer is None:
             failure, self._failure = self._failure, None
             if (
@@ -275,96 +315,59 @@ class BrokerChannel:
             ):
                 raise failure[1]
             self.connect()
-        body, headers, properties = message
+        redis = self._redis
+        before, after = celery_signals.before_task_publish, celery_signals.after_task_publish
+        if redis is not None and not before.receivers and not after.receivers:
+            redis.push([redis.envelope(*parts) for parts in messages])
+            return
         publisher = self._publisher
-        if celery_signals.before_task_publish.receivers:
-            # As Celery sends it; a receiver may add headers (trace context, say).
-            celery_signals.before_task_publish.send(
-                sender=TASK_NAME,
-                body=tuple(json.loads(body)),
-                exchange=publisher.exchange,
-                routing_key=publisher.routing_key,
-                declare=[publisher.queue],
-                headers=headers,
-                properties=properties,
-                retry_policy=None,
-            )
-        if self._redis is not None:
-            self._redis.push(body, headers, properties)
+        exchange, routing_key = publisher.exchange, publisher.routing_key
+        full = [(body, *publisher.headers(*ids)) for body, *ids in messages]
+        for body, headers, properties in full:
+            if before.receivers:
+                # As Celery sends it; a receiver may add headers (trace context, say).
+                before.send(
+                    sender=TASK_NAME,
+                    body=tuple(json.loads(body)),
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    declare=[publisher.queue],
+                    headers=headers,
+                    properties=properties,
+                    retry_policy=None,
+                )
+        if redis is not None:
+            redis.push([redis.envelope_of(*message) for message in full])
         else:
-            self._producer.publish(
-                body,
-                exchange=publisher.exchange,
-                routing_key=publisher.routing_key,
-                content_type="application/json",
-                content_encoding="utf-8",
-                headers=headers,
-                delivery_mode=_PERSISTENT,
-                **properties,
-            )
-        if celery_signals.after_task_publish.receivers:
-            celery_signals.after_task_publish.send(
-                sender=TASK_NAME,
-                body=tuple(json.loads(body)),
-                headers=headers,
-                exchange=publisher.exchange,
-                routing_key=publisher.routing_key,
-            )
+            for body, headers, properties in full:
+                self._producer.publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    headers=headers,
+                    delivery_mode=PERSISTENT,
+                    **properties,
+                )
+        for body, headers, _ in full:
+            if after.receivers:
+                after.send(
+                    sender=TASK_NAME,
+                    body=tuple(json.loads(body)),
+                    headers=headers,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                )
 
     def close(self) -> None:
         """Let the connection go; the next batch connects afresh."""
         connection, self._connection, self._producer = self._connection, None, None
-        self._redis = None
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            redis.close()
         if connection is not None:
             _release(connection)
-
-
-class _RedisList:
-    """kombu's Redis channel, published to the way its ``_put`` does, minus the per-message client.
-
-    kombu's Redis transport builds a new ``redis.Redis`` client for every message it puts
-    (over half of a publish's CPU with redis-py 5+). The message here is the same envelope
-    kombu's virtual channel writes (``prepare_message``, the channel's body encoding, a
-    delivery tag, the delivery info), pushed with the channel's own long-lived client onto
-    the list a worker reads. Used only where that list is simply the queue's name: an
-    anonymous-exchange route, no priorities, no expiry.
-    """
-
-    def __init__(self, channel: Any, routing_key: str) -> None:
-        self._channel = channel
-        self._client = channel.client
-        self._routing_key = routing_key
-
-    @classmethod
-    def of(cls, connection: Any, channel: Any, publisher: CeleryPublisher) -> Optional[_RedisList]:
-        """The fast path for this channel, or ``None`` where kombu must route the message."""
-        queue = publisher.queue
-        simple = (
-            getattr(connection.transport, "driver_type", None) == "redis"
-            and publisher.exchange == ""
-            and not queue.max_priority
-            and not queue.expires
-            and not queue.queue_arguments
-            and list(getattr(channel, "priority_steps", [0]))[:1] == [0]
-            and hasattr(channel, "client")
-        )
-        return cls(channel, publisher.routing_key) if simple else None
-
-    def push(self, body: bytes, headers: dict[str, Any], properties: dict[str, Any]) -> None:
-        channel = self._channel
-        message = channel.prepare_message(
-            body,
-            0,
-            "application/json",
-            "utf-8",
-            headers,
-            {**properties, "delivery_mode": _PERSISTENT},
-        )
-        encoded, encoding = channel.encode_body(body, channel.body_encoding)
-        message["body"] = encoded.decode() if isinstance(encoded, bytes) else encoded
-        message["properties"].update(body_encoding=encoding, delivery_tag=str(uuid.uuid4()))
-        message["properties"]["delivery_info"].update(exchange="", routing_key=self._routing_key)
-        self._client.lpush(self._routing_key, json.dumps(message))
 
 
 def _release(connection: Any) -> None:

@@ -55,6 +55,7 @@ _JOIN_GRACE = 0.2  # shutdown(timeout)'s wait, beyond it, for workers to leave (
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
 
 _INTERNAL_ERROR = Verdict("failed", "internal_error")
+_MANY = 32  # batches at most to a channel with handle_many at once (one Redis round trip)
 
 
 class Engine:
@@ -261,22 +262,23 @@ class Engine:
         starting = True
         try:
             channel = self._handler.open()
+            many = getattr(channel, "handle_many", None)
             with self._lock:
                 if generation == self._generation:
                     self._starting -= 1
                 starting = False
             while True:
-                batch = self._take(number, generation)
-                if batch is None:
+                batches = self._take(number, generation, _MANY if many else 1)
+                if batches is None:
                     counted = False
                     return
-                batch.attempts += 1
                 try:
-                    verdict = channel.handle(batch)
+                    verdicts = many(batches) if many else [channel.handle(batches[0])]
                 except Exception:
                     logger.exception("flask-koala: delivering a call failed unexpectedly")
-                    verdict = _INTERNAL_ERROR
-                self._settle(batch, verdict)
+                    verdicts = [_INTERNAL_ERROR] * len(batches)
+                for batch, verdict in zip(batches, verdicts):
+                    self._settle(batch, verdict)
         except Exception:
             logger.exception("flask-koala: a delivery thread stopped unexpectedly")
         finally:
@@ -298,8 +300,8 @@ class Engine:
                 self._starting -= 1
             self._done.notify_all()  # a flush may be waiting on live workers
 
-    def _take(self, number: int, generation: int) -> Optional[Batch]:
-        """The next batch, once the workers were woken for it; ``None`` to leave.
+    def _take(self, number: int, generation: int, limit: int) -> Optional[list[Batch]]:
+        """The next batches (``limit`` at most), once the workers were woken; ``None`` to leave.
 
         A worker that leaves is counted out here, under the lock, so a call queued at that
         moment sees one worker fewer and starts another.
@@ -314,18 +316,22 @@ class Engine:
                         self._count_out(number, generation)
                         return None
                     now = self._clock()
-                    timers = self._timers
-                    while timers and timers[0][0] <= now:
-                        self._ready.append(heapq.heappop(timers)[2])
+                    while self._timers and self._timers[0][0] <= now:
+                        self._ready.append(heapq.heappop(self._timers)[2])
                     paused = self._gate.remaining()
                     work = bool(self._ready) or bool(self._queue and self._released)
                     if work and not paused:
                         if waited:
                             break  # settle first, outside the lock
-                        batch = self._ready.popleft() if self._ready else self._queue.take()
+                        batches: list[Batch] = []
+                        while work and len(batches) < limit:
+                            batch = self._ready.popleft() if self._ready else self._queue.take()
+                            batch.attempts += 1
+                            self._inflight[id(batch)] = batch
+                            batches.append(batch)
+                            work = bool(self._ready) or bool(self._queue and self._released)
                         if not self._queue:
                             self._released = False
-                        self._inflight[id(batch)] = batch
                         left = len(self._ready) + (len(self._queue) if self._released else 0)
                         if left > self._idle and not self._starting:
                             start = self._reserve()
@@ -350,7 +356,7 @@ class Engine:
             if start is not None:
                 self._start(*start)
             if not waited:
-                return batch
+                return batches
             # Woken from idle: the response that queued the call has only just gone out.
             # Let the server thread finish with it before competing for the GIL.
             time.sleep(_SETTLE)
@@ -359,9 +365,7 @@ class Engine:
 
     def _wait_time(self, now: float, idle_since: float) -> Optional[float]:
         """How long an unoccupied worker waits; ``None`` when it should leave. Locked."""
-        timeout = math.inf
-        if self._timers:
-            timeout = max(0.0, self._timers[0][0] - now)
+        timeout = max(0.0, self._timers[0][0] - now) if self._timers else math.inf
         if self._queue:  # queued by a request that has not woken the workers yet
             return min(timeout, _WAKE_POLL)
         idle_for = now - idle_since
@@ -369,13 +373,10 @@ class Engine:
             not self._timers or self._workers > 1  # the last one stays to keep time
         ):
             return None
-        # At most _WAKE_POLL: a request may queue a call without waking anyone, and a
-        # server that never closes its response (a test client) must not hold it longer.
         return min(timeout, _WAKE_POLL, max(0.0, self._idle_timeout - idle_for))
 
     def _settle(self, batch: Batch, verdict: Verdict) -> None:
         """Record the verdict and end the batch, or put it on the timer heap."""
-        count = len(batch)
         with self._lock:
             owned = self._inflight.pop(id(batch), None) is not None
         if not owned:
@@ -387,16 +388,15 @@ class Engine:
             wait = conclude(self._ledger, self._policy, batch, verdict)
         except Exception:
             logger.exception("flask-koala: recording an outcome failed unexpectedly")
-        shutdown = False
         with self._lock:
-            if wait is not None and not self._stopping:
+            shutdown = wait is not None and self._stopping
+            if wait is not None and not shutdown:
                 due = self._clock() + wait
                 heapq.heappush(self._timers, (due, next(self._seq), batch))
                 if self._idle and self._timers[0][2] is batch:
                     self._work.notify()  # an idle worker must wait for this one instead
             else:
-                shutdown = wait is not None
-                self._unfinished -= count
+                self._unfinished -= len(batch)
                 if self._unfinished <= 0:
                     self._done.notify_all()
         if shutdown:

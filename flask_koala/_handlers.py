@@ -31,7 +31,12 @@ class Verdict(NamedTuple):
 
 
 class Channel(Protocol):
-    """One worker's connection (an HTTP keep-alive socket, a broker producer)."""
+    """One worker's connection (an HTTP keep-alive socket, a broker producer).
+
+    A channel may also have ``handle_many(batches) -> list[Verdict]``, one verdict per
+    batch, in order: the engine then hands it the batches waiting together (at most 32),
+    as Celery mode's Redis list publishes them in one round trip.
+    """
 
     def handle(self, batch: Sequence[Call]) -> Verdict:
         """One attempt; never raises on network or broker errors."""

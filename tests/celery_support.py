@@ -39,7 +39,7 @@ def skip_without_redis() -> None:
 class RedisServer:
     """``redis-server`` on a free loopback port, without persistence, stopped by ``stop``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process = subprocess.Popen(
@@ -55,6 +55,7 @@ class RedisServer:
                 "no",
                 "--daemonize",
                 "no",
+                *options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -11,6 +11,7 @@ import logging
 import re
 import socket
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
@@ -19,6 +20,7 @@ from flask import Flask
 
 from flask_koala import ConfigError, Koala
 from flask_koala._celery_publish import CeleryDispatcher, CeleryPublisher, Verdict, task_kwargs
+from flask_koala._celery_redis import RedisList
 from flask_koala._config import KoalaConfig
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
@@ -420,6 +422,34 @@ def test_a_broker_that_refuses_is_a_dropped_verdict() -> None:
         channel.close()
     assert isinstance(verdict, Verdict)
     assert (verdict.outcome, verdict.reason) == ("dropped", "broker_error")
+
+
+def test_a_broker_that_refuses_drops_each_batch_handled_at_once() -> None:
+    channel = publisher(closed_port_url()).open()
+    try:
+        verdicts = channel.handle_many([[a_call()], [a_call()], [a_call()]])
+    finally:
+        channel.close()
+    assert [(v.outcome, v.reason) for v in verdicts] == [("dropped", "broker_error")] * 3
+
+
+def test_a_redis_channel_unlike_kombus_own_is_left_to_kombus_producer() -> None:
+    def connection_class(**kwargs: Any) -> Any:
+        raise TypeError("not a redis-py connection class")
+
+    found = RedisList.of(
+        SimpleNamespace(transport=SimpleNamespace(driver_type="redis")),
+        SimpleNamespace(
+            pool=SimpleNamespace(connection_class=connection_class, connection_kwargs={}),
+            priority_steps=[0],
+        ),
+        queue=SimpleNamespace(max_priority=None, expires=None, queue_arguments=None),
+        exchange="",
+        routing_key="koala",
+        headers={},
+        properties={},
+    )
+    assert found is None
 
 
 # -- the README section --------------------------------------------------------------------

@@ -6,9 +6,13 @@ exactly as a real Koala endpoint would.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
+import json
 import os
+import shutil
+import ssl
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -32,6 +36,7 @@ from .celery_support import (
     RedisServer,
     WebProcess,
     broker_idle,
+    free_port,
     redis_client,
     skip_without_redis,
     wait_until,
@@ -357,3 +362,194 @@ def test_before_and_after_task_publish_receivers_see_the_message(
         celery_signals.before_task_publish.disconnect(before)
         celery_signals.after_task_publish.disconnect(after)
     assert seen == [("before", "flask_koala.deliver"), ("after", "flask_koala.deliver")]
+
+
+def test_publish_receivers_see_each_of_the_messages_pushed_at_once(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    from celery import signals as celery_signals
+
+    seen: list[tuple[str, str]] = []
+
+    def before(sender: Any, headers: Any, **extra: Any) -> None:
+        headers["traceparent"] = "00-trace"  # a receiver may add headers
+        seen.append(("before", headers["id"]))
+
+    def after(sender: Any, headers: Any, **extra: Any) -> None:
+        seen.append(("after", headers["id"]))
+
+    celery_signals.before_task_publish.connect(before)
+    celery_signals.after_task_publish.connect(after)
+    channel = publisher(broker, queue, receiver).open()
+    try:
+        assert channel.handle_many([[call()], [call()]]) == [Verdict("published")] * 2
+    finally:
+        channel.close()
+        celery_signals.before_task_publish.disconnect(before)
+        celery_signals.after_task_publish.disconnect(after)
+    found = envelopes(broker, queue)
+    ids = [e["headers"]["id"] for e in found]
+    assert seen == [("before", ids[0]), ("before", ids[1]), ("after", ids[0]), ("after", ids[1])]
+    assert all(e["headers"]["traceparent"] == "00-trace" for e in found)
+
+
+def envelopes(broker: str, key: str) -> list[dict[str, Any]]:
+    """The messages on a queue's list, decoded, oldest (the next a worker takes) first."""
+    client = redis_client(broker)
+    try:
+        return [json.loads(m) for m in reversed(client.lrange(key, 0, -1))]
+    finally:
+        client.close()
+
+
+def message_ids(envelope: dict[str, Any]) -> list[str]:
+    _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+    return list(kwargs["message_ids"])
+
+
+def without_ids(envelope: dict[str, Any]) -> dict[str, Any]:
+    headers = {**envelope["headers"], "id": None, "root_id": None}
+    properties = {**envelope["properties"], "correlation_id": None, "delivery_tag": None}
+    return {**envelope, "headers": headers, "properties": properties}
+
+
+def test_the_redis_list_pushes_the_message_kombus_producer_does(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    batch = [call(), call()]
+    for fast in (True, False):
+        channel = publisher(broker, queue, receiver, fast=fast).open()
+        try:
+            assert channel.handle(batch) == Verdict("published")
+        finally:
+            channel.close()
+    fast, kombu = envelopes(broker, queue)
+    assert without_ids(fast) == without_ids(kombu)
+    assert fast["headers"]["id"] == fast["headers"]["root_id"]
+    assert fast["headers"]["id"] == fast["properties"]["correlation_id"]
+
+
+def test_batches_handled_at_once_go_onto_the_list_oldest_first(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    batches = [[call()] for _ in range(3)]
+    channel = publisher(broker, queue, receiver).open()
+    try:
+        assert channel.handle_many(batches) == [Verdict("published")] * 3
+    finally:
+        channel.close()
+    found = envelopes(broker, queue)
+    assert [message_ids(e) for e in found] == [[b[0].message_id] for b in batches]
+    assert len({e["headers"]["id"] for e in found}) == 3
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["redis-list", "kombu-producer"])
+def test_batches_handled_at_once_are_each_delivered_by_a_real_worker(
+    broker: str, queue: str, worker: CeleryWorker, receiver: KoalaReceiver, fast: bool
+) -> None:
+    batches = [[call()] for _ in range(3)]
+    channel = publisher(broker, queue, receiver, fast=fast).open()
+    try:
+        assert channel.handle_many(batches) == [Verdict("published")] * 3
+    finally:
+        channel.close()
+    assert wait_until(lambda: len(receiver.message_ids()) >= 3, 60), worker.output.text()
+    assert settled(broker, queue)
+    assert sorted(receiver.message_ids()) == sorted(b[0].message_id for b in batches)
+
+
+def test_an_error_reply_drops_the_batches_and_the_next_one_goes_through(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    admin = redis_client(broker)
+    admin.set(queue, "not a list")
+    channel = publisher(broker, queue, receiver).open()
+    try:
+        refused = channel.handle_many([[call()], [call()]])
+        admin.delete(queue)
+        assert channel.handle([call()]) == Verdict("published")
+    finally:
+        channel.close()
+        admin.close()
+    assert [(v.outcome, v.reason) for v in refused] == [("dropped", "broker_error")] * 2
+    assert "WRONGTYPE" in (refused[0].error or "")
+    assert queued(broker, queue) == 1
+
+
+def test_a_global_key_prefix_is_put_before_the_queues_name(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    celery_app = Celery("web", broker=broker)
+    celery_app.conf.broker_transport_options = {"global_keyprefix": "prefixed:"}
+    handler = CeleryPublisher(
+        celery_app, endpoint=receiver.url, timeout=5.0, policy=RetryPolicy(), queue=queue
+    )
+    channel = handler.open()
+    try:
+        assert channel.handle([call()]) == Verdict("published")
+    finally:
+        channel.close()
+    assert (queued(broker, f"prefixed:{queue}"), queued(broker, queue)) == (1, 0)
+
+
+# -- what the broker URL says: TLS, a password, the database, a unix socket ------------------
+
+PASSWORD = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A Redis of its own with a password, behind TLS and on a unix socket too."""
+    if not shutil.which("redis-server"):
+        pytest.skip("needs redis-server to start a Redis with TLS and a password")
+    import trustme
+
+    directory = tmp_path_factory.mktemp("redis")
+    ca, tls_port = trustme.CA(), free_port()
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(directory / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+    server = RedisServer(
+        *("--requirepass", PASSWORD, "--unixsocket", str(directory / "redis.sock")),
+        *("--tls-port", str(tls_port), "--tls-auth-clients", "no"),
+        *("--tls-cert-file", str(directory / "cert.pem")),
+        *("--tls-key-file", str(directory / "key.pem")),
+        *("--tls-ca-cert-file", str(directory / "ca.pem")),
+    )
+    try:
+        yield {"server": server, "directory": directory, "tls_port": tls_port}
+    finally:
+        server.stop()
+
+
+def locked_celery(locked: dict[str, Any], form: str) -> Celery:
+    directory = locked["directory"]
+    if form == "tls":
+        celery_app = Celery("web", broker=f"rediss://:{PASSWORD}@127.0.0.1:{locked['tls_port']}/3")
+        celery_app.conf.broker_use_ssl = {
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "ssl_ca_certs": str(directory / "ca.pem"),
+        }
+        return celery_app
+    return Celery("web", broker=f"redis+socket://:{PASSWORD}@{directory}/redis.sock?virtual_host=3")
+
+
+@pytest.mark.parametrize("form", ["tls", "unix-socket"])
+def test_the_redis_list_connects_as_the_broker_url_says(
+    locked_redis: dict[str, Any], queue: str, receiver: KoalaReceiver, form: str
+) -> None:
+    handler = CeleryPublisher(
+        locked_celery(locked_redis, form),
+        endpoint=receiver.url,
+        timeout=5.0,
+        policy=RetryPolicy(),
+        queue=queue,
+    )
+    channel = handler.open()
+    try:
+        assert channel.handle_many([[call()], [call()]]) == [Verdict("published")] * 2
+    finally:
+        channel.close()
+    port = locked_redis["server"].port
+    assert queued(f"redis://:{PASSWORD}@127.0.0.1:{port}/3", queue) == 2

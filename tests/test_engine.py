@@ -714,6 +714,86 @@ def test_the_http_channel_encodes_a_body_once_across_retries(
     assert first is second  # the very same bytes, not encoded again
 
 
+class ManyChannel(RecordingChannel):
+    """Takes several batches at once; each gets the next scripted verdict."""
+
+    def handle_many(self, batches: Sequence[Sequence[Call]]) -> list[Verdict]:
+        owner = self._owner
+        with owner.lock:
+            owner.groups.append(len(batches))
+        return [self.handle(batch) for batch in batches]
+
+
+class ManyHandler(RecordingHandler):
+    def __init__(self, *verdicts: Verdict) -> None:
+        super().__init__(*verdicts)
+        self.groups: list[int] = []
+
+    def open(self) -> ManyChannel:
+        self.open_gate.wait(10)
+        return ManyChannel(self)
+
+
+def submit_people(engine: Engine, count: int) -> None:
+    """One call about each of ``count`` people (a batch each), then one wake-up."""
+    for n in range(count):
+        engine.submit(identify(person(n)), wake=False)
+    engine.wake()
+
+
+def test_a_channel_with_handle_many_gets_the_waiting_batches_at_once(
+    make_seam_engine: Callable[..., Engine],
+) -> None:
+    handler = ManyHandler()
+    engine = make_seam_engine(handler, max_workers=1)
+    submit_people(engine, 5)
+    assert engine.flush(5)
+    assert handler.groups == [5]
+    assert [batch[0].profile_id for batch in handler.batches] == [person(n) for n in range(5)]
+
+
+def test_a_channel_with_handle_many_gets_at_most_32_batches_at_once(
+    make_seam_engine: Callable[..., Engine],
+) -> None:
+    handler = ManyHandler()
+    engine = make_seam_engine(handler, max_workers=1)
+    submit_people(engine, 40)
+    assert engine.flush(5)
+    assert handler.groups == [32, 8]
+
+
+def test_each_batch_handled_at_once_ends_with_its_own_verdict(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger
+) -> None:
+    handler = ManyHandler(Verdict("published"), Verdict("dropped", "broker_error"))
+    engine = make_seam_engine(handler, max_workers=1)
+    submit_people(engine, 3)
+    assert engine.flush(5)
+    counts = ledger.snapshot()
+    assert (counts["published"], counts["dropped.broker_error"], counts["sent"]) == (1, 1, 1)
+    assert counts["pending"] == 0
+
+
+def test_handle_many_that_raises_fails_each_batch_once(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(ManyHandler):
+        def open(self) -> ManyChannel:
+            channel = super().open()
+            channel.handle_many = self.explode  # type: ignore[method-assign]
+            return channel
+
+        def explode(self, batches: Sequence[Sequence[Call]]) -> list[Verdict]:
+            raise ValueError("a bug in a handler")
+
+    engine = make_seam_engine(Broken(), max_workers=1)
+    submit_people(engine, 3)
+    assert engine.flush(5)
+    assert ledger.snapshot()["failed.internal_error"] == 3
+    assert ledger.snapshot()["pending"] == 0
+    caplog.clear()  # the ERROR it logged is expected here
+
+
 # -- workers that come and go --------------------------------------------------------------
 
 
