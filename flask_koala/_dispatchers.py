@@ -26,7 +26,7 @@ from ._config import KoalaConfig
 from ._delivery import HTTPHandler
 from ._engine import Channel, Engine, Handler, Verdict, conclude
 from ._ledger import Ledger
-from ._lifecycle import track
+from ._lifecycle import fork_lock, track
 from ._payload import Call
 from ._queue import Batch
 from ._retry import PauseGate, RetryPolicy
@@ -138,16 +138,19 @@ class SyncDispatcher:
 
     def after_fork(self) -> None:
         """In a forked child: the parent's connections are the parent's; forget them."""
+        # The pid is set last (in _fresh): no other thread uses the dispatcher half reset.
         self._channels.clear()
-        self._fresh()
         self._ledger.reset()
+        self._fresh()
 
     def wake(self) -> None:
         pass
 
     def submit(self, call: Call, *, wake: bool = True) -> bool:
         if self._pid != os.getpid():
-            self.after_fork()
+            with fork_lock():  # two threads of a child forked from C must not both reset
+                if self._pid != os.getpid():
+                    self.after_fork()
         ledger = self._ledger
         if self._closed:
             ledger.dropped([call], "shutdown", accepted=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,33 @@ def test_sync_shutdown_closes_every_threads_connection(ledger: Ledger) -> None:
         thread.join(5)
     sync.shutdown()
     assert [t.closed for t in transports] == [1, 1, 1]
+
+
+def test_two_threads_of_a_forked_child_reset_a_sync_dispatcher_once() -> None:
+    # As in a child forked from C (uWSGI without its fork hooks): the pid no longer matches,
+    # and two request threads make the first calls at once.
+    resetting = threading.Event()
+
+    class SlowReset(Ledger):
+        armed = False
+
+        def reset(self) -> None:
+            if self.armed and not resetting.is_set():
+                resetting.set()
+                time.sleep(0.2)  # the other thread's call lands here, then is wiped
+            super().reset()
+
+    ledger = SlowReset(lambda: None)
+    ledger.armed = True
+    sync = sync_dispatcher(ledger, Recorder(), Recorder())
+    sync._pid = -1  # the pid check's view of a fork its hook never saw
+    first = threading.Thread(target=sync.submit, args=(identify(),))
+    first.start()
+    assert resetting.wait(5)
+    sync.submit(identify())
+    first.join(5)
+    counts = ledger.snapshot()
+    assert (counts["queued"], counts["sent"], counts["pending"]) == (2, 2, 0)
 
 
 def test_a_dropped_sync_dispatcher_closes_its_connections(ledger: Ledger) -> None:

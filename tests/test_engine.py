@@ -944,6 +944,13 @@ def test_a_shorter_pause_never_overwrites_a_longer_one() -> None:
     assert gate.remaining() == 10.0
 
 
+def test_a_shorter_retry_after_never_cuts_a_longer_pause_short() -> None:
+    gate = PauseGate(lambda: 100.0)
+    gate.pause(10)
+    gate.pause(1)
+    assert gate.remaining() == 10.0
+
+
 def test_two_threads_of_a_forked_child_do_not_both_reset(transport: GatedTransport) -> None:
     # As in a child forked from C (uWSGI without its fork hooks): the pid no longer matches,
     # and two request threads make the first calls at once.
