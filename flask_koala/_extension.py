@@ -248,6 +248,7 @@ class Koala:
             or no worker is alive to finish the rest.
         """
         dispatcher = current_state(self).pipeline.dispatcher
+        timeout = _seconds(timeout)
         return True if dispatcher is None else dispatcher.flush(timeout)
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
@@ -256,6 +257,7 @@ class Koala:
         Idempotent. Returns whether everything was delivered before the stop.
         """
         pipeline = current_state(self).pipeline
+        timeout = _seconds(timeout)
         if pipeline.suppressed is not None:
             pipeline.suppressed.shutdown(timeout)
         return True if pipeline.dispatcher is None else pipeline.dispatcher.shutdown(timeout)
@@ -323,3 +325,10 @@ def _make_dispatcher(
 ) -> Dispatcher:
     """The dispatcher that sends: the one ``KOALA_DISPATCHER`` or ``KOALA_SYNC`` names."""
     return REGISTRY[config.sending_mode](config, Needs(ledger, transport_factory, celery_app))
+
+
+def _seconds(timeout: Optional[float]) -> Optional[float]:
+    """``timeout`` checked alike in every mode (some never look at it): seconds or ``None``."""
+    if timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)):
+        return timeout
+    raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")

@@ -10,7 +10,7 @@ from flask import Flask
 from flask_koala import Koala, signals
 from flask_koala._receiver import KoalaReceiver
 
-from .support import OTHER_PROFILE_ID, PROFILE_ID, koala_of
+from .support import OTHER_PROFILE_ID, PROFILE_ID, build_app, koala_of
 
 
 def test_identify_accepts_and_delivers(app: Flask, koala: Koala, receiver: KoalaReceiver) -> None:
@@ -259,3 +259,13 @@ def test_queue_full_identify_can_be_retried_in_the_same_request(
         assert koala.flush(5)
         assert koala.identify("jane@example.com")
         assert koala.stats.get("skipped.duplicate", 0) == 0
+
+
+@pytest.mark.parametrize("config", [{}, {"KOALA_SYNC": True}, {"KOALA_SUPPRESS_SEND": True}])
+@pytest.mark.parametrize("method", ["flush", "shutdown"])
+def test_a_timeout_that_is_not_seconds_raises_type_error_in_every_mode(
+    config: dict[str, Any], method: str
+) -> None:
+    app = build_app(config)
+    with app.app_context(), pytest.raises(TypeError, match="timeout must be a number"):
+        getattr(koala_of(app), method)("5")
