@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
+from flask import Flask
 
+from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver, ReceivedCall, check_body
 
 if TYPE_CHECKING:
@@ -874,3 +876,13 @@ def test_a_bind_on_every_interface_is_warned_about(caplog: pytest.LogCaptureFixt
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert f"0.0.0.0:{port}" in warning.getMessage()
     assert "not a loopback" in warning.getMessage()
+
+
+def test_a_bind_on_every_interface_gives_a_loopback_url_an_app_accepts() -> None:
+    with KoalaReceiver("0.0.0.0") as koala:
+        url = koala.url
+        app = Flask(__name__)
+        app.config.update(KOALA_PUBLIC_KEY="pk_test", KOALA_API_URL=url)
+        Koala(app)  # plain http:// is accepted to loopback only
+
+    assert url == f"http://127.0.0.1:{koala.port}"
