@@ -1,3 +1,3 @@
 """The package version, in a module of its own so that nothing imports the package root."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

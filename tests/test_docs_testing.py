@@ -84,7 +84,7 @@ def test_documented_script_runs(project: pytest.Pytester) -> None:
 
 def test_documented_check_output_is_real() -> None:
     (shown,) = [b for b in blocks("console") if b.startswith("$ flask --app yourapp koala check")]
-    expected = shown.split("\n", 1)[1].replace("0.1.0", __version__)
+    expected = shown.split("\n", 1)[1].replace("0.2.0.dev0", __version__)
 
     result = create_app().test_cli_runner().invoke(args=["koala", "check"])
 
