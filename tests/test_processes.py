@@ -167,7 +167,7 @@ def test_exit_without_flush_delivers_everything(receiver: KoalaReceiver) -> None
 def test_exit_with_koala_down_is_bounded_and_quiet() -> None:
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     elapsed, stderr = run_script(down, 10, "1")
-    assert elapsed <= 1 + 1
+    assert elapsed <= 1 + 3  # the 1 s exit flush, with room for a loaded machine
     assert stderr == ""
 
 
@@ -175,7 +175,7 @@ def test_exit_with_koala_hanging_is_bounded() -> None:
     with KoalaReceiver() as hanging:
         hanging.delay(30)
         elapsed, stderr = run_script(hanging.url, 10, "1")
-    assert elapsed <= 1 + 1
+    assert elapsed <= 1 + 3  # the 1 s exit flush, far short of the 30 s the receiver holds
     assert stderr == ""
 
 
@@ -250,7 +250,9 @@ def test_exit_under_gevent_patched_after_the_engine_is_bounded() -> None:
         elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "accepted"
-    assert elapsed <= 1 + 3  # the exit flush, plus starting the interpreter
+    # The 1 s exit flush, plus starting an interpreter and gevent on a loaded machine: far
+    # short of the 30 s the receiver holds each call.
+    assert elapsed <= 1 + 8
 
 
 def test_exit_counts_calls_in_flight_as_dropped_not_pending() -> None:
