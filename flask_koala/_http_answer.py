@@ -1,4 +1,4 @@
-"""Reading one HTTP/1.1 answer off a socket, bounded in time and in size.
+"""Reading HTTP/1.1 answers off a socket, each bounded in time and in size.
 
 ``httptools`` (the C parser uvicorn uses) does the parsing; this module keeps what
 flask-koala needs of an answer (its status, ``Retry-After`` and the first 2 KiB of the body)
@@ -14,7 +14,15 @@ from typing import Any, Optional
 
 import httptools
 
-__all__ = ["BadAnswer", "Response", "Silent", "Stale", "read_answer", "remaining"]
+__all__ = [
+    "AnswerReader",
+    "BadAnswer",
+    "Response",
+    "Silent",
+    "Stale",
+    "read_answer",
+    "remaining",
+]
 
 # What is kept of an answer's body: enough for Koala's {"error": "..."}.
 _MAX_TEXT = 2048
@@ -43,93 +51,127 @@ class BadAnswer(Exception):
     """What came back is not an HTTP answer we can use."""
 
 
-class _Answer:
-    """httptools' callbacks for one answer: keeps Retry-After and the first 2 KiB of body."""
+class AnswerReader:
+    """Reads the answers that come back on one connection, one after the other.
 
-    __slots__ = ("body", "complete", "connection", "head_done", "kept", "retry_after")
+    The parser and the 2 KiB buffer are made once per connection and reused for each of its
+    answers; each answer keeps its status, ``Retry-After`` and the first 2 KiB of its body.
+    A reader whose answer was not kept alive, or failed, is dropped with its connection.
+    """
+
+    __slots__ = (
+        "_begun",
+        "_body",
+        "_complete",
+        "_connection",
+        "_head_done",
+        "_kept",
+        "_parser",
+        "_retry_after",
+        "_view",
+    )
 
     def __init__(self) -> None:
-        self.body: list[bytes] = []
-        self.kept = 0
-        self.head_done = False
-        self.complete = False
-        self.retry_after: Optional[str] = None
-        self.connection = b""
+        self._view = memoryview(bytearray(_MAX_TEXT))
+        self._start()
+        self._parser = httptools.HttpResponseParser(self)
+
+    def _start(self) -> None:
+        self._body: list[bytes] = []
+        self._kept = 0
+        self._begun = 0
+        self._head_done = False
+        self._complete = False
+        self._retry_after: Optional[str] = None
+        self._connection = b""
+
+    # -- httptools' callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begun += 1
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 11 and name.lower() == b"retry-after":
-            self.retry_after = value.decode("latin-1").strip()
+            self._retry_after = value.decode("latin-1").strip()
         elif len(name) == 10 and name.lower() == b"connection":
-            self.connection += b"," + value.lower()
+            self._connection += b"," + value.lower()
 
     def on_headers_complete(self) -> None:
-        self.head_done = True
+        self._head_done = True
 
     def on_body(self, body: bytes) -> None:
-        room = _MAX_TEXT - self.kept
+        room = _MAX_TEXT - self._kept
         if room > 0:
-            self.body.append(body[:room])
-        self.kept += len(body)
+            self._body.append(body[:room])
+        self._kept += len(body)
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        self._complete = True
+
+    # -- reading ----------------------------------------------------------------------
+
+    def read(self, sock: Any, deadline: float, *, tunnel: bool) -> tuple[int, Response]:
+        """Read one answer, at most 2 KiB of its body; the status is negative unless kept alive.
+
+        With ``tunnel`` (the answer to a CONNECT) a 2xx ends at its head: what follows is the
+        tunnel.
+        """
+        self._start()
+        parser = self._parser
+        view = self._view
+        # Reads of at most 2 KiB: whatever part of a read is body counts against the 2 KiB,
+        # so no more than 2 KiB of body ever leaves the socket.
+        received = 0
+        want = _MAX_TEXT
+        while True:
+            sock.settimeout(remaining(deadline))
+            try:
+                n = sock.recv_into(view[:want])
+            except socket.timeout:
+                raise
+            except OSError:
+                if received == 0:
+                    raise Silent() from None
+                raise
+            if n == 0:
+                if received == 0:
+                    raise Silent()
+                if not self._head_done:
+                    raise BadAnswer("the connection closed in the middle of the answer's head")
+                break  # a body that ends with the connection, or cut short: the status stands
+            received += n
+            parser.feed_data(view[:n])
+            if self._complete:
+                break
+            if self._head_done:
+                if tunnel and 200 <= parser.get_status_code() <= 299:
+                    break
+                if self._kept >= _MAX_TEXT:
+                    break  # the rest is not read; the connection is dropped instead of drained
+                # Never read more of the body than the 2 KiB still wanted.
+                want = _MAX_TEXT - self._kept
+            elif received > _MAX_HEAD:
+                raise BadAnswer("the answer's head is larger than 64 KiB")
+        status = parser.get_status_code()
+        if status < 200:
+            raise BadAnswer(f"an interim answer ({status}) where a final one was expected")
+        text = b"".join(self._body).decode("utf-8", "replace")
+        # llhttp's should_keep_alive() is reset once the message is complete, so this is its
+        # rule taken by hand: HTTP/1.1 unless "Connection: close", HTTP/1.0 only if asked for.
+        # Bytes after the answer (the start of another one) leave the connection out of step.
+        tokens = {t.strip() for t in self._connection.split(b",")} if self._connection else ()
+        if self._begun > 1:
+            kept = False
+        elif parser.get_http_version() == "1.1":
+            kept = self._complete and b"close" not in tokens
+        else:
+            kept = self._complete and b"keep-alive" in tokens
+        return (status if kept else -status), Response(status, text, self._retry_after)
 
 
 def read_answer(sock: Any, deadline: float, *, tunnel: bool) -> tuple[int, Response]:
-    """Read one answer, at most 2 KiB of its body; the status is negative unless kept alive.
-
-    With ``tunnel`` (the answer to a CONNECT) a 2xx ends at its head: what follows is the
-    tunnel.
-    """
-    answer = _Answer()
-    parser = httptools.HttpResponseParser(answer)
-    # Reads of at most 2 KiB: whatever part of a read is body counts against the 2 KiB,
-    # so no more than 2 KiB of body ever leaves the socket.
-    buffer = bytearray(_MAX_TEXT)
-    view = memoryview(buffer)
-    received = 0
-    want = _MAX_TEXT
-    while True:
-        sock.settimeout(remaining(deadline))
-        try:
-            n = sock.recv_into(view[:want])
-        except socket.timeout:
-            raise
-        except OSError:
-            if received == 0:
-                raise Silent() from None
-            raise
-        if n == 0:
-            if received == 0:
-                raise Silent()
-            if not answer.head_done:
-                raise BadAnswer("the connection closed in the middle of the answer's head")
-            break  # a body that ends with the connection, or cut short: the status stands
-        received += n
-        parser.feed_data(view[:n])
-        if answer.complete:
-            break
-        if answer.head_done:
-            if tunnel and 200 <= parser.get_status_code() <= 299:
-                break
-            if answer.kept >= _MAX_TEXT:
-                break  # the rest is not read; the connection is dropped instead of drained
-            # Never read more of the body than the 2 KiB still wanted.
-            want = _MAX_TEXT - answer.kept
-        elif received > _MAX_HEAD:
-            raise BadAnswer("the answer's head is larger than 64 KiB")
-    status = parser.get_status_code()
-    if status < 200:
-        raise BadAnswer(f"an interim answer ({status}) where a final one was expected")
-    text = b"".join(answer.body).decode("utf-8", "replace")
-    # llhttp's should_keep_alive() is reset once the message is complete, so this is its
-    # rule taken by hand: HTTP/1.1 unless "Connection: close", HTTP/1.0 only if asked for.
-    tokens = {token.strip() for token in answer.connection.split(b",")}
-    if parser.get_http_version() == "1.1":
-        kept = answer.complete and b"close" not in tokens
-    else:
-        kept = answer.complete and b"keep-alive" in tokens
-    return (status if kept else -status), Response(status, text, answer.retry_after)
+    """Read one answer with a reader of its own (:meth:`AnswerReader.read`)."""
+    return AnswerReader().read(sock, deadline, tunnel=tunnel)
 
 
 def remaining(deadline: float) -> float:

@@ -32,13 +32,24 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
 from requests.utils import prepend_scheme_if_needed as _untyped_prepend_scheme
 
 from ._config import Timeout
-from ._http_answer import BadAnswer, Response, Silent, Stale, read_answer, remaining
+from ._http_answer import (
+    AnswerReader,
+    BadAnswer,
+    Response,
+    Silent,
+    Stale,
+    read_answer,
+    remaining,
+)
 
 __all__ = ["HTTPTransport", "Response", "Transport", "TransportError", "TransportFactory"]
 
 logger = logging.getLogger("flask_koala")
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a socket without a timeout raises where it would have to wait (TLS may have to read
+# in order to write).
+_NOT_YET = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class TransportError(Exception):
@@ -112,6 +123,7 @@ class HTTPTransport:
         self._headers: dict[str, str] = {}
         self._route: Optional[_Route] = None
         self._sock: _Socket = None
+        self._reader: Optional[AnswerReader] = None  # the connection's, made at its first post
         self._finalizer: Optional[weakref.finalize] = None  # type: ignore[type-arg]
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
@@ -198,16 +210,18 @@ class HTTPTransport:
     def _exchange(self, request: bytes, deadline: float, *, reused: bool) -> Response:
         sock = self._sock
         try:
-            sock.settimeout(remaining(deadline))
-            sock.sendall(request)
+            _send(sock, request, deadline)
         except socket.timeout:
             raise
         except OSError:
             if reused:
                 raise Stale() from None
             raise
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = AnswerReader()
         try:
-            status, answer = read_answer(sock, deadline, tunnel=False)
+            status, answer = reader.read(sock, deadline, tunnel=False)
         except Silent:
             if reused:
                 raise Stale() from None
@@ -234,9 +248,32 @@ class HTTPTransport:
             self._finalizer.detach()
             self._finalizer = None
         sock, self._sock = self._sock, None
+        self._reader = None
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+def _send(sock: _Socket, request: bytes, deadline: float) -> None:
+    """Write the whole request, waiting at most until ``deadline``.
+
+    A request fits in the send buffer of a connection waiting for its next request, so it
+    is written at once, without the poll a socket with a timeout makes before each write;
+    only what did not fit is waited for. Sockets proper only: urllib3's ``SSLTransport``
+    (TLS inside a TLS proxy) could lose bytes it had encrypted, so it always waits.
+    """
+    remaining(deadline)  # raises once the attempt's time is up: nothing is sent then
+    sent = 0
+    if isinstance(sock, socket.socket):
+        sock.settimeout(0.0)
+        try:
+            sent = sock.send(request)
+        except _NOT_YET:
+            sent = 0  # TLS wants the very same bytes again
+        if sent == len(request):
+            return
+    sock.settimeout(remaining(deadline))
+    sock.sendall(memoryview(request)[sent:] if sent else request)
 
 
 # -- the route, as requests.post would take it ------------------------------------------

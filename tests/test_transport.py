@@ -249,3 +249,43 @@ def test_an_answer_head_without_end_is_cut_at_the_deadline_not_read_forever() ->
             transport.post(server.url, BODY, headers(), (1.0, 1.0))
         transport.close()
     assert raised.value.reason == "connection_error"
+
+
+def test_bytes_after_an_answer_make_the_next_request_use_a_new_connection() -> None:
+    # Two answers to one request: the connection is out of step, so it is not reused.
+    def doubled(n: int, head: bytes) -> bytes:
+        return answer(200) + answer(200) if n == 0 else answer(200)
+
+    with answering(doubled) as server:
+        transport = HTTPTransport()
+        assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        transport.close()
+    assert server.connections == 2
+
+
+class SlowReader:
+    """Reads a request only after a pause, so a large one cannot be written at once."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    def __call__(self, conn: socket.socket) -> None:
+        time.sleep(0.3)
+        request = read_request(conn)
+        if request is not None:
+            self.bodies.append(request[1])
+            conn.sendall(answer(200))
+
+
+LARGE = b"x" * (8 << 20)  # more than a loopback connection's buffers hold
+
+
+def test_a_request_larger_than_the_send_buffer_is_written_whole() -> None:
+    reader = SlowReader()
+    with Server(reader) as server:
+        transport = HTTPTransport()
+        response = transport.post(server.url, LARGE, headers(), 10.0)
+        transport.close()
+    assert response.status == 200
+    assert reader.bodies == [LARGE]

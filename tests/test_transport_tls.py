@@ -15,7 +15,7 @@ from flask_koala._transport import HTTPTransport, Response, TransportError
 
 from .http_parts import Server, TestCA, answer, answering, clean_network_environment
 from .support import build_app, flushed_stats, visitor
-from .test_transport import BODY
+from .test_transport import BODY, LARGE, SlowReader
 
 
 @pytest.fixture(autouse=True)
@@ -146,3 +146,13 @@ def test_a_ca_directory_is_trusted(server: Server, ca: TestCA, tmp_path: Path) -
 def test_a_koala_ca_bundle_that_is_not_a_path_stops_init_app() -> None:
     with pytest.raises(ConfigError, match="KOALA_CA_BUNDLE"):
         build_app({"KOALA_CA_BUNDLE": 5})
+
+
+def test_a_request_larger_than_the_send_buffer_is_written_whole_over_tls(ca: TestCA) -> None:
+    reader = SlowReader()
+    with Server(reader, ca.server_context) as server:
+        transport = HTTPTransport(ca_bundle=ca.bundle)
+        response = transport.post(server.url, LARGE, headers(), 10.0)
+        transport.close()
+    assert response.status == 200
+    assert reader.bodies == [LARGE]
