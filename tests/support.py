@@ -20,6 +20,7 @@ from flask import Flask, jsonify, request
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 
 from flask_koala import Koala
+from flask_koala._ledger import Ledger
 
 PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 OTHER_PROFILE_ID = "9b2c1e6a-1d3f-4c55-8e7a-0f1e2d3c4b5a"
@@ -341,3 +342,25 @@ def _running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+class SlowResetLedger(Ledger):
+    """A ledger whose first reset after construction waits 0.2 s and sets ``resetting``.
+
+    As in a child forked from C (uWSGI without its fork hooks), where two request threads
+    make the first calls at once: a second thread's call lands during the first one's
+    reset, and a reset that is not under the fork lock would wipe its count.
+    """
+
+    armed = False  # Ledger.__init__ resets too
+
+    def __init__(self) -> None:
+        super().__init__(lambda: None)
+        self.resetting = threading.Event()
+        self.armed = True
+
+    def reset(self) -> None:
+        if self.armed and not self.resetting.is_set():
+            self.resetting.set()
+            time.sleep(0.2)
+        super().reset()

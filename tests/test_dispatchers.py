@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
 from flask_koala._retry import RetryPolicy
 from flask_koala._transport import Response
+
+from .support import SlowResetLedger
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
@@ -157,26 +158,12 @@ def test_sync_shutdown_closes_every_threads_connection(ledger: Ledger) -> None:
 
 
 def test_two_threads_of_a_forked_child_reset_a_sync_dispatcher_once() -> None:
-    # As in a child forked from C (uWSGI without its fork hooks): the pid no longer matches,
-    # and two request threads make the first calls at once.
-    resetting = threading.Event()
-
-    class SlowReset(Ledger):
-        armed = False
-
-        def reset(self) -> None:
-            if self.armed and not resetting.is_set():
-                resetting.set()
-                time.sleep(0.2)  # the other thread's call lands here, then is wiped
-            super().reset()
-
-    ledger = SlowReset(lambda: None)
-    ledger.armed = True
+    ledger = SlowResetLedger()
     sync = sync_dispatcher(ledger, Recorder(), Recorder())
     sync._pid = -1  # the pid check's view of a fork its hook never saw
     first = threading.Thread(target=sync.submit, args=(identify(),))
     first.start()
-    assert resetting.wait(5)
+    assert ledger.resetting.wait(5)
     sync.submit(identify())
     first.join(5)
     counts = ledger.snapshot()

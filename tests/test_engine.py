@@ -22,6 +22,8 @@ from flask_koala._queue import Batch, PersonQueue
 from flask_koala._retry import PauseGate, RetryPolicy
 from flask_koala._transport import Response, Transport
 
+from .support import SlowResetLedger
+
 URL = "http://127.0.0.1:9/web/projects/pk/batch"
 
 
@@ -952,28 +954,14 @@ def test_a_shorter_retry_after_never_cuts_a_longer_pause_short() -> None:
 
 
 def test_two_threads_of_a_forked_child_do_not_both_reset(transport: GatedTransport) -> None:
-    # As in a child forked from C (uWSGI without its fork hooks): the pid no longer matches,
-    # and two request threads make the first calls at once.
-    resetting = threading.Event()
-
-    class SlowReset(Ledger):
-        armed = False
-
-        def reset(self) -> None:
-            if self.armed and not resetting.is_set():
-                resetting.set()
-                time.sleep(0.2)  # the other thread's call lands here, then is wiped
-            super().reset()
-
-    ledger = SlowReset(lambda: None)
-    ledger.armed = True
+    ledger = SlowResetLedger()
     engine = Engine(handler(lambda: transport), ledger, policy=RetryPolicy())
     try:
         engine._pid = -1  # the pid check's view of a fork its hook never saw
 
         first = threading.Thread(target=engine.submit, args=(identify(person(1)),))
         first.start()
-        assert resetting.wait(5)
+        assert ledger.resetting.wait(5)
         engine.submit(identify(person(2)))
         first.join(5)
         assert engine.flush(5)
