@@ -31,6 +31,7 @@ __all__ = [
     "TooLarge",
     "is_loopback",
     "linger",
+    "local_address",
     "read_body",
     "send_answer",
     "server_class",
@@ -298,6 +299,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:
         return False
+
+
+def local_address(host: str) -> str:
+    """The address a client on this machine reaches a server bound to ``host`` by: loopback
+    for every interface (``0.0.0.0``, ``::``, ``""``), where plain ``http://`` is allowed."""
+    return _WILDCARDS.get(host, host)
+
+
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 def send_answer(handler: BaseHTTPRequestHandler, status: int, answer: Answer) -> None:

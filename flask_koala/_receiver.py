@@ -56,6 +56,7 @@ from ._loopback_http import (
     TooLarge,
     is_loopback,
     linger,
+    local_address,
     read_body,
     send_answer,
     server_class,
@@ -74,7 +75,6 @@ IDLE_TIMEOUT = 5.0
 
 # How long stop() waits for connection threads; only a blocking on_call can take that long.
 _JOIN_TIMEOUT = 5.0
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # bound everywhere: loopback
 
 _OK = Answer(200, b"{}")
 _DROP = Answer(None)
@@ -222,10 +222,9 @@ class KoalaReceiver:
             bound, self._port = server.socket.getsockname()[:2]
         if not is_loopback(str(bound)):
             logger.warning(
-                "KoalaReceiver is listening on %s:%d, which is not a loopback address: other "
+                "KoalaReceiver is listening on %s, which is not a loopback address: other "
                 "machines can send calls to it. Bind 127.0.0.1 unless that is what you want.",
-                bound,
-                self._port,
+                f"{bound}:{self._port}",
             )
         return self
 
@@ -263,15 +262,16 @@ class KoalaReceiver:
     @property
     def port(self) -> int:
         """The bound port (or the one asked for, before the first ``start()``)."""
-        if self._port is not None or self._requested_port:
-            return self._port or self._requested_port
+        if self._port is not None:
+            return self._port
+        if self._requested_port:
+            return self._requested_port
         raise RuntimeError("KoalaReceiver picks its port in start(); start it first")
 
     @property
     def url(self) -> str:
-        """The base URL, e.g. ``http://127.0.0.1:54321``: the value for ``KOALA_API_URL``
-        (on loopback when bound to every interface: plain ``http://`` is loopback only)."""
-        host = _WILDCARDS.get(self._host, self._host)
+        """The base URL, e.g. ``http://127.0.0.1:54321``: the value for ``KOALA_API_URL``."""
+        host = local_address(self._host)
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
