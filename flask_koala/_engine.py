@@ -5,8 +5,8 @@ per worker thread; a channel makes one attempt at one batch and says how it went
 :class:`Verdict`. Everything else happens here:
 
 - a bounded queue of batches about one person and route (``_queue``);
-- waking: a request queues with ``wake=False`` and wakes (or starts) the workers once its
-  response has gone out; workers start more as the backlog needs, up to ``max_workers``;
+- waking: a request queues with ``wake=False`` and rouses a worker once its response has
+  gone out; more only when the awake ones fall behind (``_waking``), up to ``max_workers``;
 - retries on a timer heap: a batch waiting for its retry holds no worker, so a partial
   outage cannot stall calls that would go through;
 - ``Retry-After`` as an app-wide pause (``_retry.PauseGate``);
@@ -23,7 +23,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import math
 import os
 import threading
 import time
@@ -36,6 +35,7 @@ from ._lifecycle import flush_when_multiprocessing_child_exits, fork_lock, track
 from ._payload import Call
 from ._queue import Batch, PersonQueue
 from ._retry import PauseGate, RetryPolicy
+from ._waking import SETTLE, behind, idle_wait
 
 # The seam's types are defined in _handlers and re-exported: handlers import them from here.
 __all__ = ["IDLE_TIMEOUT", "Channel", "Engine", "Handler", "Verdict", "conclude"]
@@ -47,10 +47,6 @@ IDLE_TIMEOUT = 5.0
 
 _THREAD_PREFIX = "flask-koala"
 _LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers still live
-# A worker waits at most this long at a time: a request that queued calls may never wake it
-# (a server that never closes the response), and an idle worker checks its app still lives.
-_WAKE_POLL = 1.0
-_SETTLE = 0.005  # how long a worker woken from idle leaves the GIL to the request threads
 _JOIN_GRACE = 0.2  # shutdown(timeout)'s wait, beyond it, for workers to leave (a daemon)
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
 
@@ -126,6 +122,7 @@ class Engine:
         self._unfinished = 0  # calls queued, waiting to retry or being delivered
         self._released = False  # may workers take what is queued (wake=False holds it)
         self._closes_seen = False  # has a wake() followed a response (see submit)
+        self._settle_next = False  # did the last wake-up follow a response (see _take)
         self._workers = 0  # threads started and not yet left
         self._starting = 0  # of which not yet looking for work
         self._idle = 0  # of which waiting for work
@@ -184,10 +181,11 @@ class Engine:
                 self._queue.put(call)
                 self._unfinished += 1
                 if wake:
+                    self._settle_next = False  # no response to leave the GIL to
                     start = self._release()
                 elif not self._workers and not self._closes_seen:
                     # Until a response is seen closed, one worker waits for the wake-up, or
-                    # goes after _WAKE_POLL if none comes (a test client never closes).
+                    # goes after WAKE_POLL if none comes (a test client never closes).
                     start = self._reserve()
         if start is not None:
             self._start(*start)
@@ -204,6 +202,7 @@ class Engine:
             self._check_process()
             with self._lock:
                 self._closes_seen = self._closes_seen or response_closed
+                self._settle_next = response_closed
                 start = self._release()
             if start is not None:
                 self._start(*start)
@@ -211,16 +210,22 @@ class Engine:
             logger.exception("flask-koala: waking the delivery threads failed")
 
     def _release(self) -> Optional[tuple[int, int]]:
-        """Wake idle workers for what waits; reserve a new one if they are too few. Locked."""
+        """Let workers take what is queued, and rouse one if none is awake. Locked."""
         waiting = len(self._queue) + len(self._ready)
         if not waiting or self._stopping:
             return None
         self._released = True
+        return self._rouse(waiting)
+
+    def _rouse(self, waiting: int) -> Optional[tuple[int, int]]:
+        """Wake one idle worker, or reserve a new one, if the awake ones are behind (see
+        ``_waking``); one at a time, each woken worker rouses the next if needed. Locked."""
+        if not behind(waiting, self._workers - self._idle, self._queue.oldest()):
+            return None
         if self._idle:
-            self._work.notify(min(waiting, self._idle))
-        if waiting > self._idle and not self._starting:
-            return self._reserve()  # one at a time: it starts the next if still needed
-        return None
+            self._work.notify()
+            return None
+        return None if self._starting else self._reserve()
 
     def _reserve(self) -> Optional[tuple[int, int]]:
         """Count in one more worker, if there is room; the caller starts it unlocked."""
@@ -309,7 +314,7 @@ class Engine:
         waited = False
         idle_since: Optional[float] = None
         while True:
-            start = None
+            start, settle = None, False
             with self._lock:
                 while True:
                     if self._stopping or generation != self._generation:
@@ -321,8 +326,9 @@ class Engine:
                     paused = self._gate.remaining()
                     work = bool(self._ready) or bool(self._queue and self._released)
                     if work and not paused:
-                        if waited:
-                            break  # settle first, outside the lock
+                        if waited and self._settle_next:
+                            settle = True
+                            break  # outside the lock
                         batches: list[Batch] = []
                         while work and len(batches) < limit:
                             batch = self._ready.popleft() if self._ready else self._queue.take()
@@ -333,15 +339,21 @@ class Engine:
                         if not self._queue:
                             self._released = False
                         left = len(self._ready) + (len(self._queue) if self._released else 0)
-                        if left > self._idle and not self._starting:
-                            start = self._reserve()
+                        start = self._rouse(left)
                         break
                     if work:
                         timeout: Optional[float] = paused
                     else:
                         if idle_since is None:
                             idle_since = now
-                        timeout = self._wait_time(now, idle_since)
+                        timeout = idle_wait(
+                            now - idle_since,
+                            self._timers[0][0] - now if self._timers else None,
+                            queued=bool(self._queue),
+                            idle_timeout=self._idle_timeout,
+                            app_gone=self._ledger.gone,
+                            keeps_time=bool(self._timers) and self._workers == 1,
+                        )
                         if timeout is None:  # idle long enough, or the app is gone
                             self._count_out(number, generation)
                             return None
@@ -355,25 +367,13 @@ class Engine:
                     waited = True
             if start is not None:
                 self._start(*start)
-            if not waited:
+            if not settle:
                 return batches
-            # Woken from idle: the response that queued the call has only just gone out.
-            # Let the server thread finish with it before competing for the GIL.
-            time.sleep(_SETTLE)
+            # Woken by a response that has only just gone out: let the server thread finish
+            # with it, and the next logins queue behind it, before competing for the GIL.
+            time.sleep(SETTLE)
             waited = False
             idle_since = None
-
-    def _wait_time(self, now: float, idle_since: float) -> Optional[float]:
-        """How long an unoccupied worker waits; ``None`` when it should leave. Locked."""
-        timeout = max(0.0, self._timers[0][0] - now) if self._timers else math.inf
-        if self._queue:  # queued by a request that has not woken the workers yet
-            return min(timeout, _WAKE_POLL)
-        idle_for = now - idle_since
-        if (idle_for >= self._idle_timeout or self._ledger.gone) and (
-            not self._timers or self._workers > 1  # the last one stays to keep time
-        ):
-            return None
-        return min(timeout, _WAKE_POLL, max(0.0, self._idle_timeout - idle_for))
 
     def _settle(self, batch: Batch, verdict: Verdict) -> None:
         """Record the verdict and end the batch, or put it on the timer heap."""

@@ -93,6 +93,13 @@ class PersonQueue:
             self._others[key] = [call]
             self._order.append(key)
 
+    def oldest(self) -> Optional[float]:
+        """When the call at the front was made (its ``timestamp``); ``None`` when empty."""
+        if not self._order:
+            return None
+        group = self._group(self._order[0])
+        return (group[0] if isinstance(group, list) else group).timestamp
+
     def take(self) -> Batch:
         """Remove and return the oldest person's calls, at most 30 of each kind."""
         key = self._order.popleft()
@@ -114,7 +121,7 @@ class PersonQueue:
         """Remove and return everything, oldest group first."""
         calls: list[Call] = []
         for key in self._order:
-            group = self._others[key] if isinstance(key, tuple) else self._groups[key]
+            group = self._group(key)
             if isinstance(group, list):
                 calls.extend(group)
             else:
@@ -124,6 +131,9 @@ class PersonQueue:
         self._order.clear()
         self._size = 0
         return calls
+
+    def _group(self, key: _Key) -> _Group:
+        return self._others[key] if isinstance(key, tuple) else self._groups[key]
 
 
 def _split(calls: list[Call]) -> tuple[Batch, list[Call]]:

@@ -21,6 +21,7 @@ from flask_koala._payload import Call
 from flask_koala._queue import Batch, PersonQueue
 from flask_koala._retry import PauseGate, RetryPolicy
 from flask_koala._transport import Response, Transport
+from flask_koala._waking import BURST, HELP_AFTER
 
 from .support import SlowResetLedger
 
@@ -263,8 +264,8 @@ def test_a_backlog_starts_workers_up_to_the_maximum(
     make_engine: Callable[..., Engine], transport: GatedTransport
 ) -> None:
     transport.gate.clear()
-    engine = make_engine(max_workers=3)
-    for n in range(6):
+    engine = make_engine(max_workers=3, max_queue_size=1000)
+    for n in range(3 * BURST):
         engine.submit(identify(person(n)))
     # The workers start one another, off the thread that submitted.
     assert wait_until(lambda: len(koala_threads()) == 3)
@@ -276,13 +277,41 @@ def test_a_backlog_starts_workers_up_to_the_maximum(
     assert len(koala_threads()) == 3
 
 
+def test_a_small_burst_is_sent_by_one_worker(
+    make_engine: Callable[..., Engine], transport: GatedTransport
+) -> None:
+    engine = make_engine(max_workers=3)
+    for n in range(BURST // 2):
+        engine.submit(identify(person(n)), wake=False)
+    engine.wake()
+    assert engine.flush(5)
+    assert koala_threads() == ["flask-koala-1"]
+    assert len(transport.bodies) == BURST // 2
+
+
+def test_calls_left_waiting_behind_a_busy_worker_rouse_another(
+    make_engine: Callable[..., Engine], transport: GatedTransport
+) -> None:
+    transport.gate.clear()
+    engine = make_engine(max_workers=3)
+    engine.submit(identify(person(0)))
+    assert transport.entered.wait(5)  # the one worker is busy
+    made_earlier = time.time() - 2 * HELP_AFTER
+    for n in range(1, 3):
+        engine.submit(identify(person(n))._replace(timestamp=made_earlier))
+    assert wait_until(lambda: len(koala_threads()) == 3)
+    transport.gate.set()
+    assert engine.flush(5)
+
+
 def test_each_worker_owns_one_transport(
     make_engine: Callable[..., Engine], transport: GatedTransport
 ) -> None:
     transport.gate.clear()
     engine = make_engine(max_workers=2)
     engine.submit(identify(person(1)))
-    engine.submit(identify(person(2)))
+    assert transport.entered.wait(5)
+    engine.submit(identify(person(2))._replace(timestamp=time.time() - 2 * HELP_AFTER))
     assert wait_until(lambda: len(koala_threads()) == 2)
     transport.gate.set()
     engine.shutdown(5)
@@ -1004,3 +1033,30 @@ def test_once_a_response_was_seen_closed_requests_start_no_thread(
     engine.wake()  # after its response: the worker starts here
     assert engine.flush(5)
     assert ledger.snapshot()["sent"] == 2
+
+
+def test_the_last_worker_waits_for_a_retry_without_spinning(ledger: Ledger) -> None:
+    class Unavailable:
+        def post(self, url: str, body: bytes, headers: Any, timeout: Timeout) -> Response:
+            return Response(503, "{}")
+
+        def close(self) -> None:
+            pass
+
+    reads = []
+
+    def clock() -> float:
+        reads.append(1)
+        return time.monotonic()
+
+    policy = RetryPolicy(attempts=2, wait_initial=30, rng=lambda: 1.0)
+    engine = Engine(
+        handler(Unavailable), ledger, policy=policy, max_workers=1, idle_timeout=0.05, clock=clock
+    )
+    engine.submit(identify())
+    assert wait_until(lambda: ledger.snapshot().get("retried") == 1)
+    time.sleep(0.2)  # idle past its idle_timeout, with the retry 30 s away
+    before = len(reads)
+    time.sleep(0.3)
+    assert len(reads) - before < 10  # it waits; it does not poll the clock in a loop
+    engine.stop(join_timeout=1)
