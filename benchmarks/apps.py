@@ -23,6 +23,8 @@ from flask import Flask, jsonify, request
 from flask_login import LoginManager, UserMixin, login_user, user_logged_in
 
 VARIANTS: tuple[str, ...] = ("bare", "koala", "segment", "requests")
+#: A second server of the bare app: what two identical servers differ by is the noise floor.
+CONTROL = "bare_again"
 PUBLIC_KEY = "pk_bench"
 
 
@@ -157,5 +159,9 @@ def _with_requests(app: Flask, koala_url: str) -> None:
 
 
 def create(variant: str) -> Flask:
-    """The app for a WSGI server: URLs from ``BENCH_KOALA_URL`` and ``BENCH_SEGMENT_URL``."""
-    return build(variant, os.environ["BENCH_KOALA_URL"], os.environ.get("BENCH_SEGMENT_URL", ""))
+    """The app for a WSGI server: URLs from ``BENCH_KOALA_URL`` and ``BENCH_SEGMENT_URL``.
+
+    :data:`CONTROL` serves the bare app again.
+    """
+    koala_url, segment_url = os.environ["BENCH_KOALA_URL"], os.environ.get("BENCH_SEGMENT_URL", "")
+    return build("bare" if variant == CONTROL else variant, koala_url, segment_url)

@@ -2,12 +2,13 @@
 
 Usage::
 
-    python -m benchmarks.run            # full run, under two minutes
-    python -m benchmarks.run --quick    # fewer samples, under forty seconds
+    python -m benchmarks.run            # full run, about three minutes
+    python -m benchmarks.run --quick    # fewer samples, about forty seconds
     python -m benchmarks.run --smoke    # proves it runs; the figures mean nothing
 
 Everything runs on 127.0.0.1: a loopback Koala (and a sink for Segment) in a process of
-their own, one gunicorn per app variant, and a fresh process for each of figures 2 to 4.
+their own, one gunicorn per app variant (and a second bare one, the noise floor), and a
+fresh process for each of figures 2 to 5.
 The machine is assumed noisy: variants are interleaved in rounds and compared by medians
 and ratios measured in the same run, never against absolute numbers. Benchmarks report;
 the exit status is 0 whatever the figures (tests never assert on speed).
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import latency
-from .apps import VARIANTS
+from .apps import CONTROL, VARIANTS
 from .loopback import ROOT, ReceiverProcess, child_env
 from .stats import micros
 
@@ -167,7 +168,7 @@ def figure_1(
                 f" {micros(result.added(name, 'saturated'))} saturated"
             )
         )
-        _say(f"    {name:9} paced {micros(paced):>9}  saturated {micros(saturated):>9}{added}")
+        _say(f"    {name:10} paced {micros(paced):>9}  saturated {micros(saturated):>9}{added}")
     koala = result.added("koala")
     low, high = result.spread("koala")
     share = koala / bare
@@ -189,6 +190,10 @@ def figure_1(
         saturated_ok = saturated <= segment_saturated
     else:
         measured += "; Segment not installed"
+    if CONTROL in variants:  # the noise floor: how far apart two identical servers are
+        floor, floor_saturated = result.added(CONTROL), result.added(CONTROL, "saturated")
+        measured += f"; bare vs bare {floor * 1e6:+.0f} µs"
+        measured_saturated += f"; bare vs bare {floor_saturated * 1e6:+.0f} µs"
     return [
         Row("1. time added to a paced login", measured, "≤ 2% of bare, ≤ 0.2x Segment's", paced_ok),
         Row("1b. time added, saturated", measured_saturated, "≤ Segment's", saturated_ok),
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         profile = dataclasses.replace(profile, rounds=args.rounds)
 
-    variants = VARIANTS
+    variants = (*VARIANTS, CONTROL)
     if importlib.util.find_spec("segment") is None:
         variants = tuple(v for v in VARIANTS if v != "segment")
         _say("segment-analytics-python is not installed (pip install -e '.[bench]'): skipped")
