@@ -210,7 +210,7 @@ class Engine:
             logger.exception("flask-koala: waking the delivery threads failed")
 
     def _release(self) -> Optional[tuple[int, int]]:
-        """Let workers take what is queued, and rouse one if none is awake. Locked."""
+        """Let workers take what is queued, and rouse one if they need it. Locked."""
         waiting = len(self._queue) + len(self._ready)
         if not waiting or self._stopping:
             return None
