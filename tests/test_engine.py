@@ -1035,24 +1035,18 @@ def test_once_a_response_was_seen_closed_requests_start_no_thread(
     assert ledger.snapshot()["sent"] == 2
 
 
-def test_the_last_worker_waits_for_a_retry_without_spinning(ledger: Ledger) -> None:
-    class Unavailable:
-        def post(self, url: str, body: bytes, headers: Any, timeout: Timeout) -> Response:
-            return Response(503, "{}")
-
-        def close(self) -> None:
-            pass
-
+def test_the_last_worker_waits_for_a_retry_without_spinning(
+    make_seam_engine: Callable[..., Engine], ledger: Ledger
+) -> None:
     reads = []
 
     def clock() -> float:
         reads.append(1)
         return time.monotonic()
 
+    handler = RecordingHandler(Verdict("retry", "http_503", 503))
     policy = RetryPolicy(attempts=2, wait_initial=30, rng=lambda: 1.0)
-    engine = Engine(
-        handler(Unavailable), ledger, policy=policy, max_workers=1, idle_timeout=0.05, clock=clock
-    )
+    engine = make_seam_engine(handler, policy=policy, max_workers=1, idle_timeout=0.05, clock=clock)
     engine.submit(identify())
     assert wait_until(lambda: ledger.snapshot().get("retried") == 1)
     time.sleep(0.2)  # idle past its idle_timeout, with the retry 30 s away
