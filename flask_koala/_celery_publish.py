@@ -323,8 +323,8 @@ class BrokerChannel:
         publisher = self._publisher
         exchange, routing_key = publisher.exchange, publisher.routing_key
         full = [(body, *publisher.headers(*ids)) for body, *ids in messages]
-        for body, headers, properties in full:
-            if before.receivers:
+        if before.receivers:
+            for body, headers, properties in full:
                 # As Celery sends it; a receiver may add headers (trace context, say).
                 before.send(
                     sender=TASK_NAME,
@@ -350,8 +350,8 @@ class BrokerChannel:
                     delivery_mode=PERSISTENT,
                     **properties,
                 )
-        for body, headers, _ in full:
-            if after.receivers:
+        if after.receivers:
+            for body, headers, _ in full:
                 after.send(
                     sender=TASK_NAME,
                     body=tuple(json.loads(body)),
