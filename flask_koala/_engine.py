@@ -4,7 +4,10 @@ The engine knows nothing of HTTP or Celery. A :class:`Handler` opens one :class:
 per worker thread; a channel makes one attempt at one batch and says how it went in a
 :class:`Verdict`. Everything else happens here:
 
-- a bounded queue of batches about one person and route (``_queue``);
+- a bounded queue of batches about one person and route (``_queue``); a request thread
+  takes no lock to add to it: its calls arrive in the ledger, and are admitted into the
+  queue at the next wake-up or take;
+- the workers, counted in a ``_crew``;
 - waking: a request queues with ``wake=False`` and rouses a worker once its response has
   gone out; more only when the awake ones fall behind (``_waking``), up to ``max_workers``;
 - retries on a timer heap: a batch waiting for its retry holds no worker, so a partial
@@ -29,6 +32,7 @@ import time
 from collections import deque
 from typing import Callable, Optional
 
+from ._crew import Crew
 from ._handlers import Channel, Handler, Verdict, conclude
 from ._ledger import Ledger
 from ._lifecycle import flush_when_multiprocessing_child_exits, fork_lock, track
@@ -85,31 +89,15 @@ class Engine:
     ) -> None:
         self._handler = handler
         self._ledger = ledger
-        self._policy = policy
-        self._max_workers = max(1, max_workers)
-        self._max_queue_size = max_queue_size
+        self.policy = policy
+        self.max_workers = max(1, max_workers)
+        self.max_queue_size = max_queue_size
         self.shutdown_timeout = shutdown_timeout
         self._idle_timeout = idle_timeout
         self._clock = clock
         self._closed = False
-        self._generation = 0
         self._reset()
         track(self, self)
-
-    @property
-    def policy(self) -> RetryPolicy:
-        """Retries and backoff."""
-        return self._policy
-
-    @property
-    def max_workers(self) -> int:
-        """At most this many threads."""
-        return self._max_workers
-
-    @property
-    def max_queue_size(self) -> int:
-        """Calls waiting beyond this are dropped."""
-        return self._max_queue_size
 
     def _reset(self) -> None:
         """Fresh queue, locks and no threads: at construction and in a forked child."""
@@ -123,15 +111,10 @@ class Engine:
         self._released = False  # may workers take what is queued (wake=False holds it)
         self._closes_seen = False  # has a wake() followed a response (see submit)
         self._settle_next = False  # did the last wake-up follow a response (see _take)
-        self._workers = 0  # threads started and not yet left
-        self._starting = 0  # of which not yet looking for work
-        self._idle = 0  # of which waiting for work
-        self._numbers: set[int] = set()  # the <n> of flask-koala-<n> in use
-        self._threads: list[threading.Thread] = []
+        self._crew = Crew()  # the workers; each keeps its own, so a new one ends theirs
         self._stopping = False
         self._exit_hooked = False
         self._gate = PauseGate(self._clock)
-        self._generation += 1
         self._pid = os.getpid()
 
     def _primitives(self) -> None:
@@ -159,41 +142,51 @@ class Engine:
                 # -k gevent --preload): locks made before would block the whole process.
                 # Threads started before the patch are left to leave on their own.
                 self._primitives()
-                self._generation += 1
-                self._workers = self._idle = self._starting = 0
-                self._numbers = set()
-                self._threads = []
+                self._crew = Crew()
 
     # -- the request thread ---------------------------------------------------------------
 
     def submit(self, call: Call, *, wake: bool = True) -> bool:
-        """Take the call; ``False`` when it was dropped instead. Never blocks or raises."""
+        """Take the call; ``False`` when it was dropped instead. Never blocks or raises.
+
+        The request thread's path takes no lock: the call arrives in the ledger (a deque,
+        appended to atomically) and the engine admits it into its queue at the next wake-up
+        or take. The bound is checked without the lock, so threads racing past it together
+        may overfill the queue by a call each; every call is still counted once.
+        """
         self._check_process()
+        if self._closed or len(self._queue) + self._ledger.arriving >= self.max_queue_size:
+            reason = "shutdown" if self._closed else "queue_full"
+            self._ledger.dropped([call], reason, accepted=False)
+            return False
+        self._ledger.arrive(call)
+        # Checked after arriving: a stop() that admitted the arrivals before this call
+        # arrived has set _closed by now, so the call is dropped below, never stranded.
+        if wake or self._closed or not (self._crew.workers or self._closes_seen):
+            self._arrived(wake)
+        self._ledger.announce(call)
+        return True
+
+    def _arrived(self, wake: bool) -> None:
+        """submit()'s slow path: admit now, and wake or start a worker, or drop after stop()."""
         start = None
         with self._lock:
-            if self._closed or self._stopping:
-                accepted, reason = False, "shutdown"
-            elif len(self._queue) >= self._max_queue_size:
-                accepted, reason = False, "queue_full"
+            if self._closed:
+                late = self._ledger.admit()
             else:
-                accepted, reason = True, ""
-                self._ledger.accepted(call)
-                self._queue.put(call)
-                self._unfinished += 1
+                late = []
                 if wake:
                     self._settle_next = False  # no response to leave the GIL to
                     start = self._release()
-                elif not self._workers and not self._closes_seen:
+                elif not self._crew.workers and not self._closes_seen:
                     # Until a response is seen closed, one worker waits for the wake-up, or
                     # goes after WAKE_POLL if none comes (a test client never closes).
+                    self._admit()
                     start = self._reserve()
         if start is not None:
             self._start(*start)
-        if accepted:
-            self._ledger.announce(call)
-        else:
-            self._ledger.dropped([call], reason, accepted=False)
-        return accepted
+        if late:
+            self._ledger.dropped(late, "shutdown", accepted=True)
 
     def wake(self, *, response_closed: bool = True) -> None:
         """Let the workers start on what is queued (never raises). Once a wake-up followed a
@@ -209,41 +202,48 @@ class Engine:
         except Exception:
             logger.exception("flask-koala: waking the delivery threads failed")
 
-    def _release(self) -> Optional[tuple[int, int]]:
+    def _admit(self) -> None:
+        """Move the calls that arrived into the queue. Locked, and not once stopping."""
+        calls = self._ledger.admit()
+        for call in calls:
+            self._queue.put(call)
+        self._unfinished += len(calls)
+
+    def _release(self) -> Optional[tuple[int, Crew]]:
         """Let workers take what is queued, and rouse one if they need it. Locked."""
+        if self._stopping:
+            return None
+        self._admit()
         waiting = len(self._queue) + len(self._ready)
-        if not waiting or self._stopping:
+        if not waiting:
             return None
         self._released = True
         return self._rouse(waiting)
 
-    def _rouse(self, waiting: int) -> Optional[tuple[int, int]]:
+    def _rouse(self, waiting: int) -> Optional[tuple[int, Crew]]:
         """Wake one idle worker, or reserve a new one, if the awake ones are behind (see
         ``_waking``); one at a time, each woken worker rouses the next if needed. Locked."""
-        if not behind(waiting, self._workers - self._idle, self._queue.oldest()):
+        crew = self._crew
+        if not behind(waiting, crew.awake, self._queue.oldest()):
             return None
-        if self._idle:
+        if crew.idle:
             self._work.notify()
             return None
-        return None if self._starting else self._reserve()
+        return None if crew.starting else self._reserve()
 
-    def _reserve(self) -> Optional[tuple[int, int]]:
+    def _reserve(self) -> Optional[tuple[int, Crew]]:
         """Count in one more worker, if there is room; the caller starts it unlocked."""
-        if self._workers >= self._max_workers or self._stopping:
+        if self._crew.workers >= self.max_workers or self._stopping:
             return None
-        number = next(n for n in itertools.count(1) if n not in self._numbers)
-        self._numbers.add(number)
-        self._workers += 1
-        self._starting += 1
-        return number, self._generation
+        return self._crew.reserve(), self._crew
 
-    def _start(self, number: int, generation: int) -> None:
+    def _start(self, number: int, crew: Crew) -> None:
         if not self._exit_hooked:
             self._exit_hooked = True
             flush_when_multiprocessing_child_exits()
         thread = threading.Thread(
             target=self._run,
-            args=(number, generation),
+            args=(number, crew),
             name=f"{_THREAD_PREFIX}-{number}",
             daemon=True,
         )
@@ -251,17 +251,15 @@ class Engine:
             thread.start()
         except RuntimeError:  # interpreter shutting down, or no more threads
             with self._lock:
-                self._count_out(number, generation, starting=True)
+                self._count_out(number, crew, starting=True)
             logger.debug("flask-koala: could not start a delivery thread", exc_info=True)
             return
         with self._lock:
-            if generation == self._generation:
-                self._threads = [t for t in self._threads if t.is_alive()]
-                self._threads.append(thread)
+            crew.started(thread)
 
     # -- the workers ---------------------------------------------------------------------
 
-    def _run(self, number: int, generation: int) -> None:
+    def _run(self, number: int, crew: Crew) -> None:
         channel: Optional[Channel] = None
         counted = True  # until _take says it has counted this worker out
         starting = True
@@ -269,11 +267,10 @@ class Engine:
             channel = self._handler.open()
             many = getattr(channel, "handle_many", None)
             with self._lock:
-                if generation == self._generation:
-                    self._starting -= 1
+                crew.starting -= 1
                 starting = False
             while True:
-                batches = self._take(number, generation, _MANY if many else 1)
+                batches = self._take(number, crew, _MANY if many else 1)
                 if batches is None:
                     counted = False
                     return
@@ -289,37 +286,36 @@ class Engine:
         finally:
             if counted:
                 with self._lock:
-                    self._count_out(number, generation, starting=starting)
+                    self._count_out(number, crew, starting=starting)
             if channel is not None:
                 try:
                     channel.close()
                 except Exception:
                     logger.debug("flask-koala: closing a channel failed", exc_info=True)
 
-    def _count_out(self, number: int, generation: int, *, starting: bool = False) -> None:
+    def _count_out(self, number: int, crew: Crew, *, starting: bool = False) -> None:
         """A worker is leaving (or never started). Locked."""
-        if generation == self._generation:
-            self._numbers.discard(number)
-            self._workers -= 1
-            if starting:
-                self._starting -= 1
-            self._done.notify_all()  # a flush may be waiting on live workers
+        crew.count_out(number, starting=starting)
+        self._done.notify_all()  # a flush may be waiting on live workers
 
-    def _take(self, number: int, generation: int, limit: int) -> Optional[list[Batch]]:
+    def _take(self, number: int, crew: Crew, limit: int) -> Optional[list[Batch]]:
         """The next batches (``limit`` at most), once the workers were woken; ``None`` to leave.
 
         A worker that leaves is counted out here, under the lock, so a call queued at that
         moment sees one worker fewer and starts another.
         """
-        waited = False
+        waited = timed_out = False
         idle_since: Optional[float] = None
         while True:
             start, settle = None, False
             with self._lock:
                 while True:
-                    if self._stopping or generation != self._generation:
-                        self._count_out(number, generation)
+                    if self._stopping or crew is not self._crew:
+                        self._count_out(number, crew)
                         return None
+                    self._admit()
+                    if timed_out and self._queue and not self._released:
+                        self._released = True  # a wake-up that never came: go anyway
                     now = self._clock()
                     while self._timers and self._timers[0][0] <= now:
                         self._ready.append(heapq.heappop(self._timers)[2])
@@ -352,18 +348,16 @@ class Engine:
                             queued=bool(self._queue),
                             idle_timeout=self._idle_timeout,
                             app_gone=self._ledger.gone,
-                            keeps_time=bool(self._timers) and self._workers == 1,
+                            keeps_time=bool(self._timers) and crew.workers == 1,
                         )
                         if timeout is None:  # idle long enough, or the app is gone
-                            self._count_out(number, generation)
+                            self._count_out(number, crew)
                             return None
-                    self._idle += 1
+                    crew.idle += 1
                     try:
-                        notified = self._work.wait(timeout)
+                        timed_out = not self._work.wait(timeout)
                     finally:
-                        self._idle -= 1
-                    if not notified and self._queue and not self._released:
-                        self._released = True  # a wake-up that never came: go anyway
+                        crew.idle -= 1
                     waited = True
             if start is not None:
                 self._start(*start)
@@ -385,7 +379,7 @@ class Engine:
         try:
             if verdict.outcome == "retry" and verdict.retry_after is not None:
                 self._gate.pause(verdict.retry_after)
-            wait = conclude(self._ledger, self._policy, batch, verdict)
+            wait = conclude(self._ledger, self.policy, batch, verdict)
         except Exception:
             logger.exception("flask-koala: recording an outcome failed unexpectedly")
         with self._lock:
@@ -393,7 +387,7 @@ class Engine:
             if wait is not None and not shutdown:
                 due = self._clock() + wait
                 heapq.heappush(self._timers, (due, next(self._seq), batch))
-                if self._idle and self._timers[0][2] is batch:
+                if self._crew.idle and self._timers[0][2] is batch:
                     self._work.notify()  # an idle worker must wait for this one instead
             else:
                 self._unfinished -= len(batch)
@@ -411,7 +405,7 @@ class Engine:
         self.wake(response_closed=False)  # calls queued by a request not yet closed
         with self._lock:
             while self._unfinished > 0:
-                if not self._workers:
+                if not self._crew.workers:
                     # Never started, or gone: nothing will ever finish what is left.
                     return False
                 wait = _LIVENESS_CHECK
@@ -450,9 +444,10 @@ class Engine:
             waiting = [call for _, _, batch in self._timers for call in batch]
             self._timers.clear()
             self._unfinished -= len(left) + len(waiting)
+            left += self._ledger.admit()  # arrived, never admitted (nor in _unfinished)
             self._work.notify_all()
             self._done.notify_all()
-            threads = list(self._threads)
+            threads = list(self._crew.threads)
         if left:
             self._ledger.dropped(left, "shutdown", accepted=True)
         if waiting:
@@ -473,7 +468,9 @@ class Engine:
     def pending(self) -> int:
         """Calls queued, waiting to retry or being delivered in this process."""
         with self._lock:
-            return self._unfinished if self._pid == os.getpid() else 0
+            if self._pid != os.getpid():
+                return 0
+            return self._unfinished + (0 if self._stopping else self._ledger.arriving)
 
     @property
     def closed(self) -> bool:

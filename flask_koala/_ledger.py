@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any, Callable, Optional
@@ -176,12 +176,16 @@ class Ledger:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._throttle = Throttle(self._clock)
+        self._arrivals: deque[Call] = deque()  # see arrive()
 
     def snapshot(self) -> MappingProxyType[str, int]:
         """A read-only copy of the counters."""
         with self._lock:
             counts = dict.fromkeys(OUTCOMES, 0)
             counts.update(self._counts)
+            arriving = len(self._arrivals)
+        counts["queued"] += arriving
+        counts["pending"] += arriving
         return MappingProxyType(counts)
 
     # -- how calls end -------------------------------------------------------------------
@@ -195,6 +199,34 @@ class Ledger:
         with self._lock:
             self._counts["queued"] += 1
             self._counts["pending"] += 1
+
+    def arrive(self, call: Call) -> None:
+        """A call was taken for delivery, without a lock: the request thread's way in.
+
+        The call waits here until the dispatcher takes it with :meth:`admit`, and counts as
+        queued and pending from now on: the arrivals are the count, kept as the calls
+        themselves, because appending to a deque is atomic and a counter's ``+=`` is not.
+        """
+        self._arrivals.append(call)
+
+    @property
+    def arriving(self) -> int:
+        """How many calls arrived and were not admitted yet."""
+        return len(self._arrivals)
+
+    def admit(self) -> list[Call]:
+        """Take every call that arrived, oldest first, and count it as :meth:`accepted`.
+
+        Taken and counted under one lock, so a :meth:`snapshot` sees each call once.
+        """
+        arrivals = self._arrivals
+        if not arrivals:
+            return []
+        with self._lock:
+            calls = [arrivals.popleft() for _ in range(len(arrivals))]
+            self._counts["queued"] += len(calls)
+            self._counts["pending"] += len(calls)
+        return calls
 
     def announce(self, call: Call) -> None:
         """Send ``call_accepted`` with the body the call would be sent as."""
