@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
-from ._ids import new_uuid
+from ._ids import new_message_id
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -95,7 +95,8 @@ class Call(NamedTuple):
         cls, *, profile_id: Optional[str], email: str, traits: dict[str, Any], size: int = 0
     ) -> Call:
         """A new identify call, stamped now, with a fresh ``message_id``."""
-        return cls("identify", new_uuid(), profile_id, email, time.time(), traits, None, None, size)
+        now = time.time()
+        return cls("identify", new_message_id(), profile_id, email, now, traits, None, None, size)
 
     @classmethod
     def track(
@@ -109,7 +110,7 @@ class Call(NamedTuple):
     ) -> Call:
         """A new track call, stamped now, with a fresh ``message_id``."""
         return cls(
-            "track", new_uuid(), profile_id, email, time.time(), None, event, properties, size
+            "track", new_message_id(), profile_id, email, time.time(), None, event, properties, size
         )
 
 

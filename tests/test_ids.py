@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import uuid
+import warnings
 
 import pytest
 
-from flask_koala._ids import mint_profile_id, new_uuid, parse_profile_id
+from flask_koala import _ids
+from flask_koala._ids import mint_profile_id, new_message_id, new_uuid, parse_profile_id
 
 VALID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 
@@ -57,3 +60,43 @@ def test_new_uuid_is_a_canonical_version_4_uuid() -> None:
 
 def test_new_uuids_differ() -> None:
     assert len({new_uuid() for _ in range(1000)}) == 1000
+
+
+def test_message_id_is_a_canonical_version_4_uuid() -> None:
+    value = new_message_id()
+    parsed = uuid.UUID(value)
+    assert str(parsed) == value
+    assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+
+
+def test_message_ids_differ() -> None:
+    assert len({new_message_id() for _ in range(1000)}) == 1000
+
+
+def test_a_used_up_seed_is_drawn_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = new_message_id()
+    monkeypatch.setattr(_ids, "_seed", (os.getpid(), before[:24], iter(())))
+    after = new_message_id()
+    assert after[:24] != before[:24]
+    assert uuid.UUID(after).version == 4
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_draws_its_own_seed() -> None:
+    parent = new_message_id()
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about forking while other tests' threads run; harmless here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write, new_message_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    assert uuid.UUID(child).version == 4
+    assert child[:24] != parent[:24]
