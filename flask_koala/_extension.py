@@ -298,7 +298,6 @@ def _build_pipeline(
 ) -> Pipeline:
     """The request-side path of one app, with the dispatchers its settings ask for."""
     sends = config.enabled and not (config.suppress_send and not config.suppress_follows_testing)
-    app_ref = weakref.ref(app)
     return Pipeline(
         config,
         ledger,
@@ -308,7 +307,9 @@ def _build_pipeline(
         suppressed=REGISTRY["suppressed"](config, Needs(ledger, transport_factory))
         if config.enabled
         else None,
-        is_testing=(lambda: bool(getattr(app_ref(), "testing", False)))
+        # app.testing, read live: it is app.config["TESTING"]; the config does not keep the
+        # app alive, and a C-level get costs the request thread least.
+        is_testing=functools.partial(app.config.get, "TESTING", False)
         if config.suppress_follows_testing
         else None,
         resolver=resolver,

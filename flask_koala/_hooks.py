@@ -39,10 +39,16 @@ def connect(app: Flask, config: KoalaConfig) -> None:
 
 def request_scope(cookie_name: str) -> tuple[Optional[Environ], Optional[str]]:
     """The current request's WSGI environ and ``cookie_name`` cookie; ``None`` outside one."""
-    if not has_request_context():
+    try:
+        req = request._get_current_object()  # type: ignore[attr-defined]
+    except RuntimeError:  # outside a request: the one context lookup tells
         return None, None
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    return req.environ, req.cookies.get(cookie_name)
+    # Werkzeug keeps the parsed cookies in the request's __dict__ once read (the session
+    # read them); taken from there, they skip a Python-level descriptor on every call.
+    cookies = req.__dict__.get("cookies")
+    if cookies is None:
+        cookies = req.cookies
+    return req.environ, cookies.get(cookie_name)
 
 
 def current_user() -> Any:

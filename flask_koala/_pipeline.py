@@ -138,7 +138,7 @@ class Pipeline:
         ledger: where skips and drops are counted.
         dispatcher: takes calls while sending is on; ``None`` when the app cannot send.
         suppressed: takes calls while sending is suppressed.
-        is_testing: whether the app is testing now; given when suppression follows it.
+        is_testing: whether the app is testing now (truthy); given when suppression follows it.
         resolver: the identity loader.
         policy: the ``KOALA_MISSING_COOKIE`` policy.
         current_user: the logged-in user of this request, for ``track`` without an email.
@@ -151,7 +151,7 @@ class Pipeline:
         *,
         dispatcher: Optional[Dispatcher],
         suppressed: Optional[Dispatcher],
-        is_testing: Optional[Callable[[], bool]],
+        is_testing: Optional[Callable[[], object]],
         resolver: Resolver,
         policy: MissingCookiePolicy = SKIP,
         current_user: Callable[[], Any] = lambda: None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Optional
 
-from flask import Flask, current_app, has_app_context
+from flask import Flask, current_app
 
 from ._config import KoalaConfig
 from ._ledger import Ledger
@@ -70,13 +70,14 @@ def current_state(owner: Optional[object] = None) -> AppState:
         RuntimeError: no app context; the app was never initialised; or ``owner`` is given
             and another :class:`~flask_koala.Koala` instance initialised it.
     """
-    if not has_app_context():
+    try:
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    except RuntimeError:
         raise RuntimeError(
             "flask-koala needs an application context: call it inside a request, a CLI "
             "command, or `with app.app_context():`."
-        )
-    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-    state = state_of(app)
+        ) from None
+    state: Optional[AppState] = app.extensions.get(EXTENSION_KEY)
     if state is None:
         raise RuntimeError(
             f"flask-koala is not initialised on app {app.name!r}: call "

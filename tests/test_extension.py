@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 
 from flask_koala import Koala, signals
 from flask_koala._receiver import KoalaReceiver
@@ -34,6 +34,17 @@ def test_identify_reads_cookie_of_current_request(
     app: Flask, koala: Koala, receiver: KoalaReceiver
 ) -> None:
     with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
+        assert koala.identify("jane@example.com")
+        koala.flush(5)
+    assert receiver.bodies[0]["profile_id"] == PROFILE_ID
+
+
+def test_identify_reads_the_cookie_the_request_has_already_parsed(
+    app: Flask, koala: Koala, receiver: KoalaReceiver
+) -> None:
+    # A real login has read request.cookies (the session did), and Werkzeug keeps them.
+    with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
+        assert request.cookies["ko_id"] == PROFILE_ID
         assert koala.identify("jane@example.com")
         koala.flush(5)
     assert receiver.bodies[0]["profile_id"] == PROFILE_ID

@@ -161,6 +161,20 @@ def test_testing_set_after_init_app_suppresses_sending(receiver: KoalaReceiver) 
     assert receiver.calls == []
 
 
+def test_the_testing_attribute_set_after_init_app_suppresses_sending(
+    receiver: KoalaReceiver,
+) -> None:
+    app = Flask(__name__)
+    app.config.update(KOALA_PUBLIC_KEY="pk_test", KOALA_API_URL=receiver.url)
+    koala = Koala(app)
+    app.testing = True
+
+    with app.app_context():
+        assert koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        assert koala.stats["suppressed"] == 1
+        koala.shutdown(5)
+
+
 def test_testing_turned_off_later_sends_again(receiver: KoalaReceiver) -> None:
     app = Flask(__name__)
     app.config.update(TESTING=True, KOALA_PUBLIC_KEY="pk_test", KOALA_API_URL=receiver.url)
