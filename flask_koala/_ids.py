@@ -41,7 +41,7 @@ def new_uuid() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
-# The message ids' seed: the process it was drawn in, the random first 20 characters
+# The message ids' seed: the process it was drawn in, the random first 24 characters
 # ("xxxxxxxx-xxxx-4xxx-yxxx-") and the counter for the last 12. One tuple, replaced whole, so
 # a thread never pairs one seed's prefix with another's counter.
 _Seed = tuple[int, str, Iterator[int]]

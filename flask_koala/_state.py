@@ -77,7 +77,7 @@ def current_state(owner: Optional[object] = None) -> AppState:
             "flask-koala needs an application context: call it inside a request, a CLI "
             "command, or `with app.app_context():`."
         ) from None
-    state: Optional[AppState] = app.extensions.get(EXTENSION_KEY)
+    state = state_of(app)
     if state is None:
         raise RuntimeError(
             f"flask-koala is not initialised on app {app.name!r}: call "
