@@ -47,6 +47,9 @@ OUTCOMES = (
     "deferred",
 )
 
+#: The counters a call taken for delivery adds one to: ``pending`` until it ends.
+_ACCEPTED = ("queued", "pending")
+
 _WARN_INTERVAL = 60.0
 # An '@' as a collector may echo it: plain, URL-encoded once or twice (a query string, a
 # path), as an HTML entity or a JSON escape.
@@ -184,8 +187,8 @@ class Ledger:
             counts = dict.fromkeys(OUTCOMES, 0)
             counts.update(self._counts)
             arriving = len(self._arrivals)
-        counts["queued"] += arriving
-        counts["pending"] += arriving
+        for name in _ACCEPTED:
+            counts[name] += arriving
         return MappingProxyType(counts)
 
     # -- how calls end -------------------------------------------------------------------
@@ -197,8 +200,7 @@ class Ledger:
         sends the signal once that lock is released.
         """
         with self._lock:
-            self._counts["queued"] += 1
-            self._counts["pending"] += 1
+            self._counts.update(_ACCEPTED)
 
     def arrive(self, call: Call) -> None:
         """A call was taken for delivery, without a lock: the request thread's way in.
@@ -224,8 +226,7 @@ class Ledger:
             return []
         with self._lock:
             calls = [arrivals.popleft() for _ in range(len(arrivals))]
-            self._counts["queued"] += len(calls)
-            self._counts["pending"] += len(calls)
+            self._counts.update(dict.fromkeys(_ACCEPTED, len(calls)))
         return calls
 
     def announce(self, call: Call) -> None:
