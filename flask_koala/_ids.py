@@ -57,19 +57,21 @@ def new_message_id() -> str:
     for random bytes. The seed is drawn again in a forked child (the pid is checked on every
     call, so a fork that skipped Python's hooks is covered too) and after 2**48 ids.
     """
-    global _seed
-    pid, prefix, counter = _seed
-    if pid != os.getpid():
-        pid, prefix, counter = _seed = _draw_seed()
-    number = next(counter, None)
+    seed = _seed
+    if seed[0] != os.getpid():
+        seed = _draw_seed()
+    number = next(seed[2], None)
     if number is None:  # this seed's ids are used up
-        pid, prefix, counter = _seed = _draw_seed()
-        number = next(counter)
-    return f"{prefix}{number:012x}"
+        seed = _draw_seed()
+        number = next(seed[2])
+    return f"{seed[1]}{number:012x}"
 
 
 def _draw_seed() -> _Seed:
-    return os.getpid(), new_uuid()[:24], iter(range(_COUNT))
+    """A fresh seed for this process, kept for the next calls."""
+    global _seed
+    _seed = (os.getpid(), new_uuid()[:24], iter(range(_COUNT)))
+    return _seed
 
 
 def mint_profile_id() -> str:
