@@ -11,7 +11,16 @@ import re
 from collections.abc import Iterator
 from typing import Optional
 
-__all__ = ["UUID_TEXT", "mint_profile_id", "new_message_id", "new_uuid", "parse_profile_id"]
+__all__ = [
+    "UUID_TEXT",
+    "WHOLE_ID",
+    "format_message_id",
+    "mint_profile_id",
+    "new_message_id",
+    "new_uuid",
+    "next_message_id",
+    "parse_profile_id",
+]
 
 #: A UUID in canonical text form, any case (a pattern to embed; match it whole).
 UUID_TEXT = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -49,6 +58,10 @@ _COUNT = 1 << 48  # ids per seed: 12 hex digits
 _seed: _Seed = (-1, "", iter(()))
 
 
+#: The ``number`` of a message id whose ``prefix`` is the whole id (a deferred call's).
+WHOLE_ID = -1
+
+
 def new_message_id() -> str:
     """A unique id for one call, in canonical version 4 UUID form, at half ``new_uuid``'s cost.
 
@@ -57,6 +70,15 @@ def new_message_id() -> str:
     for random bytes. The seed is drawn again in a forked child (the pid is checked on every
     call, so a fork that skipped Python's hooks is covered too) and after 2**48 ids.
     """
+    return format_message_id(*next_message_id())
+
+
+def next_message_id() -> tuple[str, int]:
+    """A fresh message id in parts, ``(prefix, number)``, to be formatted when it is sent.
+
+    A waiting call keeps the parts (a prefix every id of the seed shares, and an int) instead
+    of 36 characters of its own: about 50 bytes less a call in a backlog.
+    """
     seed = _seed
     if seed[0] != os.getpid():
         seed = _draw_seed()
@@ -64,7 +86,12 @@ def new_message_id() -> str:
     if number is None:  # this seed's ids are used up
         seed = _draw_seed()
         number = next(seed[2])
-    return f"{seed[1]}{number:012x}"
+    return seed[1], number
+
+
+def format_message_id(prefix: str, number: int) -> str:
+    """The text of a message id from its parts (:data:`WHOLE_ID`: ``prefix`` is the id)."""
+    return prefix if number == WHOLE_ID else f"{prefix}{number:012x}"
 
 
 def _draw_seed() -> _Seed:

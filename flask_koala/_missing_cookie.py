@@ -41,7 +41,7 @@ from flask_login import user_logged_out
 
 from ._config import KoalaConfig
 from ._exceptions import ConfigError
-from ._ids import mint_profile_id, new_uuid, parse_profile_id
+from ._ids import WHOLE_ID, mint_profile_id, new_uuid, parse_profile_id
 from ._ledger import Ledger
 from ._payload import Call, clean_email, clean_traits
 from ._pipeline import MINTED_KEY, SKIP, Environ, MissingCookiePolicy, Pipeline
@@ -270,7 +270,9 @@ def _send_deferred(ledger: Ledger, config: KoalaConfig, pipeline: Pipeline) -> N
         traits = dict(entry.traits)
         traits["email"] = entry.email
         # The login's own time and id: sent_at is when it happened, not when it went out.
-        call = Call("identify", entry.message_id, profile_id, entry.email, entry.at, traits)
+        call = Call(
+            "identify", entry.message_id, WHOLE_ID, profile_id, entry.email, entry.at, traits
+        )
         pipeline.submit_deferred(call, request.environ)
 
 

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
-from ._ids import new_message_id
+from ._ids import format_message_id, next_message_id
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -66,7 +66,10 @@ class Call(NamedTuple):
     """One identify or track, reduced to plain values that are safe to hand to a thread."""
 
     kind: str  # "identify" or "track"
-    message_id: str
+    #: The message id in parts (see :attr:`message_id`): a prefix its process's ids share
+    #: and a number, or the whole id and ``WHOLE_ID``.
+    id_prefix: str
+    id_number: int
     profile_id: Optional[str]
     email: Optional[str]
     timestamp: float  # when it happened (time.time()), not when it is sent
@@ -76,6 +79,11 @@ class Call(NamedTuple):
     #: An upper bound of the bytes this call adds to a request body (:func:`body_bound`);
     #: the queue keeps a batch of several calls within :data:`MAX_BODY_BYTES` with it.
     size: int = 0
+
+    @property
+    def message_id(self) -> str:
+        """The id Koala de-duplicates this call by, the same on every attempt."""
+        return format_message_id(self.id_prefix, self.id_number)
 
     @property
     def person(self) -> tuple[Optional[str], Optional[str]]:
@@ -95,8 +103,9 @@ class Call(NamedTuple):
         cls, *, profile_id: Optional[str], email: str, traits: dict[str, Any], size: int = 0
     ) -> Call:
         """A new identify call, stamped now, with a fresh ``message_id``."""
+        prefix, number = next_message_id()
         now = time.time()
-        return cls("identify", new_message_id(), profile_id, email, now, traits, None, None, size)
+        return cls("identify", prefix, number, profile_id, email, now, traits, None, None, size)
 
     @classmethod
     def track(
@@ -109,9 +118,9 @@ class Call(NamedTuple):
         size: int = 0,
     ) -> Call:
         """A new track call, stamped now, with a fresh ``message_id``."""
-        return cls(
-            "track", new_message_id(), profile_id, email, time.time(), None, event, properties, size
-        )
+        prefix, number = next_message_id()
+        now = time.time()
+        return cls("track", prefix, number, profile_id, email, now, None, event, properties, size)
 
 
 def clean_email(value: object) -> Optional[str]:

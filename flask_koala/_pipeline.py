@@ -14,7 +14,7 @@ from collections.abc import Mapping, MutableMapping
 from time import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Protocol, Union
 
-from ._ids import new_message_id, parse_profile_id
+from ._ids import next_message_id, parse_profile_id
 from ._ledger import describe_error
 from ._payload import (
     MAX_BODY_BYTES,
@@ -233,7 +233,8 @@ class Pipeline:
         plain["email"] = clean
         bound = body_bound("identify", clean, None, size)
         # Positionally, as Call.identify would: this is the request thread's hottest line.
-        call = Call("identify", new_message_id(), resolved, clean, time(), plain, None, None, bound)
+        prefix, number = next_message_id()
+        call = Call("identify", prefix, number, resolved, clean, time(), plain, None, None, bound)
         if bound > MAX_BODY_BYTES and not fits(call, size):  # only then encode to measure
             ledger.skipped("too_large", email=clean, profile_id=resolved)
             return False

@@ -9,7 +9,15 @@ import warnings
 import pytest
 
 from flask_koala import _ids
-from flask_koala._ids import mint_profile_id, new_message_id, new_uuid, parse_profile_id
+from flask_koala._ids import (
+    WHOLE_ID,
+    format_message_id,
+    mint_profile_id,
+    new_message_id,
+    new_uuid,
+    next_message_id,
+    parse_profile_id,
+)
 
 VALID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 
@@ -71,6 +79,21 @@ def test_message_id_is_a_canonical_version_4_uuid() -> None:
 
 def test_message_ids_differ() -> None:
     assert len({new_message_id() for _ in range(1000)}) == 1000
+
+
+def test_message_ids_of_one_seed_share_one_prefix_object() -> None:
+    (first, _), (second, _) = next_message_id(), next_message_id()
+    assert first is second  # a waiting call holds a pointer to it, not 36 characters
+
+
+def test_message_id_parts_format_as_the_id() -> None:
+    prefix, number = next_message_id()
+    assert new_message_id() == format_message_id(prefix, number + 1)
+
+
+def test_a_whole_id_formats_as_itself() -> None:
+    value = new_uuid()
+    assert format_message_id(value, WHOLE_ID) == value
 
 
 def test_a_used_up_seed_is_drawn_again(monkeypatch: pytest.MonkeyPatch) -> None:

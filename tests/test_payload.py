@@ -216,6 +216,16 @@ def identify(traits: dict[str, Any] | None = None, email: str = "jane@example.co
     )
 
 
+def test_a_call_keeps_its_message_id() -> None:
+    call = identify()
+    assert call.message_id == call.message_id
+    assert uuid.UUID(call.message_id).version == 4
+
+
+def test_calls_differ_in_message_id() -> None:
+    assert identify().message_id != identify().message_id
+
+
 def test_small_call_fits() -> None:
     assert fits(identify(), 100)
 
