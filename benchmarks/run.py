@@ -263,12 +263,13 @@ def figure_4(profile: Profile) -> Row:
     with ReceiverProcess(delay=3600) as hanging:
         for _ in range(profile.repeats):
             result = _child("memory", hanging.koala_url, profile.backlog)
-            growths.append(result["growth"] / 2**20 * 10_000 / max(1, result["calls"]))
+            # Decimal megabytes (10**6 bytes): the stricter reading of the target's "10 MB".
+            growths.append(result["growth"] / 1e6 * 10_000 / max(1, result["calls"]))
     scaled = sorted(growths)[len(growths) // 2]
     _say(
         f"  {result['accepted']} of {result['calls']} calls queued ({result['dropped']} dropped),"
-        f" RSS {result['before'] / 2**20:.1f} MB before; growth per 10,000 calls, median of"
-        f" {len(growths)} fresh processes: +{scaled:.1f} MB"
+        f" RSS {result['before'] / 1e6:.1f} MB before (MB = 10**6 bytes); growth per 10,000"
+        f" calls, median of {len(growths)} fresh processes: +{scaled:.1f} MB"
     )
     return Row(
         f"4. RSS, backlog of {result['calls']:,}",
