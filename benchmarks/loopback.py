@@ -28,8 +28,10 @@ class ReceiverProcess:
     """``python -m benchmarks.receiver`` as a child, steered through its stdin.
 
     Attributes:
-        koala_url: base URL of the loopback Koala (``KOALA_API_URL``).
-        segment_url: base URL of the sink that answers Segment's uploads 200.
+        koala_url: base URL of the loopback Koala (``KOALA_API_URL``), which checks every
+            body against Koala's contract.
+        sink_url: base URL of a sink that answers every POST ``200 {}`` and checks nothing
+            (:mod:`benchmarks.sink`): where figure 1's variants send.
     """
 
     def __init__(self, delay: float = 0.0) -> None:
@@ -43,7 +45,7 @@ class ReceiverProcess:
         )
         urls = json.loads(self._line())
         self.koala_url: str = urls["koala"]
-        self.segment_url: str = urls["segment"]
+        self.sink_url: str = urls["sink"]
 
     def _line(self) -> str:
         assert self._process.stdout is not None

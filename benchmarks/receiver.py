@@ -1,4 +1,4 @@
-"""A loopback Koala, and a sink for Segment, in a process of their own.
+"""A loopback Koala and a sink (:mod:`benchmarks.sink`), in a process of their own.
 
 The benchmarks start this as a subprocess so that the receiver's CPU and memory never blur
 the figures of the process being measured. It prints one JSON line with the two base URLs,
@@ -21,45 +21,20 @@ import argparse
 import json
 import random
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from flask_koala._receiver import KoalaReceiver
 
-
-class _SinkHandler(BaseHTTPRequestHandler):
-    """Answers every POST ``200 {}`` after reading its body, with keep-alive."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Stay silent."""
-
-
-def _sink() -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SinkHandler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="segment-sink", daemon=True).start()
-    return server
+from .sink import Sink
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--delay", type=float, default=0.0, help="Koala answer delay, seconds")
     args = parser.parse_args()
-    sink = _sink()
+    sink = Sink()
     with KoalaReceiver() as koala:
         koala.delay(args.delay)
-        urls = {"koala": koala.url, "segment": f"http://127.0.0.1:{sink.server_address[1]}"}
+        urls = {"koala": koala.url, "sink": sink.url}
         print(json.dumps(urls), flush=True)
         for line in sys.stdin:
             command, _, value = line.strip().partition(" ")
@@ -81,7 +56,7 @@ def main() -> None:
             else:
                 answer = f"unknown command {command!r}"
             print(answer, flush=True)
-    sink.shutdown()
+    sink.close()
 
 
 if __name__ == "__main__":

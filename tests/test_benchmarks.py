@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from benchmarks.sink import ANSWER, Sink
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,3 +33,48 @@ def test_benchmark_smoke_run_prints_every_figure() -> None:
     rows = re.findall(r"^([0-5]b?)\. .*(?:PASS|FAIL|n/a)$", result.stdout, re.MULTILINE)
     assert rows == ["0", "1", "1b", "2", "2b", "3", "4", "5"], result.stdout
     assert "load average" in result.stdout  # the run's conditions
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    server = Sink()
+    yield server
+    server.close()
+
+
+def _connect(sink: Sink) -> socket.socket:
+    host, port = sink.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def _answers(connection: socket.socket, count: int) -> bytes:
+    received = b""
+    while received.count(b"{}") < count:
+        received += connection.recv(4096)
+    return received
+
+
+def _post(body: bytes) -> bytes:
+    return b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+def test_sink_answers_each_request_on_a_kept_alive_connection(sink: Sink) -> None:
+    with _connect(sink) as connection:
+        for _ in range(2):
+            connection.sendall(_post(b'{"a": 1}'))
+            assert _answers(connection, 1) == ANSWER
+
+
+def test_sink_waits_for_a_body_that_comes_in_pieces(sink: Sink) -> None:
+    request = _post(b'{"profile_id": "x"}')
+    with _connect(sink) as connection:
+        connection.sendall(request[:-5])
+        time.sleep(0.05)
+        connection.sendall(request[-5:])
+        assert _answers(connection, 1) == ANSWER
+
+
+def test_sink_answers_two_requests_sent_at_once(sink: Sink) -> None:
+    with _connect(sink) as connection:
+        connection.sendall(_post(b"{}") + _post(b"[]"))
+        assert _answers(connection, 2) == ANSWER * 2
