@@ -1,14 +1,17 @@
 """Figure 1: the time each variant adds to a login, seen by an HTTP client.
 
-Each variant of :mod:`benchmarks.apps` is served by its own gunicorn (threaded worker, one
-process, four threads; flask-koala's delivery threads live in that process, as in
-production, so they compete with the request threads for the GIL). This process is the
-client: one keep-alive connection per server, logins one after another, each timed from
-sending the request to reading the whole response. Variants take turns in short blocks, in
-a shuffled order each round, so drift on a noisy machine hits all of them alike; the figure
-is the median of every login of a variant. Its spread: the rounds are cut into
-:data:`GROUPS` consecutive groups, the time added is measured in each group alone, and the
-lowest and highest of those are printed beside the figure.
+Each variant of :mod:`benchmarks.apps` is served by gunicorn (threaded worker, one process,
+four threads; flask-koala's delivery threads live in that process, as in production, so
+they compete with the request threads for the GIL), in several servers of its own: a
+server process carries an offset of its own, tens of microseconds that no number of logins
+averages out (two servers of the same app differ by that much), so each variant's logins
+are spread over :data:`SERVERS` processes. This process is the client: one keep-alive
+connection per server, logins one after another, each timed from sending the request to
+reading the whole response. Every server takes its turn in a short block each round, in a
+shuffled order, so drift on a noisy machine hits all of them alike; the figure is the
+median of every login of a variant, all its servers together. Its spread: the rounds are
+cut into :data:`GROUPS` consecutive groups, the time added is measured in each group alone,
+and the lowest and highest of those are printed beside the figure.
 
 Two regimes are measured:
 
@@ -36,6 +39,8 @@ from .stats import median
 
 #: How many consecutive groups of rounds the spread of a figure is measured over.
 GROUPS = 6
+#: How many server processes each variant's logins are spread over.
+SERVERS = 3
 
 
 @dataclass
@@ -44,7 +49,8 @@ class Latency:
 
     paced: dict[str, float]
     saturated: dict[str, float]
-    logins: int  # timed logins per variant and regime
+    logins: int  # timed paced logins per variant
+    saturated_logins: int
     paced_groups: dict[str, list[float]]
     saturated_groups: dict[str, list[float]]
 
@@ -70,20 +76,23 @@ def _login(connection: http.client.HTTPConnection) -> None:
 
 
 def _timed(
-    connections: dict[str, http.client.HTTPConnection], rounds: int, block: int, gap: float
+    connections: dict[tuple[str, int], http.client.HTTPConnection],
+    rounds: int,
+    block: int,
+    gap: float,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Median login time per variant, and the medians of each group of rounds."""
-    samples: dict[str, list[float]] = {name: [] for name in connections}
+    """Median login time per variant (its servers together), and per group of rounds."""
+    samples: dict[str, list[float]] = {name: [] for name, _ in connections}
     order = list(connections)
     clock = time.perf_counter
     for _ in range(rounds):
         random.shuffle(order)
-        for name in order:
-            connection = connections[name]
+        for server in order:
+            connection, times = connections[server], samples[server[0]]
             for _ in range(block):
                 start = clock()
                 _login(connection)
-                samples[name].append(clock() - start)
+                times.append(clock() - start)
                 if gap:
                     time.sleep(gap)
     groups = min(GROUPS, rounds)
@@ -105,21 +114,34 @@ def measure(
     block: int = 10,
     gap: float = 0.002,
     warmup: int = 30,
+    servers: int = SERVERS,
 ) -> Latency:
-    """Serve every variant, warm each up, then time paced and saturated logins."""
+    """Serve every variant ``servers`` times, warm each up, then time paced and saturated
+    logins: each round, every server serves a block of ``block`` logins."""
     # Every variant sends to the sink: what the receiving end does with a request would
     # otherwise take CPU from the logins timed here, which a remote API never does.
     env = child_env(BENCH_KOALA_URL=receiver.sink_url, BENCH_SEGMENT_URL=receiver.sink_url)
     with contextlib.ExitStack() as stack:
         connections = {}
         for name in variants:
-            host, port = stack.enter_context(gunicorn(f"benchmarks.apps:create({name!r})", env))
-            connection = http.client.HTTPConnection(host, port, timeout=30)
-            stack.callback(connection.close)
-            connections[name] = connection
+            for copy in range(servers):
+                app = f"benchmarks.apps:create({name!r})"
+                host, port = stack.enter_context(gunicorn(app, env))
+                connection = http.client.HTTPConnection(host, port, timeout=30)
+                stack.callback(connection.close)
+                connections[name, copy] = connection
         for connection in connections.values():
             for _ in range(warmup):  # the first waits for gunicorn to boot
                 _login(connection)
         paced, paced_groups = _timed(connections, rounds, block, gap)
-        saturated, saturated_groups = _timed(connections, max(1, rounds // 2), block, 0.0)
-    return Latency(paced, saturated, rounds * block, paced_groups, saturated_groups)
+        saturated_rounds = max(1, rounds // 2)
+        saturated, saturated_groups = _timed(connections, saturated_rounds, block, 0.0)
+    per_round = block * servers
+    return Latency(
+        paced,
+        saturated,
+        rounds * per_round,
+        saturated_rounds * per_round,
+        paced_groups,
+        saturated_groups,
+    )

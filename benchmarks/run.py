@@ -42,9 +42,10 @@ OUTAGE_WINDOW = 8.0
 class Profile:
     """How many samples each figure takes."""
 
-    rounds: int  # figure 1: rounds of `block` logins per variant
+    rounds: int  # figure 1: rounds in which every server serves `block` logins
     block: int
     warmup: int
+    servers: int  # figure 1: server processes per variant
     cpu_logins: int  # figure 2: logins per round
     cpu_rounds: int
     drain_calls: int  # figure 3
@@ -57,18 +58,20 @@ class Profile:
 
 PROFILES = {
     "full": Profile(
-        rounds=120,
+        rounds=40,
         block=10,
         warmup=200,
+        servers=3,
         cpu_logins=200,
         cpu_rounds=40,
         drain_calls=600,
         backlog=10_000,
     ),
     "quick": Profile(
-        rounds=30,
+        rounds=10,
         block=10,
         warmup=50,
+        servers=3,
         cpu_logins=200,
         cpu_rounds=12,
         drain_calls=200,
@@ -80,6 +83,7 @@ PROFILES = {
         rounds=1,
         block=3,
         warmup=2,
+        servers=2,
         cpu_logins=20,
         cpu_rounds=1,
         drain_calls=8,
@@ -155,9 +159,13 @@ def figure_1(
         block=profile.block,
         gap=gap,
         warmup=profile.warmup,
+        servers=profile.servers,
     )
     bare = result.paced["bare"]
-    _say(f"  {result.logins} timed logins per variant and regime; medians:")
+    _say(
+        f"  {result.logins} paced and {result.saturated_logins} saturated timed logins per"
+        f" variant, over {profile.servers} servers each; medians:"
+    )
     for name in variants:
         paced, saturated = result.paced[name], result.saturated[name]
         added = (
@@ -335,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="prove it runs (seconds); figures meaningless"
     )
     parser.add_argument("-n", "--logins", type=int, help="figure 2: logins per round")
-    parser.add_argument("--rounds", type=int, help="figure 1: rounds of 10 logins per variant")
+    parser.add_argument(
+        "--rounds", type=int, help="figure 1: rounds in which every server serves 10 logins"
+    )
+    parser.add_argument("--servers", type=int, help="figure 1: server processes per variant")
     parser.add_argument(
         "--gap", type=float, default=10.0, help="figure 1: pause after each paced login, ms"
     )
@@ -349,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         profile = dataclasses.replace(profile, cpu_logins=args.logins)
     if args.rounds:
         profile = dataclasses.replace(profile, rounds=args.rounds)
+    if args.servers:
+        profile = dataclasses.replace(profile, servers=args.servers)
 
     variants = (*VARIANTS, CONTROL)
     if importlib.util.find_spec("segment") is None:
