@@ -50,7 +50,10 @@ def _connect(sink: Sink) -> socket.socket:
 def _answers(connection: socket.socket, count: int) -> bytes:
     received = b""
     while received.count(b"{}") < count:
-        received += connection.recv(4096)
+        chunk = connection.recv(4096)
+        if not chunk:  # closed: what came is the answer
+            break
+        received += chunk
     return received
 
 

@@ -86,9 +86,11 @@ def test_message_ids_of_one_seed_share_one_prefix_object() -> None:
     assert first is second  # a waiting call holds a pointer to it, not 36 characters
 
 
-def test_message_id_parts_format_as_the_id() -> None:
+def test_message_id_parts_format_as_a_canonical_id() -> None:
     prefix, number = next_message_id()
-    assert new_message_id() == format_message_id(prefix, number + 1)
+    value = format_message_id(prefix, number)
+    assert value == f"{prefix}{number:012x}"
+    assert str(uuid.UUID(value)) == value
 
 
 def test_a_whole_id_formats_as_itself() -> None:
