@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer samples (under 40 s)")
+    mode.add_argument("--quick", action="store_true", help="fewer samples (under two minutes)")
     mode.add_argument(
         "--smoke", action="store_true", help="prove it runs (seconds); figures meaningless"
     )
