@@ -1,4 +1,4 @@
-"""A test app with a real Flask-Login login view, and the values tests share."""
+"""A test app with a real Flask-Login login view, and the values and seams tests share."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +20,9 @@ from flask import Flask, jsonify, request
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 
 from flask_koala import Koala
+from flask_koala._engine import Verdict
 from flask_koala._ledger import Ledger
+from flask_koala._payload import Call
 
 PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 OTHER_PROFILE_ID = "9b2c1e6a-1d3f-4c55-8e7a-0f1e2d3c4b5a"
@@ -364,3 +366,39 @@ class SlowResetLedger(Ledger):
             self.resetting.set()
             time.sleep(0.2)
         super().reset()
+
+
+class RecordingChannel:
+    """Answers each attempt from a script of verdicts (then ``sent``); records the batches."""
+
+    def __init__(self, owner: RecordingHandler) -> None:
+        self._owner = owner
+
+    def handle(self, batch: Sequence[Call]) -> Verdict:
+        owner = self._owner
+        owner.opened.wait(10)
+        with owner.lock:
+            owner.batches.append(list(batch))
+            owner.memos.append(getattr(batch, "memo", None))
+            return owner.verdicts.pop(0) if owner.verdicts else Verdict("sent", status=200)
+
+    def close(self) -> None:
+        with self._owner.lock:
+            self._owner.closed += 1
+
+
+class RecordingHandler:
+    def __init__(self, *verdicts: Verdict) -> None:
+        self.verdicts = list(verdicts)
+        self.batches: list[list[Call]] = []
+        self.memos: list[object] = []
+        self.lock = threading.Lock()
+        self.opened = threading.Event()
+        self.opened.set()
+        self.open_gate = threading.Event()
+        self.open_gate.set()
+        self.closed = 0
+
+    def open(self) -> RecordingChannel:
+        self.open_gate.wait(10)
+        return RecordingChannel(self)

@@ -3,34 +3,23 @@ once, and the engine admits them into its queue at the next wake-up or take (iss
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
 
-from flask_koala._engine import Engine, Verdict
+from flask_koala._engine import Engine
 from flask_koala._ledger import Ledger
 from flask_koala._payload import Call
 from flask_koala._retry import RetryPolicy
+
+from .support import RecordingHandler
 
 
 def identify(n: int = 1) -> Call:
     email = f"user{n}@example.com"
     profile_id = f"3f2504e0-4f89-41d3-9a0c-{n:012d}"
     return Call.identify(profile_id=profile_id, email=email, traits={"email": email})
-
-
-class SentChannel:
-    def handle(self, batch: Sequence[Call]) -> Verdict:
-        return Verdict("sent", status=200)
-
-    def close(self) -> None:
-        pass
-
-
-class SentHandler:
-    def open(self) -> SentChannel:
-        return SentChannel()
 
 
 class StopAsItArrives(Ledger):
@@ -55,7 +44,7 @@ def make_engine() -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
     def make(ledger: Ledger, **options: Any) -> Engine:
-        engine = Engine(SentHandler(), ledger, policy=RetryPolicy(attempts=1), **options)
+        engine = Engine(RecordingHandler(), ledger, policy=RetryPolicy(attempts=1), **options)
         engines.append(engine)
         return engine
 

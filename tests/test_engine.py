@@ -23,7 +23,7 @@ from flask_koala._retry import PauseGate, RetryPolicy
 from flask_koala._transport import Response, Transport
 from flask_koala._waking import BURST, HELP_AFTER
 
-from .support import SlowResetLedger
+from .support import RecordingChannel, RecordingHandler, SlowResetLedger
 
 URL = "http://127.0.0.1:9/web/projects/pk/batch"
 
@@ -578,42 +578,6 @@ def test_retry_after_also_holds_back_a_worker_already_backing_off(ledger: Ledger
 
 
 # -- the Handler/Channel seam --------------------------------------------------------------
-
-
-class RecordingChannel:
-    """Answers each attempt from a script of verdicts (then ``sent``); records the batches."""
-
-    def __init__(self, owner: RecordingHandler) -> None:
-        self._owner = owner
-
-    def handle(self, batch: Sequence[Call]) -> Verdict:
-        owner = self._owner
-        owner.opened.wait(10)
-        with owner.lock:
-            owner.batches.append(list(batch))
-            owner.memos.append(getattr(batch, "memo", None))
-            return owner.verdicts.pop(0) if owner.verdicts else Verdict("sent", status=200)
-
-    def close(self) -> None:
-        with self._owner.lock:
-            self._owner.closed += 1
-
-
-class RecordingHandler:
-    def __init__(self, *verdicts: Verdict) -> None:
-        self.verdicts = list(verdicts)
-        self.batches: list[list[Call]] = []
-        self.memos: list[object] = []
-        self.lock = threading.Lock()
-        self.opened = threading.Event()
-        self.opened.set()
-        self.open_gate = threading.Event()
-        self.open_gate.set()
-        self.closed = 0
-
-    def open(self) -> RecordingChannel:
-        self.open_gate.wait(10)
-        return RecordingChannel(self)
 
 
 @pytest.fixture
