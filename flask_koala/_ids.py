@@ -16,7 +16,6 @@ __all__ = [
     "WHOLE_ID",
     "format_message_id",
     "mint_profile_id",
-    "new_message_id",
     "new_uuid",
     "next_message_id",
     "parse_profile_id",
@@ -62,21 +61,14 @@ _seed: _Seed = (-1, "", iter(()))
 WHOLE_ID = -1
 
 
-def new_message_id() -> str:
-    """A unique id for one call, in canonical version 4 UUID form, at half ``new_uuid``'s cost.
+def next_message_id() -> tuple[str, int]:
+    """A unique id for one call in parts, ``(prefix, number)``: see :func:`format_message_id`.
 
     Message ids need to be unique, not unguessable (Koala de-duplicates by them): each process
     draws 74 random bits once and counts up in the last 48, so an id costs no system call
     for random bytes. The seed is drawn again in a forked child (the pid is checked on every
-    call, so a fork that skipped Python's hooks is covered too) and after 2**48 ids.
-    """
-    return format_message_id(*next_message_id())
-
-
-def next_message_id() -> tuple[str, int]:
-    """A fresh message id in parts, ``(prefix, number)``, to be formatted when it is sent.
-
-    A waiting call keeps the parts (a prefix every id of the seed shares, and an int) instead
+    call, so a fork that skipped Python's hooks is covered too) and after 2**48 ids. A
+    waiting call keeps the parts (a prefix every id of the seed shares, and an int) instead
     of 36 characters of its own: about 60 bytes less a call in a backlog.
     """
     seed = _seed
@@ -90,7 +82,8 @@ def next_message_id() -> tuple[str, int]:
 
 
 def format_message_id(prefix: str, number: int) -> str:
-    """The text of a message id from its parts (:data:`WHOLE_ID`: ``prefix`` is the id)."""
+    """The text of a message id from its parts, canonical version 4 UUID form
+    (:data:`WHOLE_ID`: ``prefix`` is the id)."""
     return prefix if number == WHOLE_ID else f"{prefix}{number:012x}"
 
 

@@ -13,13 +13,16 @@ from flask_koala._ids import (
     WHOLE_ID,
     format_message_id,
     mint_profile_id,
-    new_message_id,
     new_uuid,
     next_message_id,
     parse_profile_id,
 )
 
 VALID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
+
+
+def new_message_id() -> str:
+    return format_message_id(*next_message_id())
 
 
 def test_valid_uuid_passes() -> None:
