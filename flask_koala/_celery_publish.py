@@ -58,18 +58,30 @@ Parts = tuple[bytes, str, str]
 
 
 def task_kwargs(
-    calls: Sequence[Call], *, endpoint: str, timeout: Timeout, policy: RetryPolicy
+    calls: Sequence[Call],
+    *,
+    endpoint: str,
+    timeout: Timeout,
+    policy: RetryPolicy,
+    ca_bundle: Optional[str] = None,
 ) -> dict[str, Any]:
     """The task's keyword arguments for one batch: plain JSON, everything the worker needs."""
     return {
         "body": build_body(calls),
         "message_ids": [call.message_id for call in calls],
-        **_shared_kwargs(endpoint, timeout, policy),
+        **_shared_kwargs(endpoint, timeout, policy, ca_bundle),
     }
 
 
-def _shared_kwargs(endpoint: str, timeout: Timeout, policy: RetryPolicy) -> dict[str, Any]:
-    """The task arguments every batch of one app shares."""
+def _shared_kwargs(
+    endpoint: str, timeout: Timeout, policy: RetryPolicy, ca_bundle: Optional[str]
+) -> dict[str, Any]:
+    """The task arguments every batch of one app shares.
+
+    ``ca_bundle`` (``KOALA_CA_BUNDLE``) is added only when set, so a worker trusts what the
+    web app trusts; an app without it publishes the same messages as before.
+    """
+    extra = {} if ca_bundle is None else {"ca_bundle": ca_bundle}
     return {
         "endpoint": endpoint,
         "timeout": list(timeout) if isinstance(timeout, tuple) else timeout,
@@ -79,6 +91,7 @@ def _shared_kwargs(endpoint: str, timeout: Timeout, policy: RetryPolicy) -> dict
             "wait_max": policy.wait_max,
             "wait_exp_base": policy.wait_exp_base,
         },
+        **extra,
     }
 
 
@@ -96,6 +109,7 @@ class CeleryPublisher:
         queue: the Celery queue (``KOALA_CELERY_QUEUE``).
         publish_timeout: bounds connecting and each publish
             (``KOALA_CELERY_PUBLISH_TIMEOUT``).
+        ca_bundle: the CA bundle the worker trusts for TLS (``KOALA_CA_BUNDLE``).
         fast: on a Redis broker, push the message onto the queue's list directly;
             ``False`` publishes every message through kombu's producer.
     """
@@ -109,6 +123,7 @@ class CeleryPublisher:
         policy: RetryPolicy,
         queue: str = "koala",
         publish_timeout: float = 1.0,
+        ca_bundle: Optional[str] = None,
         fast: bool = True,
     ) -> None:
         register_task(celery_app)
@@ -117,7 +132,7 @@ class CeleryPublisher:
         self.celery = celery_app
         self.publish_timeout = publish_timeout
         # The task arguments every batch shares, ready to merge.
-        self._shared = _shared_kwargs(endpoint, timeout, policy)
+        self._shared = _shared_kwargs(endpoint, timeout, policy, ca_bundle)
         self._throttle = Throttle(time.monotonic)
         self._throttle_lock = threading.Lock()
         amqp = celery_app.amqp
@@ -399,6 +414,7 @@ class CeleryDispatcher:
         ledger: Ledger,
         queue: str = "koala",
         publish_timeout: float = 1.0,
+        ca_bundle: Optional[str] = None,
         max_queue_size: int = 10_000,
         shutdown_timeout: float = 2.0,
     ) -> None:
@@ -409,6 +425,7 @@ class CeleryDispatcher:
             policy=policy,
             queue=queue,
             publish_timeout=publish_timeout,
+            ca_bundle=ca_bundle,
         )
         # One thread: a publish takes a fraction of a millisecond while the broker is up.
         self._engine = Engine(
@@ -442,6 +459,7 @@ class CeleryDispatcher:
             ledger=ledger,
             queue=config.celery_queue,
             publish_timeout=config.celery_publish_timeout,
+            ca_bundle=config.ca_bundle,
             max_queue_size=config.max_queue_size,
             shutdown_timeout=config.shutdown_timeout,
         )

@@ -5,7 +5,8 @@ What a worker module needs: :func:`register_task`, the task's name :data:`TASK_N
 joins this module only through JSON on the broker.
 
 The task needs no Flask app: its arguments carry the ready body, the endpoint, the
-``message_id`` of every entry, the timeout and the retry policy. It posts once per run and
+``message_id`` of every entry, the timeout, the retry policy and, when the web app sets
+``KOALA_CA_BUNDLE``, that CA bundle's path. It posts once per run and
 classifies the answer with :func:`~flask_koala._delivery.attempt`, the thread engine's own
 rules: 2xx is delivered, 408/429/5xx and network errors are retried after ``Retry-After``
 or the engine's backoff, any other 4xx fails for good. A retry re-sends the body unchanged,
@@ -111,12 +112,14 @@ def _deliver(
     message_ids: list[str],
     timeout: Any = 5.0,
     policy: Optional[Mapping[str, Any]] = None,
+    ca_bundle: Optional[str] = None,
     **_newer: Any,  # arguments a newer web process may add; an older worker ignores them
 ) -> dict[str, Any]:
     """Post the body once; retry it through Celery, or end the call."""
     retries: int = task.request.retries or 0
     retry_policy = _policy(policy)
-    outcome = attempt(_transport(), endpoint, encode_body(body), _timeout(timeout))
+    transport = _transport(ca_bundle)
+    outcome = attempt(transport, endpoint, encode_body(body), _timeout(timeout))
     count = len(message_ids)
     if outcome.outcome == "sent":
         logger.debug(
@@ -154,13 +157,17 @@ _worker_ledger = Ledger(lambda: None)
 _local = threading.local()
 
 
-def _transport() -> Transport:
-    """One keep-alive transport per worker thread, never inherited across a fork."""
+def _transport(ca_bundle: Optional[str]) -> Transport:
+    """One keep-alive transport per worker thread and CA bundle, never inherited across a
+    fork. A bundle missing on the worker's machine fails its calls as ``ca_bundle_missing``."""
     pid = os.getpid()
     if getattr(_local, "pid", None) != pid:
-        _local.transport = HTTPTransport()
+        _local.transports = {}
         _local.pid = pid
-    transport: Transport = _local.transport
+    transports: dict[Optional[str], Transport] = _local.transports
+    transport = transports.get(ca_bundle)
+    if transport is None:
+        transport = transports[ca_bundle] = HTTPTransport(ca_bundle=ca_bundle)
     return transport
 
 

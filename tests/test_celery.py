@@ -11,6 +11,7 @@ import logging
 import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -29,6 +30,7 @@ from flask_koala._retry import RetryPolicy
 from flask_koala._state import state_of
 from flask_koala.celery import TASK_NAME, DeliveryFailed
 
+from .http_parts import TestCA, answer, answering, clean_network_environment
 from .support import PROFILE_ID, koala_of, readme_section
 
 pytest.importorskip("redis", reason="kombu's Redis transport needs the redis package")
@@ -296,6 +298,74 @@ def test_task_ignores_arguments_it_does_not_know(
     )
     result = celery_app.tasks[TASK_NAME].apply(kwargs={**kwargs, "from_the_future": 1})
     assert result.get()["outcome"] == "sent"
+
+
+# -- TLS in the worker: the web app's KOALA_CA_BUNDLE ----------------------------------------
+
+
+@pytest.fixture
+def ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TestCA:
+    """A test CA nothing trusts by default: no REQUESTS_CA_BUNDLE or proxy from the machine."""
+    clean_network_environment(monkeypatch)
+    return TestCA(str(tmp_path))
+
+
+def run_tls_task(celery_app: Celery, ca: TestCA, ca_bundle: Any) -> Any:
+    Koala(celery=celery_app)
+    with answering(lambda n, head: answer(200), ca.server_context) as server:
+        kwargs = task_kwargs(
+            [a_call()],
+            endpoint=f"{server.url}/web/projects/pk_test/batch",
+            timeout=5.0,
+            policy=RetryPolicy(attempts=1),
+            ca_bundle=ca_bundle,
+        )
+        return celery_app.tasks[TASK_NAME].apply(kwargs=kwargs)
+
+
+def test_task_trusts_the_ca_bundle_in_its_arguments(celery_app: Celery, ca: TestCA) -> None:
+    assert run_tls_task(celery_app, ca, ca.bundle).get()["outcome"] == "sent"
+
+
+def test_task_without_a_ca_bundle_trusts_what_requests_would(
+    celery_app: Celery, ca: TestCA
+) -> None:
+    with pytest.raises(DeliveryFailed, match="CERTIFICATE_VERIFY_FAILED"):
+        run_tls_task(celery_app, ca, None).get()
+
+
+@pytest.mark.allow_errors
+def test_task_fails_clearly_when_the_ca_bundle_is_missing_on_the_worker(
+    celery_app: Celery, ca: TestCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    result = run_tls_task(celery_app, ca, str(tmp_path / "elsewhere.pem"))
+    with pytest.raises(DeliveryFailed, match=r"ca_bundle_missing.*KOALA_CA_BUNDLE"):
+        result.get()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        "flask-koala: KOALA_CA_BUNDLE names a CA bundle that does not exist; "
+        "calls to Koala fail until this is changed"
+    ]
+
+
+def test_the_web_app_sends_its_ca_bundle_with_each_task(
+    make_app: Callable[..., Flask], ca: TestCA
+) -> None:
+    app = make_app(
+        {"KOALA_DISPATCHER": "celery", "KOALA_CA_BUNDLE": ca.bundle},
+        koala=Koala(celery=Celery("web", broker=closed_port_url())),
+    )
+    state = state_of(app)
+    assert state is not None
+    dispatcher = state.pipeline.dispatcher
+    assert isinstance(dispatcher, CeleryDispatcher)
+    _, kwargs, _ = json.loads(dispatcher.handler.message([a_call()])[0])
+    assert kwargs["ca_bundle"] == ca.bundle
+
+
+def test_without_koala_ca_bundle_the_task_carries_none() -> None:
+    _, kwargs, _ = json.loads(publisher(closed_port_url()).message([a_call()])[0])
+    assert "ca_bundle" not in kwargs
 
 
 # -- the broker is down --------------------------------------------------------------------

@@ -15,6 +15,7 @@ import shutil
 import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -41,6 +42,7 @@ from .celery_support import (
     skip_without_redis,
     wait_until,
 )
+from .http_parts import TestCA, answer, answering, clean_network_environment
 from .support import PROFILE_ID, koala_of
 
 pytestmark = pytest.mark.slow
@@ -144,6 +146,28 @@ def test_every_call_is_delivered_exactly_once(
     assert settled(broker, queue)
     assert sorted(receiver.message_ids()) == sent
     assert receiver.violations == []
+
+
+def test_the_worker_trusts_the_web_apps_ca_bundle(
+    make_app: Callable[..., Flask],
+    broker: str,
+    queue: str,
+    start_worker: Callable[[], CeleryWorker],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clean_network_environment(monkeypatch)  # the worker inherits no REQUESTS_CA_BUNDLE
+    ca = TestCA(str(tmp_path))
+    with answering(lambda n, head: answer(200), ca.server_context) as koala_tls:
+        worker = start_worker()
+        app, client = celery_app_client(
+            make_app, broker, queue, KOALA_API_URL=koala_tls.url, KOALA_CA_BUNDLE=ca.bundle
+        )
+        assert client.post("/login/jane").status_code == 200
+        with app.app_context():
+            assert koala_of(app).flush(30)
+        assert settled(broker, queue), worker.output.text()
+        assert len(koala_tls.requests) == 1, worker.output.text()
 
 
 def test_outage_longer_than_the_thread_engines_budget_ends_in_delivery(
