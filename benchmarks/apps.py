@@ -128,7 +128,7 @@ def _with_koala(app: Flask) -> None:
 
 
 def _with_segment(app: Flask, segment_url: str) -> None:
-    from segment.analytics import Client  # type: ignore[import-untyped]
+    from segment.analytics import Client
 
     # Debug logging off (it logs every payload); few retries, so a failing sink cannot
     # turn into a retry storm; the default upload interval and batch size.

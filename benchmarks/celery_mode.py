@@ -60,7 +60,7 @@ BARE = "bare (flask-koala disabled)"
 SEND_TASK = "send_task per call (0.1.0)"
 
 
-class User(UserMixin):
+class User(UserMixin):  # type: ignore[misc]
     def __init__(self) -> None:
         self.id = "jane"
         self.email = "jane@example.com"
@@ -259,7 +259,7 @@ def main() -> None:
             "KOALA_MAX_QUEUE_SIZE": 1_000_000,
             "KOALA_CELERY_QUEUE": QUEUE,
         }
-        modes = {
+        modes: dict[str, dict[str, Any]] = {
             BARE: {"KOALA_ENABLED": False},
             "thread": {"KOALA_DISPATCHER": "thread"},
             "celery (publish off-thread)": {"KOALA_DISPATCHER": "celery"},
