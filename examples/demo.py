@@ -144,4 +144,4 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

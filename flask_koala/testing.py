@@ -35,7 +35,7 @@ pytest warning that it was imported too early.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Optional
 
 from ._hooks import record_calls
@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     receiver_command.main(args=argv, prog_name="python -m flask_koala.testing")
 
 
-def _recorded_calls(app: Any) -> Iterator[list[dict[str, Any]]]:
+def _recorded_calls(app: Any) -> Generator[list[dict[str, Any]], None, None]:
     """Hold ``record_calls()`` of the app's Koala open while the caller yields."""
     if state_of(app) is None:
         raise RuntimeError(

@@ -37,13 +37,12 @@ from .celery_support import (
     RedisServer,
     WebProcess,
     broker_idle,
-    free_port,
     redis_client,
     skip_without_redis,
     wait_until,
 )
 from .http_parts import TestCA, answer, answering, clean_network_environment
-from .support import PROFILE_ID, koala_of
+from .support import PROFILE_ID, free_port, koala_of
 
 pytestmark = pytest.mark.slow
 
@@ -174,7 +173,7 @@ def test_outage_longer_than_the_thread_engines_budget_ends_in_delivery(
     broker: str, queue: str, worker: CeleryWorker, receiver: KoalaReceiver
 ) -> None:
     # The same quick backoff for both; only the number of retries differs.
-    backoff = {"wait_initial": 0.05, "wait_max": 0.5}
+    backoff: dict[str, Any] = {"wait_initial": 0.05, "wait_max": 0.5}
     thread_policy = RetryPolicy(attempts=3, **backoff)
     budget = sum(thread_policy.wait_max for _ in range(thread_policy.attempts))
     outage = 6.0
@@ -447,10 +446,10 @@ def test_the_redis_list_pushes_the_message_kombus_producer_does(
             assert channel.handle(batch) == Verdict("published")
         finally:
             channel.close()
-    fast, kombu = envelopes(broker, queue)
-    assert without_ids(fast) == without_ids(kombu)
-    assert fast["headers"]["id"] == fast["headers"]["root_id"]
-    assert fast["headers"]["id"] == fast["properties"]["correlation_id"]
+    pushed, kombus = envelopes(broker, queue)
+    assert without_ids(pushed) == without_ids(kombus)
+    assert pushed["headers"]["id"] == pushed["headers"]["root_id"]
+    assert pushed["headers"]["id"] == pushed["properties"]["correlation_id"]
 
 
 def test_batches_handled_at_once_go_onto_the_list_oldest_first(

@@ -82,7 +82,9 @@ def needs(ledger: Ledger) -> Needs:
         (KoalaConfig(public_key="pk", suppress_send=True), SuppressedDispatcher),
     ],
 )
-def test_the_mode_picks_the_dispatcher(ledger: Ledger, config: KoalaConfig, kind: type) -> None:
+def test_the_mode_picks_the_dispatcher(
+    ledger: Ledger, config: KoalaConfig, kind: type[Any]
+) -> None:
     dispatcher = make_dispatcher(config, needs(ledger))
     try:
         assert isinstance(dispatcher, kind)

@@ -17,7 +17,8 @@ PAGE = "<head>{{ koala_script() }}</head>"
 
 
 def block(starting: str) -> str:
-    (code,) = [b for b in re.findall(r"```python\n(.*?)```", DOC, re.S) if starting in b]
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", DOC, re.S)
+    (code,) = [b for b in blocks if starting in b]
     return code
 
 

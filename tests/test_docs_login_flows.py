@@ -61,7 +61,7 @@ def cdps(monkeypatch: pytest.MonkeyPatch) -> dict[str, Recorder]:
 def doc_app(make_app: Callable[..., Flask], koala: Koala, cdps: dict[str, Recorder]) -> Flask:
     app = make_app(koala=koala)
 
-    @app.login_manager.request_loader  # type: ignore[attr-defined,untyped-decorator]
+    @app.login_manager.request_loader  # type: ignore[attr-defined]
     def from_header(req: Any) -> User | None:
         return USERS.get(req.headers.get("X-User", ""))
 

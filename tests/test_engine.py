@@ -528,9 +528,9 @@ def test_forked_child_gets_a_fresh_engine(
         report = pipe.read()
     _, status = os.waitpid(pid, 0)
     assert status == 0
-    inherited, delivered, bodies, sent, threads = report.split(",")
-    # The child starts empty (the parent sends its own calls), with its own live worker.
-    assert (inherited, delivered, bodies, sent, threads) == ("0", "True", "1", "1", "1")
+    # The child starts empty (the parent sends its own calls), with its own live worker:
+    # inherited, delivered, bodies, sent, threads.
+    assert report.split(",") == ["0", "True", "1", "1", "1"]
     transport.gate.set()
     assert engine.flush(5)
     assert ledger.snapshot()["sent"] == 3
@@ -712,8 +712,12 @@ def test_the_http_channel_encodes_a_body_once_across_retries(
 class ManyChannel(RecordingChannel):
     """Takes several batches at once; each gets the next scripted verdict."""
 
+    def __init__(self, owner: ManyHandler) -> None:
+        super().__init__(owner)
+        self._many = owner
+
     def handle_many(self, batches: Sequence[Sequence[Call]]) -> list[Verdict]:
-        owner = self._owner
+        owner = self._many
         with owner.lock:
             owner.groups.append(len(batches))
         return [self.handle(batch) for batch in batches]

@@ -33,7 +33,7 @@ def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
         for statement in branch.body
         for node in ast.walk(statement)
     }
-    found = []
+    found: list[tuple[str, list[str]]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in skipped:
             names = [alias.name for alias in node.names]

@@ -119,7 +119,7 @@ def test_bare_form_identifies_a_request_loader_login(
 ) -> None:
     app = make_app(koala=koala)
 
-    @app.login_manager.request_loader  # type: ignore[attr-defined,untyped-decorator]
+    @app.login_manager.request_loader  # type: ignore[attr-defined]
     def from_token(req: Any) -> User | None:
         # Flask-Login sends no user_logged_in for this kind of login.
         return USERS.get(req.headers.get("X-Token", ""))
@@ -432,7 +432,7 @@ def test_keeps_name_docstring_and_kind(koala: Koala, view: Any, bare: bool) -> N
     )
     assert wrapped.__name__ == view.__name__
     assert wrapped.__doc__ == view.__doc__
-    assert wrapped.__wrapped__ is view
+    assert wrapped.__wrapped__ is view  # type: ignore[attr-defined]
     assert inspect.iscoroutinefunction(wrapped) == inspect.iscoroutinefunction(view)
 
 

@@ -22,11 +22,11 @@ security = Security()
 koala = Koala()
 
 
-class Role(db.Model, fsqla.FsRoleMixin):  # type: ignore[name-defined,misc]
+class Role(db.Model, fsqla.FsRoleMixin):  # type: ignore[name-defined]
     pass
 
 
-class User(db.Model, fsqla.FsUserMixin):  # type: ignore[name-defined,misc]
+class User(db.Model, fsqla.FsUserMixin):  # type: ignore[name-defined]
     pass
 
 
