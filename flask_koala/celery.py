@@ -22,6 +22,7 @@ Flask is not imported here; neither is Celery, which is only ever handed to us.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -169,6 +170,18 @@ def _transport(ca_bundle: Optional[str]) -> Transport:
     if transport is None:
         transport = transports[ca_bundle] = HTTPTransport(ca_bundle=ca_bundle)
     return transport
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close the main thread's transports: a solo pool's, or a task run in process.
+
+    Another thread's go with the thread. The main thread's would outlive every finalizer
+    and be left open for the interpreter to warn about (``ResourceWarning``) at teardown.
+    """
+    if getattr(_local, "pid", None) == os.getpid():
+        for transport in _local.transports.values():
+            transport.close()
 
 
 def _timeout(value: Any) -> Timeout:

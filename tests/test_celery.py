@@ -10,6 +10,8 @@ import json
 import logging
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +33,7 @@ from flask_koala._state import state_of
 from flask_koala.celery import TASK_NAME, DeliveryFailed
 
 from .http_parts import TestCA, answer, answering, clean_network_environment
-from .support import PROFILE_ID, koala_of, readme_section
+from .support import PROFILE_ID, ROOT, koala_of, readme_section
 
 pytest.importorskip("redis", reason="kombu's Redis transport needs the redis package")
 
@@ -298,6 +300,35 @@ def test_task_ignores_arguments_it_does_not_know(
     )
     result = celery_app.tasks[TASK_NAME].apply(kwargs={**kwargs, "from_the_future": 1})
     assert result.get()["outcome"] == "sent"
+
+
+# A task run on the main thread (a solo pool, or in process), then the process exits.
+RUN_ONE_TASK_AND_EXIT = """
+import sys
+from celery import Celery
+from flask_koala._celery_publish import task_kwargs
+from flask_koala._payload import Call
+from flask_koala._retry import RetryPolicy
+from flask_koala.celery import register_task
+
+email = "jane@example.com"
+call = Call.identify(profile_id=sys.argv[2], email=email, traits={"email": email})
+kwargs = task_kwargs([call], endpoint=sys.argv[1], timeout=5.0, policy=RetryPolicy())
+print(register_task(Celery("exit")).apply(kwargs=kwargs).get()["outcome"])
+"""
+
+
+def test_the_tasks_connection_is_closed_at_exit(receiver: KoalaReceiver) -> None:
+    endpoint = f"{receiver.url}/web/projects/pk_test/batch"
+    result = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", RUN_ONE_TASK_AND_EXIT, endpoint, PROFILE_ID],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout == "sent\n", result.stderr
+    assert "ResourceWarning" not in result.stderr
 
 
 # -- TLS in the worker: the web app's KOALA_CA_BUNDLE ----------------------------------------
