@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m benchmarks.run            # full run, about three minutes
-    python -m benchmarks.run --quick    # fewer samples, about forty seconds
+    python -m benchmarks.run            # full run, about three and a half minutes
+    python -m benchmarks.run --quick    # fewer samples, about a minute and a half
     python -m benchmarks.run --smoke    # proves it runs; the figures mean nothing
 
 Everything runs on 127.0.0.1: a loopback Koala (and a sink for Segment) in a process of
