@@ -6,12 +6,11 @@ joins this module only through JSON on the broker.
 
 The task needs no Flask app: its arguments carry the ready body, the endpoint, the
 ``message_id`` of every entry, the timeout, the retry policy and, when the web app sets
-``KOALA_CA_BUNDLE``, that CA bundle's path. It posts once per run and
-classifies the answer with :func:`~flask_koala._delivery.attempt`, the thread engine's own
-rules: 2xx is delivered, 408/429/5xx and network errors are retried after ``Retry-After``
-or the engine's backoff, any other 4xx fails for good. A retry re-sends the body unchanged,
-so Koala sees the same ``message_id`` every time and can drop the duplicate a redelivery
-may cause.
+``KOALA_CA_BUNDLE``, that CA bundle's path. It posts once per run and classifies the answer
+with :func:`~flask_koala._delivery.attempt`, the thread engine's own rules: 2xx is
+delivered, 408/429/5xx and network errors are retried after ``Retry-After`` or the engine's
+backoff, any other 4xx fails for good. A retry re-sends the body unchanged, so Koala sees
+the same ``message_id`` every time and can drop the duplicate a redelivery may cause.
 
 Whether Koala took a call is known only in the worker, which logs it on the
 ``flask_koala`` logger and reports it through Celery: the task returns

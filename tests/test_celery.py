@@ -341,7 +341,7 @@ def ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TestCA:
     return TestCA(str(tmp_path))
 
 
-def run_tls_task(celery_app: Celery, ca: TestCA, ca_bundle: Any) -> Any:
+def run_tls_task(celery_app: Celery, ca: TestCA, ca_bundle: str | None) -> Any:
     Koala(celery=celery_app)
     with answering(lambda n, head: answer(200), ca.server_context) as server:
         kwargs = task_kwargs(
@@ -394,7 +394,7 @@ def test_the_web_app_sends_its_ca_bundle_with_each_task(
     assert kwargs["ca_bundle"] == ca.bundle
 
 
-def test_without_koala_ca_bundle_the_task_carries_none() -> None:
+def test_without_koala_ca_bundle_the_task_carries_no_bundle() -> None:
     _, kwargs, _ = json.loads(publisher(closed_port_url()).message([a_call()])[0])
     assert "ca_bundle" not in kwargs
 
