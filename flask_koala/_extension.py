@@ -155,6 +155,9 @@ class Koala:
                                                       # loader), an email, a traits dict
                                                       # with "email", or None
 
+        ``@koala.identify_login(load_user)`` works too (a plain function), though type
+        checkers know only the keyword form.
+
         Plain and ``async def`` views alike (``get_user`` itself is a plain function); the
         view's name, docstring and signature are kept, and its return value is made a
         response with ``flask.make_response`` to read its status. An exception in the view

@@ -4,6 +4,10 @@ Many OAuth and SSO callbacks never call ``login_user`` (or log in through a requ
 which sends no signal). Decorating the view identifies whoever it logged in once it has
 returned a response below 400. The form is decided when decorating: bare, the logged-in
 Flask-Login user; with ``get_user=``, whoever that getter returns.
+
+The getter may also be passed positionally, ``@koala.identify_login(get_user)``: taken for a
+view at first, it is told apart when that "view" is applied to the real one, at import,
+outside any request (a view only ever runs inside one).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import inspect
 import logging
 from typing import Any, Callable, Optional, TypeVar
 
-from flask import Response, make_response
+from flask import Response, has_request_context, make_response
 
 from ._hooks import current_user, request_scope
 from ._ledger import describe_error
@@ -55,11 +59,19 @@ def _wrap(owner: object, view: V, *, get_user: Optional[UserGetter]) -> V:
 
     @functools.wraps(view)
     def login_view(*args: Any, **kwargs: Any) -> Response:
+        if get_user is None and _decorating(args, kwargs):
+            # @koala.identify_login(get_user): ``view`` is the getter, args[0] the view.
+            return _wrap(owner, args[0], get_user=view)  # type: ignore[no-any-return]
         response = make_response(view(*args, **kwargs))
         _identify_after(owner, response, get_user)
         return response
 
     return login_view  # type: ignore[return-value]
+
+
+def _decorating(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a bare-form wrapper is being applied to a view rather than serving a request."""
+    return len(args) == 1 and not kwargs and callable(args[0]) and not has_request_context()
 
 
 def _identify_after(owner: object, response: Response, get_user: Optional[UserGetter]) -> None:

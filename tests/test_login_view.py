@@ -508,6 +508,43 @@ def test_get_user_form_is_decided_when_decorating(koala: Koala) -> None:
     assert wrapped.__wrapped__ is view  # type: ignore[attr-defined]
 
 
+def positional(koala: Koala) -> Any:
+    """``koala.identify_login``, for the positional getter form type checkers do not know."""
+    return koala.identify_login
+
+
+def test_get_user_may_be_passed_positionally(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    app = make_app(koala=koala)
+
+    def get_user() -> str:
+        return "sam@example.com"
+
+    @app.post("/sso")
+    @positional(koala)(get_user)
+    def sso() -> Any:
+        return jsonify(ok=True)
+
+    assert visitor(app).post("/sso").status_code == 200
+    (body,) = delivered(app, receiver)
+    assert body["identifies"][0]["traits"] == {"email": "sam@example.com"}
+
+
+def test_a_positional_getter_leaves_the_view_as_it_was(koala: Koala) -> None:
+    def get_user() -> None:
+        return None
+
+    def view() -> str:
+        """The view's own docstring."""
+        return "ok"
+
+    wrapped = positional(koala)(get_user)(view)
+    assert wrapped.__wrapped__ is view
+    assert wrapped.__name__ == "view"
+    assert wrapped.__doc__ == "The view's own docstring."
+
+
 def test_identify_login_without_view_or_getter_is_a_type_error(koala: Koala) -> None:
     with pytest.raises(TypeError, match="get_user"):
         koala.identify_login()  # type: ignore[call-overload]
