@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 from ._config import KoalaConfig
 from ._delivery import HTTPHandler
 from ._engine import Channel, Engine, Handler, Verdict, conclude
-from ._ledger import Ledger
+from ._ledger import Ledger, log_unexpected
 from ._lifecycle import fork_lock, track
 from ._payload import Call
 from ._queue import Batch
@@ -160,8 +160,8 @@ class SyncDispatcher:
         batch = Batch([call])
         try:
             self._deliver(batch)
-        except Exception:
-            logger.exception("flask-koala: delivering a call failed unexpectedly")
+        except Exception as exc:
+            log_unexpected(exc, "delivering a call", "it ends failed (internal_error)")
             ledger.failed(batch, "internal_error")
         return True
 

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 from ._crew import Crew
 from ._handlers import Channel, Handler, Verdict, conclude
-from ._ledger import Ledger
+from ._ledger import Ledger, log_unexpected
 from ._lifecycle import flush_when_multiprocessing_child_exits, fork_lock, track
 from ._payload import Call
 from ._queue import Batch, PersonQueue
@@ -199,8 +199,8 @@ class Engine:
                 start = self._release()
             if start is not None:
                 self._start(*start)
-        except Exception:
-            logger.exception("flask-koala: waking the delivery threads failed")
+        except Exception as exc:
+            log_unexpected(exc, "waking the delivery threads", "they start on the next wake-up")
 
     def _admit(self) -> None:
         """Move the calls that arrived into the queue. Locked, and not once stopping."""
@@ -276,13 +276,13 @@ class Engine:
                     return
                 try:
                     verdicts = many(batches) if many else [channel.handle(batches[0])]
-                except Exception:
-                    logger.exception("flask-koala: delivering a call failed unexpectedly")
+                except Exception as exc:
+                    log_unexpected(exc, "delivering a call", "it ends failed (internal_error)")
                     verdicts = [_INTERNAL_ERROR] * len(batches)
                 for batch, verdict in zip(batches, verdicts):
                     self._settle(batch, verdict)
-        except Exception:
-            logger.exception("flask-koala: a delivery thread stopped unexpectedly")
+        except Exception as exc:
+            log_unexpected(exc, "a delivery thread", "it stops")
         finally:
             if counted:
                 with self._lock:
@@ -380,8 +380,8 @@ class Engine:
             if verdict.outcome == "retry" and verdict.retry_after is not None:
                 self._gate.pause(verdict.retry_after)
             wait = conclude(self._ledger, self.policy, batch, verdict)
-        except Exception:
-            logger.exception("flask-koala: recording an outcome failed unexpectedly")
+        except Exception as exc:
+            log_unexpected(exc, "recording an outcome", "delivery goes on")
         with self._lock:
             shutdown = wait is not None and self._stopping
             if wait is not None and not shutdown:

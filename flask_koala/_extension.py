@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import sys
 import weakref
 from collections.abc import Iterator, Mapping
@@ -27,8 +26,6 @@ from ._state import EXTENSION_KEY, AppState, current_state
 from ._transport import HTTPTransport, TransportFactory
 
 __all__ = ["Koala"]
-
-logger = logging.getLogger("flask_koala")
 
 F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
@@ -196,8 +193,8 @@ class Koala:
         try:
             environ, cookie = _hooks.request_scope(pipeline.config.cookie_name)
             return pipeline.identify(email, traits, profile_id, environ, cookie)
-        except Exception:
-            logger.exception("flask-koala: identify failed unexpectedly")
+        except Exception as exc:
+            pipeline.ledger.internal_error(exc, "identify")
             return False
 
     def track(
@@ -226,8 +223,8 @@ class Koala:
         try:
             environ, cookie = _hooks.request_scope(pipeline.config.cookie_name)
             return pipeline.track(event, properties, email, profile_id, environ, cookie)
-        except Exception:
-            logger.exception("flask-koala: track failed unexpectedly")
+        except Exception as exc:
+            pipeline.ledger.internal_error(exc, "track", kind="track")
             return False
 
     def profile_id(self) -> Optional[str]:

@@ -8,7 +8,6 @@ receivers and ``sender=app``: blinker holds receivers weakly, and a closure made
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -18,12 +17,11 @@ from flask_login import user_loaded_from_cookie, user_logged_in
 
 from . import signals
 from ._config import KoalaConfig
+from ._ledger import log_unexpected
 from ._pipeline import WAKE_KEY, Environ
 from ._state import state_of
 
 __all__ = ["connect", "current_user", "record_calls", "request_scope"]
-
-logger = logging.getLogger("flask_koala")
 
 
 def connect(app: Flask, config: KoalaConfig) -> None:
@@ -62,13 +60,17 @@ def current_user() -> Any:
 
 def _on_login(sender: Any, user: Any = None, **extra: Any) -> None:
     """``user_logged_in`` and ``user_loaded_from_cookie`` (a remember-me login)."""
+    state = None
     try:
         state = state_of(sender)
         if state is not None:
             environ, cookie = request_scope(state.config.cookie_name)
             state.pipeline.identify_user(user, environ, cookie)
-    except Exception:
-        logger.exception("flask-koala: identifying a login failed; the login goes on")
+    except Exception as exc:
+        if state is None:
+            log_unexpected(exc, "identifying a login", "the login goes on")
+        else:
+            state.ledger.internal_error(exc, "identifying a login")
 
 
 def _wake_after_response(response: Response) -> Response:

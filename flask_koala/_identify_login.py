@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, TypeVar
 from flask import Response, has_request_context, make_response
 
 from ._hooks import current_user, request_scope
-from ._ledger import describe_error
+from ._ledger import describe_error, log_unexpected
 from ._state import current_state
 
 __all__ = ["UserGetter", "decorate"]
@@ -79,6 +79,7 @@ def _identify_after(owner: object, response: Response, get_user: Optional[UserGe
     if response.status_code >= 400:
         logger.debug("flask-koala: login view answered %d; not identifying", response.status_code)
         return
+    pipeline = None
     try:
         pipeline = current_state(owner).pipeline
         environ, cookie = request_scope(pipeline.config.cookie_name)
@@ -98,5 +99,8 @@ def _identify_after(owner: object, response: Response, get_user: Optional[UserGe
             pipeline.ledger.skipped("loader_error")
             return
         pipeline.identify_result(found, environ, cookie)
-    except Exception:
-        logger.exception("flask-koala: identifying after a login view failed; the response goes on")
+    except Exception as exc:
+        if pipeline is None:
+            log_unexpected(exc, "identifying after a login view", "the response goes on")
+        else:
+            pipeline.ledger.internal_error(exc, "identifying after a login view")

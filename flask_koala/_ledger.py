@@ -25,7 +25,7 @@ from . import signals
 from ._ids import UUID_TEXT
 from ._payload import Call, build_body
 
-__all__ = ["OUTCOMES", "Ledger", "describe_error", "mask", "mask_key", "redact"]
+__all__ = ["OUTCOMES", "Ledger", "describe_error", "log_unexpected", "mask", "mask_key", "redact"]
 
 logger = logging.getLogger("flask_koala")
 
@@ -116,6 +116,15 @@ def describe_error(exc: BaseException) -> str:
     code = tb.tb_frame.f_code
     where = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"
     return f"{type(exc).__name__} at {where}"
+
+
+def log_unexpected(exc: BaseException, doing: str, then: str) -> None:
+    """Log an error nothing expected, e.g. ``identifying a login``, ``the login goes on``.
+
+    As its type and place only (:func:`describe_error`): the message or a traceback may hold
+    an email, a cookie or a key, from the app's objects or flask-koala's own.
+    """
+    logger.error("flask-koala: %s failed unexpectedly (%s); %s", doing, describe_error(exc), then)
 
 
 class Throttle:
@@ -240,6 +249,12 @@ class Ledger:
             self._counts["suppressed"] += 1
         self.announce(call)
         logger.debug("flask-koala: %s %s recorded, sending suppressed", call.kind, call.message_id)
+
+    def internal_error(self, exc: BaseException, doing: str, *, kind: str = "identify") -> None:
+        """A call ended on the request side by an error nothing expected: logged as
+        :func:`log_unexpected` does and counted ``skipped.internal_error``."""
+        log_unexpected(exc, doing, "the request goes on")
+        self.skipped("internal_error", kind=kind)
 
     def skipped(
         self,

@@ -42,7 +42,7 @@ from flask_login import user_logged_out
 from ._config import KoalaConfig
 from ._exceptions import ConfigError
 from ._ids import WHOLE_ID, mint_profile_id, new_uuid, parse_profile_id
-from ._ledger import Ledger
+from ._ledger import Ledger, log_unexpected
 from ._payload import Call, clean_email, clean_traits
 from ._pipeline import MINTED_KEY, SKIP, Environ, MissingCookiePolicy, Pipeline
 from ._state import state_of
@@ -168,8 +168,8 @@ class _MintedCookie:
                 httponly=False,  # Koala's pixel must read it
                 samesite="Lax",
             )
-        except Exception:
-            logger.exception("flask-koala: setting the minted cookie failed; the response goes on")
+        except Exception as exc:
+            log_unexpected(exc, "setting the minted cookie", "the response goes on")
         return response
 
 
@@ -244,8 +244,8 @@ def send_deferred() -> None:
         state = state_of(app)
         if state is not None:
             _send_deferred(state.ledger, state.config, state.pipeline)
-    except Exception:
-        logger.exception("flask-koala: sending deferred identifies failed; the request goes on")
+    except Exception as exc:
+        log_unexpected(exc, "sending deferred identifies", "the request goes on")
 
 
 def _send_deferred(ledger: Ledger, config: KoalaConfig, pipeline: Pipeline) -> None:
@@ -290,8 +290,8 @@ def _on_user_logged_out(sender: Any, user: Any = None, **extra: Any) -> None:
             state.ledger.skipped("defer_invalid")
         for entry in pending:
             state.ledger.skipped("defer_cancelled", email=entry.email)
-    except Exception:
-        logger.exception("flask-koala: forgetting deferred identifies failed; logout goes on")
+    except Exception as exc:
+        log_unexpected(exc, "forgetting deferred identifies", "logout goes on")
 
 
 def _read(raw: object) -> tuple[list[_Deferred], int]:

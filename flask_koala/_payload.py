@@ -180,9 +180,9 @@ def clean_traits(value: object) -> tuple[Optional[dict[str, Any]], int]:
         return None, 0
     try:
         return _plain_mapping(value, 0)
-    except (RecursionError, RuntimeError, TypeError, ValueError):
-        # A lone surrogate, a mapping that changes while we read it, or a pathological
-        # __iter__.
+    except Exception:
+        # A lone surrogate, a mapping that changes while we read it, too deep a nesting, or
+        # the app's own mapping type raising anything at all while it is read.
         return None, 0
 
 

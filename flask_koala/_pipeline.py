@@ -92,7 +92,9 @@ class Resolver:
             return "no_email" if self.loader is default_identity_loader else "excluded"
         if not isinstance(traits, Mapping):
             return "bad_traits"
-        email = traits.get("email")
+        email = _email_in(traits)
+        if email is None:
+            return "bad_traits"
         if not email:
             return "no_email"
         return Identity(email, traits)
@@ -104,9 +106,19 @@ class Resolver:
         if isinstance(found, str):
             return Identity(found, None)
         if isinstance(found, Mapping):
-            email = found.get("email")
+            email = _email_in(found)
+            if email is None:
+                return "bad_traits"
             return Identity(email, found) if email else "no_email"
         return self.user(found)
+
+
+def _email_in(traits: Mapping[str, Any]) -> object:
+    """``traits["email"]`` (``""`` when absent), or ``None`` when the mapping raised."""
+    try:
+        return traits.get("email") or ""
+    except Exception:  # the app's own mapping type, misbehaving
+        return None
 
 
 class MissingCookiePolicy(Protocol):

@@ -18,7 +18,7 @@ from flask_login import user_logged_out
 from markupsafe import Markup
 
 from ._hooks import current_user
-from ._ledger import describe_error
+from ._ledger import describe_error, log_unexpected
 from ._payload import clean_email, clean_traits
 from ._pipeline import Identity, Resolver
 from ._snippet import MARKER, default_sdk_url, render_snippet
@@ -78,8 +78,8 @@ def koala_script(
     """
     try:
         return _render(nonce, _Visitor(email, traits, get_user))
-    except Exception:
-        logger.exception("flask-koala: rendering the browser snippet failed; page served without")
+    except Exception as exc:
+        log_unexpected(exc, "rendering the browser snippet", "the page is served without")
         return Markup("")
 
 
@@ -175,8 +175,8 @@ def _nonce(config: KoalaConfig, explicit: Optional[str]) -> Optional[str]:
         return None
     try:
         value = config.csp_nonce()
-    except Exception:
-        logger.exception("flask-koala: KOALA_CSP_NONCE raised; snippet rendered without a nonce")
+    except Exception as exc:
+        log_unexpected(exc, "calling KOALA_CSP_NONCE", "the snippet is rendered without a nonce")
         return None
     if value is None or value == "":
         return None
@@ -199,16 +199,16 @@ def _on_user_logged_out(sender: Any, user: Any = None, **extra: Any) -> None:
         if state is None or not state.config.enabled:
             return
         session[RESET_KEY] = True
-    except Exception:
-        logger.exception("flask-koala: could not note the logout for the browser; logout goes on")
+    except Exception as exc:
+        log_unexpected(exc, "noting the logout for the browser", "logout goes on")
 
 
 def _insert_snippet(response: Response) -> Response:
     """``KOALA_INJECT_SCRIPT``: put the snippet before ``</body>`` of HTML pages without it."""
     try:
         _insert(response)
-    except Exception:
-        logger.exception("flask-koala: inserting the browser snippet failed; page served as is")
+    except Exception as exc:
+        log_unexpected(exc, "inserting the browser snippet", "the page is served as is")
     return response
 
 

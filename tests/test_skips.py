@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import pytest
@@ -140,4 +141,67 @@ def test_loader_error_logs_type_and_place_never_the_message(
     text = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
     assert "LookupError" in text
     assert "broken" in text  # where it was raised
+    assert "jane@example.com" not in text
+
+
+class RaisingMapping(Mapping[str, Any]):
+    """The app's own mapping type, whose every read raises with an email in the message."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError("jane@example.com")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raise KeyError("jane@example.com")
+
+    def __iter__(self) -> Iterator[str]:
+        raise KeyError("jane@example.com")
+
+    def __len__(self) -> int:
+        return 1
+
+
+class RaisingEmail(str):
+    """A str whose strip() raises: an error nothing in flask-koala expects."""
+
+    def strip(self, chars: str | None = None) -> str:
+        raise LookupError(f"no row for {str.__str__(self)}")
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
+
+
+def test_traits_whose_mapping_raises_are_skipped_as_bad_traits(
+    make_app: Callable[..., Flask], koala: Koala, caplog: pytest.LogCaptureFixture
+) -> None:
+    koala.identity_loader(lambda user: RaisingMapping())
+    app = make_app(koala=koala)
+    assert login(app).status_code == 200
+    assert flushed_stats(app, koala)["skipped.bad_traits"] == 1
+    assert "jane@example.com" not in logged(caplog)
+
+
+@pytest.mark.allow_errors
+def test_an_unexpected_error_in_a_login_is_counted_and_logged_without_its_message(
+    make_app: Callable[..., Flask], koala: Koala, caplog: pytest.LogCaptureFixture
+) -> None:
+    koala.identity_loader(lambda user: {"email": RaisingEmail(user.email)})
+    app = make_app(koala=koala)
+    assert login(app).status_code == 200
+    assert flushed_stats(app, koala)["skipped.internal_error"] == 1
+    text = logged(caplog)
+    assert "identifying a login failed unexpectedly (LookupError at" in text
+    assert "jane@example.com" not in text
+
+
+@pytest.mark.allow_errors
+def test_an_unexpected_error_in_identify_is_counted_and_logged_without_its_message(
+    make_app: Callable[..., Flask], koala: Koala, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app(koala=koala)
+    with app.test_request_context():
+        assert koala.identify(RaisingEmail("jane@example.com"), profile_id=PROFILE_ID) is False
+    assert flushed_stats(app, koala)["skipped.internal_error"] == 1
+    text = logged(caplog)
+    assert "identify failed unexpectedly (LookupError at" in text
     assert "jane@example.com" not in text
