@@ -23,7 +23,7 @@ from ._identify_login import UserGetter
 from ._ledger import Ledger
 from ._pipeline import Pipeline, Resolver
 from ._state import EXTENSION_KEY, AppState, current_state
-from ._transport import HTTPTransport, TransportFactory
+from ._transport import HTTPTransport, TransportFactory, check_ca_bundle
 
 __all__ = ["Koala"]
 
@@ -88,6 +88,7 @@ class Koala:
                 "while setting the app up, before it serves anything."
             )
         config = load_config(app.config, testing=app.testing)
+        check_ca_bundle(config.ca_bundle)
         _missing_cookie.check_app(app, config)
         # Every check is done: from here on the app is changed, and nothing raises.
         ledger = Ledger(weakref.ref(app))

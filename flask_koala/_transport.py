@@ -32,6 +32,7 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
 from requests.utils import prepend_scheme_if_needed as _untyped_prepend_scheme
 
 from ._config import Timeout
+from ._exceptions import ConfigError
 from ._http_answer import (
     AnswerReader,
     BadAnswer,
@@ -42,7 +43,14 @@ from ._http_answer import (
     remaining,
 )
 
-__all__ = ["HTTPTransport", "Response", "Transport", "TransportError", "TransportFactory"]
+__all__ = [
+    "HTTPTransport",
+    "Response",
+    "Transport",
+    "TransportError",
+    "TransportFactory",
+    "check_ca_bundle",
+]
 
 logger = logging.getLogger("flask_koala")
 
@@ -411,19 +419,44 @@ def _context(
     context = _contexts.get(path)
     if context is not None:
         return context, None
+    variable = key or (
+        "REQUESTS_CA_BUNDLE" if os.environ.get("REQUESTS_CA_BUNDLE") else "CURL_CA_BUNDLE"
+    )
     if not os.path.exists(path):
-        variable = key or (
-            "REQUESTS_CA_BUNDLE" if os.environ.get("REQUESTS_CA_BUNDLE") else "CURL_CA_BUNDLE"
-        )
         return None, _refuse(
             "ca_bundle_missing", f"{variable} names a CA bundle that does not exist"
         )
-    if os.path.isdir(path):
-        context = ssl.create_default_context(capath=path)
-    else:
-        context = ssl.create_default_context(cafile=path)
+    try:
+        context = _trusting(path)
+    except (ssl.SSLError, OSError, ValueError):
+        return None, _refuse("ca_bundle_invalid", f"{variable} {_UNREADABLE}")
     _contexts[path] = context
     return context, None
+
+
+_UNREADABLE = "names a CA bundle that holds no certificate flask-koala can read (PEM)"
+
+
+def _trusting(path: str) -> ssl.SSLContext:
+    """A new TLS context trusting the CA bundle at ``path``, a PEM file or a directory of
+    hashed certificates (read lazily, so never refused here)."""
+    if os.path.isdir(path):
+        return ssl.create_default_context(capath=path)
+    return ssl.create_default_context(cafile=path)
+
+
+def check_ca_bundle(path: Optional[str]) -> None:
+    """Refuse a ``KOALA_CA_BUNDLE`` that exists but cannot be read, at ``init_app``.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    if path is None:
+        return
+    try:
+        _trusting(path)
+    except (ssl.SSLError, OSError, ValueError):
+        raise ConfigError("KOALA_CA_BUNDLE", f"{_UNREADABLE}: {path!r}") from None
 
 
 def _refuse(reason: str, message: str) -> TransportError:

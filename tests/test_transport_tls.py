@@ -115,6 +115,34 @@ def test_a_missing_koala_ca_bundle_stops_init_app_naming_the_key() -> None:
         build_app({"KOALA_CA_BUNDLE": "/nonexistent/ca.pem"})
 
 
+def test_a_koala_ca_bundle_that_is_not_pem_stops_init_app_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="KOALA_CA_BUNDLE: names a CA bundle that holds no"):
+        build_app({"KOALA_CA_BUNDLE": str(bundle)})
+
+
+@pytest.mark.allow_errors
+def test_an_environment_bundle_that_is_not_pem_fails_calls_at_once_and_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+    server: Server,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not a certificate\n")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    for _ in range(2):
+        with pytest.raises(TransportError) as raised:
+            _post(server.url)
+        assert (raised.value.reason, raised.value.retryable) == ("ca_bundle_invalid", False)
+    (error,) = [r for r in caplog.records if r.levelname == "ERROR"]  # once, not per call
+    assert "REQUESTS_CA_BUNDLE names a CA bundle that holds no" in error.getMessage()
+    assert error.exc_info is None
+
+
 def test_koala_ca_bundle_may_name_a_directory(tmp_path: Path) -> None:
     app = build_app({"KOALA_CA_BUNDLE": str(tmp_path), "KOALA_SUPPRESS_SEND": True})
     assert app.extensions["koala"].config.ca_bundle == str(tmp_path)
