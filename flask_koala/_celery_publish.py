@@ -41,7 +41,7 @@ from ._engine import Engine, Verdict
 from ._exceptions import ConfigError
 from ._ids import new_uuid
 from ._ledger import Ledger, Throttle, redact
-from ._payload import Call, build_body
+from ._payload import Call, build_body, kwargsrepr
 from ._retry import RetryPolicy
 from .celery import TASK_NAME, register_task
 
@@ -204,9 +204,7 @@ class CeleryPublisher:
         ids = [call.message_id for call in batch]
         kwargs = {"body": build_body(batch), "message_ids": ids, **self._shared}
         body = json.dumps([[], kwargs, _EMBED], separators=(",", ":")).encode()
-        # Celery puts a repr of the arguments in kwargsrepr for its logs and monitors; ours
-        # would hold the email, so they get the message ids only.
-        return body, new_uuid(), f"{{'message_ids': {ids!r}}}"
+        return body, new_uuid(), kwargsrepr(ids)
 
     def headers(self, task_id: str, kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The headers and properties of one task message."""

@@ -33,6 +33,7 @@ __all__ = [
     "encode_body",
     "fits",
     "format_sent_at",
+    "kwargsrepr",
     "size_bound",
 ]
 
@@ -345,3 +346,9 @@ def build_body(calls: Sequence[Call]) -> dict[str, Any]:
 def encode_body(body: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON."""
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def kwargsrepr(message_ids: Sequence[str]) -> str:
+    """What a Celery task message shows of its arguments: its ``kwargsrepr`` header, in
+    Celery's logs, events and monitors. The message ids only, never the body (the email)."""
+    return f"{{'message_ids': {list(message_ids)!r}}}"

@@ -32,7 +32,7 @@ from ._config import KoalaConfig, Timeout
 from ._delivery import attempt
 from ._exceptions import KoalaError
 from ._ledger import Ledger, redact
-from ._payload import encode_body
+from ._payload import encode_body, kwargsrepr
 from ._retry import RetryPolicy
 from ._transport import HTTPTransport, Transport
 
@@ -144,7 +144,8 @@ def _deliver(
         if wait is None:
             wait = retry_policy.backoff(retries)
         logger.debug("flask-koala: retrying %d call(s) in %.2fs (%s)", count, wait, reason)
-        raise task.retry(countdown=wait, max_retries=None)
+        # Celery would re-render kwargsrepr from the arguments, the email among them.
+        raise task.retry(countdown=wait, max_retries=None, kwargsrepr=kwargsrepr(message_ids))
     error = redact(error) if error else None
     _worker_ledger.warn_failed(count, reason, status=outcome.status, error=error)
     raise DeliveryFailed(reason, outcome.status, error, list(message_ids))

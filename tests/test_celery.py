@@ -259,8 +259,9 @@ def test_task_failure_is_logged_without_pii(
 
 
 class _Retried(Exception):
-    def __init__(self, countdown: float) -> None:
+    def __init__(self, countdown: float, options: dict[str, Any]) -> None:
         self.countdown = countdown
+        self.options = options
 
 
 class _FakeTask:
@@ -269,8 +270,8 @@ class _FakeTask:
     class request:
         retries = 0
 
-    def retry(self, countdown: float, max_retries: Any) -> Exception:
-        return _Retried(countdown)
+    def retry(self, countdown: float, max_retries: Any, **options: Any) -> Exception:
+        return _Retried(countdown, options)
 
 
 def test_task_honours_retry_after(receiver: KoalaReceiver) -> None:
@@ -286,6 +287,25 @@ def test_task_honours_retry_after(receiver: KoalaReceiver) -> None:
     with pytest.raises(_Retried) as retried:
         _deliver(_FakeTask(), **kwargs)
     assert retried.value.countdown == 7
+
+
+def test_a_retry_shows_monitors_the_message_ids_never_the_email(
+    receiver: KoalaReceiver,
+) -> None:
+    from flask_koala.celery import _deliver
+
+    receiver.respond_with(503)
+    call = a_call()
+    kwargs = task_kwargs(
+        [call],
+        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
+        timeout=5.0,
+        policy=RetryPolicy(),
+    )
+    with pytest.raises(_Retried) as retried:
+        _deliver(_FakeTask(), **kwargs)
+    # Celery would otherwise re-render kwargsrepr from the arguments, body and email included.
+    assert retried.value.options["kwargsrepr"] == f"{{'message_ids': ['{call.message_id}']}}"
 
 
 def test_task_ignores_arguments_it_does_not_know(
