@@ -279,7 +279,13 @@ def _sdk_url(config: Mapping[str, Any]) -> Optional[str]:
         parts = urlsplit(value)
         host = parts.hostname
     except ValueError:
-        host = None
+        parts, host = urlsplit(""), None
+    # First, and without showing the value: user:password@ would be in every page's HTML.
+    # (An '@' in the path, as in a CDN's package@version, is fine.)
+    if "@" in parts.netloc or (host is None and "@" in value):
+        raise ConfigError(
+            key, "must not hold user:password@: the URL is written into every page's HTML"
+        )
     if host is None or parts.scheme not in ("http", "https"):
         raise ConfigError(key, f"must be an http:// or https:// URL with a host, not {value!r}")
     if parts.scheme == "http" and not _is_loopback(host):

@@ -149,6 +149,7 @@ def test_init_app_starts_no_thread() -> None:
         "http://127.0.0.1:8000/sdk.js",
         "http://localhost/sdk.js",
         "http://[::1]:5000/sdk.js",
+        "https://cdn.example.com/npm/koala-sdk@1.2.3/sdk.js",  # '@' in the path
     ],
 )
 def test_sdk_url_accepted(url: str) -> None:
@@ -170,6 +171,16 @@ def test_sdk_url_accepted(url: str) -> None:
 def test_sdk_url_rejected(url: str) -> None:
     with pytest.raises(ConfigError, match="KOALA_SDK_URL"):
         load_config({"KOALA_SDK_URL": url}, testing=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://user:s3cretpw@cdn.example.com/sdk.js", "ftp://user:s3cretpw@cdn.example.com/s.js"],
+)
+def test_sdk_url_with_credentials_is_refused_without_showing_them(url: str) -> None:
+    with pytest.raises(ConfigError, match="KOALA_SDK_URL: must not hold user:password@") as e:
+        load_config({"KOALA_SDK_URL": url}, testing=True)
+    assert "s3cretpw" not in str(e.value)
 
 
 def test_sdk_url_defaults_to_none() -> None:
