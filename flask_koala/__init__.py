@@ -12,10 +12,24 @@ How a login travels, module by module: ``_hooks`` (Flask-Login's signals) -> ``_
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import signals
 from ._config import KoalaConfig
 from ._exceptions import ConfigError, KoalaError
-from ._extension import Koala
 from ._version import __version__
 
+if TYPE_CHECKING:
+    from ._extension import Koala
+
 __all__ = ["ConfigError", "Koala", "KoalaConfig", "KoalaError", "__version__", "signals"]
+
+
+def __getattr__(name: str) -> Any:
+    # Koala brings Flask, Flask-Login and click: loaded when first asked for, so that a
+    # Celery worker importing flask_koala.celery loads none of them.
+    if name == "Koala":
+        from ._extension import Koala
+
+        return Koala
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

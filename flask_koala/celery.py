@@ -16,7 +16,9 @@ Whether Koala took a call is known only in the worker, which logs it on the
 ``flask_koala`` logger and reports it through Celery: the task returns
 ``{"outcome": "sent", ...}`` or raises :class:`DeliveryFailed`.
 
-Flask is not imported here; neither is Celery, which is only ever handed to us.
+Flask is not imported here, nor by importing this module (the package root loads
+:class:`~flask_koala.Koala`, and with it Flask, only when asked for); neither is Celery,
+which is only ever handed to us.
 """
 
 from __future__ import annotations

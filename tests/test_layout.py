@@ -109,3 +109,12 @@ def test_import_loads_no_test_server_celery_or_broker() -> None:
     unwanted = {"flask_koala._receiver", "flask_koala.testing", "celery", "kombu", "redis"}
     assert not loaded & unwanted
     assert not any(name.startswith(("celery.", "kombu.", "redis.")) for name in loaded)
+
+
+def test_a_celery_worker_module_loads_no_flask() -> None:
+    code = (
+        "import sys; import flask_koala.celery; "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('flask', 'flask_login', 'click', 'werkzeug', 'jinja2'))))"
+    )
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).split() == []
