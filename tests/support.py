@@ -119,28 +119,28 @@ def visitor(app: Flask) -> Any:
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 
 def doc_section(*headings: str) -> str:
     """The text of these docs sections, in the order given.
 
-    A heading is a docs page's title (``# Testing your app``: the whole page) or a ``## ``
-    section of the README or a page. The docs tests run the code of the section they cover,
-    so the docs cannot drift from what the code does.
+    A heading is a docs page's title (``# Testing your app``: the whole page) or, when no page
+    has that title, a ``## `` section of the README or a page. The docs tests run the code of
+    the section they cover, so the docs cannot drift from what the code does.
     """
-    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    texts = [p.read_text(encoding="utf-8") for p in (README, *sorted(DOCS.glob("*.md")))]
     parts = []
     for heading in headings:
-        for page in pages:
-            text = page.read_text(encoding="utf-8")
-            if text.startswith(f"# {heading}\n"):
-                parts.append(text)
-                break
-            chunks = [c for c in text.split("\n## ")[1:] if c.split("\n", 1)[0] == heading]
-            if chunks:
-                parts.append("## " + chunks[0])
-                break
-    assert len(parts) == len(headings), f"the docs lack one of {headings}"
+        pages = [text for text in texts if text.startswith(f"# {heading}\n")]
+        sections = [
+            "## " + chunk
+            for text in texts
+            for chunk in text.split("\n## ")[1:]
+            if chunk.split("\n", 1)[0] == heading
+        ]
+        assert pages or sections, f"the docs lack {heading!r}"
+        parts.append((pages or sections)[0])
     return "\n".join(parts)
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from typing import Callable
 
 import pytest
 import requests
 
-from .support import PROFILE_ID, ROOT, Child, free_port
+from .support import PROFILE_ID, ROOT, Child, doc_section, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +56,24 @@ def test_curl_login_is_printed_by_the_receiver(demo: Child, port: int) -> None:
     assert demo.stop(signal.SIGINT) == 0
     assert "flask-koala demo stopped." in demo.output
     assert "Traceback" not in demo.output
+
+
+def readme_curl_line() -> str:
+    """README.md's curl line that logs the demo user in (the demo on its default port)."""
+    section = doc_section("Try the demo, run the tests")
+    blocks: list[str] = re.findall(r"```bash\n(.*?)```", section, re.S)
+    (block,) = [b for b in blocks if "curl" in b]
+    return block
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_readmes_curl_line_logs_the_demo_user_in(demo: Child, port: int) -> None:
+    assert demo.wait_for("Ctrl-C stops everything")
+    command = readme_curl_line().replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == "302", result.stderr  # logged in, sent on to the page
+    assert demo.wait_for(f"profile_id {PROFILE_ID[:8]}-…")
+    assert demo.wait_for("identify traits")
 
 
 def test_the_page_serves_the_stand_in_sdk(demo: Child, port: int) -> None:
