@@ -1,15 +1,16 @@
 """The ``flask koala`` commands: check a setup, send one call, watch calls arrive.
 
-``init_app`` adds the :data:`koala_cli` group to ``app.cli``, so every app using the
-extension gets::
+``init_app`` adds the :data:`koala_cli` group to ``app.cli``, and the package registers it
+as a ``flask.commands`` entry point, so ``flask`` gets::
 
     flask koala check                 the effective settings; exit 1 on a problem
     flask koala identify EMAIL        one real call, its HTTP status and Koala's answer
     flask koala receiver              a loopback Koala printing each call as it arrives
 
 ``check`` never touches the network: it judges the settings alone. ``identify`` is the
-online test, and sends whatever the app's mode (suppressed, disabled, synchronous or
-not), because a person typed it. ``receiver`` needs no app and also runs as
+online test; where the app's sending is off (suppressed, as under ``app.testing``, or
+disabled) it refuses unless given ``--force``. ``receiver`` needs no app (the entry point
+makes ``flask koala`` available without one) and also runs as
 ``python -m flask_koala.testing``.
 
 Output goes to the terminal through click, which may be shared, recorded or pasted into a

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -340,6 +341,19 @@ def test_python_m_testing_prints_calls_and_stops_on_ctrl_c(
     assert printed[-1] == '  identify traits {"email": "j***@example.com", "plan": "pro"}'
     assert code == 0
     assert "Traceback" not in receiver.stderr
+
+
+@pytest.mark.slow
+def test_flask_koala_receiver_runs_without_an_app(
+    spawn: Callable[..., Child], tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FLASK_APP"}
+    command = [sys.executable, "-m", "flask", "koala", "receiver", "--port", "0"]
+    receiver = spawn(command, cwd=tmp_path, env=env, merge_stderr=False)  # no app anywhere
+    url = listening_url(receiver.read_until("listening on"))
+    assert post_identify(url).status_code == 200
+    assert receiver.read_until("identify traits")
+    assert receiver.stop(signal.SIGINT) == 0
 
 
 @pytest.mark.slow
