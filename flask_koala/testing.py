@@ -4,7 +4,9 @@ Opt in from your ``conftest.py``; the fixtures build on your own ``app`` fixture
 
     pytest_plugins = ["flask_koala.testing"]
 
-    def test_login_identifies_jane(client, koala_calls):
+    def test_login_identifies_jane(app, koala_calls):
+        client = app.test_client()
+        client.set_cookie("ko_id", "3f2504e0-4f89-41d3-9a0c-0305e82c3301")
         client.post("/login", data={"email": "jane@example.com"})
         assert koala_calls[0]["email"] == "jane@example.com"
 
