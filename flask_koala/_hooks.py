@@ -90,7 +90,11 @@ def _wake_at_teardown(exc: Optional[BaseException]) -> None:
 
 @contextlib.contextmanager
 def record_calls(app: Flask) -> Iterator[list[dict[str, Any]]]:
-    """Collect the body of every call ``app`` accepts inside the block (``call_accepted``)."""
+    """Collect the body of every call ``app`` accepts inside the block (``call_accepted``).
+
+    Each body is a dict exactly as it would be sent (a call alone, before any merging with
+    others about the same person), with sending suppressed or on alike.
+    """
     calls: list[dict[str, Any]] = []
 
     def record(sender: object, **extra: Any) -> None:

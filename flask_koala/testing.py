@@ -23,6 +23,9 @@ Fixtures:
     ``url``; read ``bodies`` and ``violations``; inject faults with ``respond_with``,
     ``outage``, ``suspend``, ``delay`` and ``drop_connections``.
 
+``record_calls(app)`` is ``koala.record_calls()`` for a given app, without an app context:
+a context manager holding the list of call bodies the app accepts inside the block.
+
 Without pytest, use the receiver directly (``with KoalaReceiver() as koala: ...``), or
 run it in a terminal with ``python -m flask_koala.testing [--host H] [--port 8787]``, which
 prints each call as it arrives (the same as ``flask koala receiver``).
@@ -44,7 +47,7 @@ from ._hooks import record_calls
 from ._receiver import KoalaReceiver, ReceivedCall, check_body
 from ._state import state_of
 
-__all__ = ["KoalaReceiver", "ReceivedCall", "check_body", "main"]
+__all__ = ["KoalaReceiver", "ReceivedCall", "check_body", "main", "record_calls"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -20,7 +20,7 @@ import flask_koala.testing
 from flask_koala import Koala
 from flask_koala.testing import KoalaReceiver, ReceivedCall, check_body
 
-from .support import PROFILE_ID
+from .support import PROFILE_ID, koala_of
 
 # A user's app module, as small as a real one can be: a factory and a login view.
 USER_APP = """
@@ -323,3 +323,12 @@ def test_module_imports_without_pytest() -> None:
     )
 
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_record_calls_of_an_app_needs_no_app_context(app: Flask) -> None:
+    from flask_koala.testing import record_calls
+
+    request = app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"})
+    with record_calls(app) as calls, request:
+        koala_of(app).identify("jane@example.com")
+    assert [body["email"] for body in calls] == ["jane@example.com"]
