@@ -266,8 +266,9 @@ class Koala:
     @property
     def stats(self) -> Mapping[str, int]:
         """Read-only counters of the current app: ``queued``, ``sent``, ``failed``,
-        ``dropped``, ``skipped``, ``retried``, ``suppressed``, ``pending``, and one
-        ``<outcome>.<reason>`` entry per reason seen (``skipped.no_cookie``, ...)."""
+        ``dropped``, ``skipped``, ``retried``, ``suppressed``, ``published`` (Celery mode),
+        ``pending``, ``deferred`` (``KOALA_MISSING_COOKIE = "defer"``), each from the start,
+        and one ``<outcome>.<reason>`` entry per reason seen (``skipped.no_cookie``, ...)."""
         return current_state(self).ledger.snapshot()
 
     @property
