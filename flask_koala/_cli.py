@@ -168,7 +168,11 @@ def _seconds(timeout: Timeout) -> str:
 def _email(ctx: click.Context, param: click.Parameter, value: str) -> str:
     email = clean_email(value)
     if email is None:
-        raise click.BadParameter(f"{value!r} is not an email address")
+        # Not echoed: what was typed may be most of a real address (see the module docstring).
+        raise click.BadParameter(
+            "is not an email address (at most 254 characters, one @ with text on both sides, "
+            "no spaces or control characters)"
+        )
     return email
 
 
@@ -177,7 +181,7 @@ def _profile_id(ctx: click.Context, param: click.Parameter, value: Optional[str]
         return None
     profile_id = parse_profile_id(value)
     if profile_id is None:
-        raise click.BadParameter(f"{value!r} is not a UUID like the ko_id cookie holds")
+        raise click.BadParameter("is not a UUID like the ko_id cookie holds (not echoed)")
     return profile_id
 
 
@@ -186,7 +190,7 @@ def _traits(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise click.BadParameter(f"{item!r} is not key=value")
+            raise click.BadParameter("each --trait is KEY=VALUE, with a non-empty key")
         traits[key.strip()] = value
     return traits
 

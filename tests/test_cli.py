@@ -257,8 +257,8 @@ def test_identify_leaves_the_apps_counters_alone(app: Flask) -> None:
     [
         (["not-an-email"], "is not an email address"),
         (["jane@example.com", "--profile-id", "nope"], "is not a UUID"),
-        (["jane@example.com", "--trait", "plan"], "is not key=value"),
-        (["jane@example.com", "--trait", "=pro"], "is not key=value"),
+        (["jane@example.com", "--trait", "plan"], "each --trait is KEY=VALUE"),
+        (["jane@example.com", "--trait", "=pro"], "each --trait is KEY=VALUE"),
     ],
 )
 def test_identify_rejects_bad_input_before_sending(
@@ -269,6 +269,23 @@ def test_identify_rejects_bad_input_before_sending(
     assert result.exit_code == 2
     assert message in result.output
     assert receiver.calls == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["jane doe@example.com"],
+        ["jane@example.com", "--profile-id", "3f2504e0-4f89-41d3-9a0c-0305e82c330"],
+        ["jane@example.com", "--trait", "jane@example.com"],
+    ],
+)
+def test_identify_never_echoes_what_it_refuses(app: Flask, args: list[str]) -> None:
+    result = invoke(app, "identify", *args)
+
+    assert result.exit_code == 2
+    assert args[-1] not in result.output
+    assert "jane" not in result.output.replace("jane@example.com", "")  # the valid one aside
+    assert "3f2504e0-4f89" not in result.output
 
 
 def test_identify_without_a_key_exits_nonzero(make_app: Callable[..., Flask]) -> None:
