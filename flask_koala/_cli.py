@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, ScriptInfo
 
 from ._config import DEFAULT_API_URL, SUSPENDED_ERROR, KoalaConfig
 from ._delivery import attempt
+from ._exceptions import ConfigError
 from ._ids import parse_profile_id
 from ._ledger import mask, mask_key
 from ._payload import Call, build_body, clean_email, encode_body
@@ -63,13 +64,24 @@ koala_cli = AppGroup(
 # -- check ---------------------------------------------------------------------------------
 
 
-@koala_cli.command("check")
+@koala_cli.command("check", with_appcontext=False)
 def check_command() -> None:
     """Print the effective settings; exit 1 on a problem.
 
     A problem is a setting that, outside tests, keeps logins from reaching Koala or makes
-    them wait on it. Offline: nothing is sent; `flask koala identify` makes a real call.
+    them wait on it, or one init_app refuses. Offline: nothing is sent; `flask koala
+    identify` makes a real call.
     """
+    try:
+        app = click.get_current_context().ensure_object(ScriptInfo).load_app()
+    except ConfigError as exc:  # raised by init_app while the app was being made
+        click.echo(f"problem: {mask(str(exc))}", err=True)
+        click.get_current_context().exit(1)
+    with app.app_context():
+        _check()
+
+
+def _check() -> None:
     config = _state().config
     problems, notes = _judge(config, testing=current_app.testing)
     for label, value in _describe(config):

@@ -12,10 +12,12 @@ from typing import Any, Callable
 
 import pytest
 import requests
-from click.testing import Result
+from click.testing import CliRunner, Result
 from flask import Flask
+from flask.cli import ScriptInfo
 
-from flask_koala._cli import format_call
+from flask_koala import Koala
+from flask_koala._cli import format_call, koala_cli
 from flask_koala._ledger import mask_key
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
@@ -29,6 +31,19 @@ def invoke(app: Flask, *args: str) -> Result:
 
 
 # -- check ----------------------------------------------------------------------------------
+
+
+def test_check_reports_a_setting_init_app_refuses_without_a_traceback() -> None:
+    def create_app() -> Flask:
+        app = Flask(__name__)
+        Koala(app)  # no KOALA_PUBLIC_KEY
+        return app
+
+    result = CliRunner().invoke(koala_cli, ["check"], obj=ScriptInfo(create_app=create_app))
+
+    assert result.exit_code == 1
+    assert "problem: KOALA_PUBLIC_KEY: is required while sending is on" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_check_exits_zero_when_logins_will_be_sent(app: Flask) -> None:
