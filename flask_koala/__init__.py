@@ -16,13 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 from . import signals
 from ._config import KoalaConfig
-from ._exceptions import ConfigError, KoalaError
+from ._exceptions import ConfigError, KoalaError, TransportError
 from ._version import __version__
 
 if TYPE_CHECKING:
     from ._extension import Koala
 
-__all__ = ["ConfigError", "Koala", "KoalaConfig", "KoalaError", "__version__", "signals"]
+__all__ = [
+    "ConfigError",
+    "Koala",
+    "KoalaConfig",
+    "KoalaError",
+    "TransportError",
+    "__version__",
+    "signals",
+]
 
 
 def __getattr__(name: str) -> Any:

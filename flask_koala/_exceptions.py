@@ -4,12 +4,14 @@ The tree is small on purpose: flask-koala never raises into a request, so the on
 exceptions a user meets are about setting it up.
 
     KoalaError
-    └── ConfigError      a KOALA_* setting is missing or wrong (raised by ``init_app``)
+    ├── ConfigError      a KOALA_* setting is missing or wrong (raised by ``init_app``)
+    └── TransportError   a request to Koala got no HTTP answer (raised by a transport, and
+                         by a custom one given as ``Koala(transport_factory=...)``)
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "KoalaError"]
+__all__ = ["ConfigError", "KoalaError", "TransportError"]
 
 
 class KoalaError(Exception):
@@ -27,3 +29,27 @@ class ConfigError(KoalaError, ValueError, RuntimeError):
     def __init__(self, key: str, problem: str) -> None:
         self.key = key
         super().__init__(f"{key}: {problem}")
+
+
+class TransportError(KoalaError):
+    """A request to Koala got no HTTP answer.
+
+    The default client raises it, and so should a custom transport
+    (``Koala(transport_factory=...)``): the call is retried, or ends ``failed`` at once when
+    ``retryable`` is false. Any other exception from a transport ends the call
+    ``failed.internal_error``.
+
+    Attributes:
+        reason: ``"timeout"``, ``"connection_error"``, or for a setting that cannot work
+            ``"proxy_unsupported"``, ``"proxy_invalid"``, ``"ca_bundle_missing"`` or
+            ``"ca_bundle_invalid"``; the call's retry or failure reason.
+        detail: what happened, for the log (without credentials).
+        retryable: ``False`` when trying again cannot help (the environment names a proxy
+            or a CA bundle that cannot be used): the call ends ``failed`` at once.
+    """
+
+    def __init__(self, reason: str, detail: str, *, retryable: bool = True) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.retryable = retryable

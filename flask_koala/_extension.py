@@ -152,9 +152,8 @@ class Koala:
                                                       # returns a user (through the identity
                                                       # loader), an email, a traits dict
                                                       # with "email", or None
-
-        ``@koala.identify_login(load_user)`` works too (a plain function), though type
-        checkers know only the keyword form.
+                                                      # (get_user positionally works too, but
+                                                      # only this form type-checks)
 
         Plain and ``async def`` views alike (``get_user`` itself is a plain function); the
         view's name, docstring and signature are kept, and its return value is made a

@@ -32,7 +32,7 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
 from requests.utils import prepend_scheme_if_needed as _untyped_prepend_scheme
 
 from ._config import Timeout
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, TransportError
 from ._http_answer import (
     AnswerReader,
     BadAnswer,
@@ -58,24 +58,6 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a socket without a timeout raises where it would have to wait (TLS may have to read
 # in order to write).
 _NOT_YET = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-
-
-class TransportError(Exception):
-    """The request got no HTTP answer.
-
-    Attributes:
-        reason: ``"timeout"``, ``"connection_error"``, or for a setting that cannot work
-            ``"proxy_unsupported"``, ``"proxy_invalid"`` or ``"ca_bundle_missing"``; used
-            as the retry/failure reason.
-        retryable: ``False`` when trying again cannot help (the environment names a proxy
-            or a CA bundle that cannot be used): the call should end ``failed`` at once.
-    """
-
-    def __init__(self, reason: str, detail: str, *, retryable: bool = True) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-        self.retryable = retryable
 
 
 class Transport(Protocol):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pytest
 from flask import Flask
 
-from flask_koala import Koala
+from flask_koala import Koala, TransportError
 from flask_koala._receiver import KoalaReceiver
 
 from .support import PROFILE_ID, koala_of
@@ -315,3 +315,34 @@ def test_one_persons_large_calls_are_sent_in_bodies_within_the_limit(
         assert koala.stats["sent"] == 20
     assert receiver.violations == []
     assert 3 <= len(receiver.bodies) < 20  # merged, but never over the limit
+
+
+class RefusingTransport:
+    """A custom transport (``Koala(transport_factory=...)``) that never gets an answer."""
+
+    def __init__(self, retryable: bool) -> None:
+        self.retryable = retryable
+        self.posts = 0
+
+    def post(self, url: str, body: bytes, headers: Any, timeout: Any) -> Any:
+        self.posts += 1
+        raise TransportError("connection_error", "no route", retryable=self.retryable)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("retryable", "posts"), [(False, 1), (True, 2)])
+def test_a_custom_transport_ends_calls_through_the_public_transport_error(
+    make_app: Callable[..., Flask], retryable: bool, posts: int
+) -> None:
+    transport = RefusingTransport(retryable)
+    app = make_app(
+        {"KOALA_SYNC": True, "KOALA_MAX_RETRIES": 1},
+        koala=Koala(transport_factory=lambda: transport),
+    )
+    with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
+        koala_of(app).identify("jane@example.com")
+    assert transport.posts == posts
+    expected = "failed.connection_error" if not retryable else "failed.retries_exhausted"
+    assert stats(app)[expected] == 1
