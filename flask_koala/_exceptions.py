@@ -1,7 +1,7 @@
 """Exceptions raised by flask-koala.
 
-The tree is small on purpose: flask-koala never raises into a request, so the only
-exceptions a user meets are about setting it up.
+The tree is small on purpose: flask-koala never raises into a request, so the exceptions a
+user meets are about setting it up, and the one a custom transport raises.
 
     KoalaError
     ├── ConfigError      a KOALA_* setting is missing or wrong (raised by ``init_app``)
