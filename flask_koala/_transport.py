@@ -409,22 +409,25 @@ def _context(
             "ca_bundle_missing", f"{variable} names a CA bundle that does not exist"
         )
     try:
-        context = _trusting(path)
+        return _trusting(path), None
     except (ssl.SSLError, OSError, ValueError):
         return None, _refuse("ca_bundle_invalid", f"{variable} {_UNREADABLE}")
-    _contexts[path] = context
-    return context, None
 
 
 _UNREADABLE = "names a CA bundle that holds no certificate flask-koala can read (PEM)"
 
 
 def _trusting(path: str) -> ssl.SSLContext:
-    """A new TLS context trusting the CA bundle at ``path``, a PEM file or a directory of
-    hashed certificates (read lazily, so never refused here)."""
-    if os.path.isdir(path):
-        return ssl.create_default_context(capath=path)
-    return ssl.create_default_context(cafile=path)
+    """The shared TLS context trusting the CA bundle at ``path``, a PEM file or a directory
+    of hashed certificates (read lazily, so never refused here); made once per path."""
+    context = _contexts.get(path)
+    if context is None:
+        if os.path.isdir(path):
+            context = ssl.create_default_context(capath=path)
+        else:
+            context = ssl.create_default_context(cafile=path)
+        _contexts[path] = context
+    return context
 
 
 def check_ca_bundle(path: Optional[str]) -> None:
