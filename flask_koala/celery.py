@@ -120,8 +120,7 @@ def _deliver(
     """Post the body once; retry it through Celery, or end the call."""
     retries: int = task.request.retries or 0
     retry_policy = _policy(policy)
-    transport = _transport(ca_bundle)
-    outcome = attempt(transport, endpoint, encode_body(body), _timeout(timeout))
+    outcome = attempt(_transport(ca_bundle), endpoint, encode_body(body), _timeout(timeout))
     count = len(message_ids)
     if outcome.outcome == "sent":
         logger.debug(
