@@ -66,15 +66,22 @@ def a_call() -> Call:
     )
 
 
-def run_task(celery_app: Celery, receiver: KoalaReceiver, **policy: Any) -> Any:
-    """Run the task in this process as a worker would, retries included (no waiting)."""
-    kwargs = task_kwargs(
-        [a_call()],
-        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
+def kwargs_for(
+    url: str, call: Call | None = None, *, ca_bundle: str | None = None, **policy: Any
+) -> dict[str, Any]:
+    """The task's arguments for one call (``a_call()`` unless given) to a Koala at ``url``."""
+    return task_kwargs(
+        [call or a_call()],
+        endpoint=f"{url}/web/projects/pk_test/batch",
         timeout=5.0,
         policy=RetryPolicy(**policy),
+        ca_bundle=ca_bundle,
     )
-    return celery_app.tasks[TASK_NAME].apply(kwargs=kwargs)
+
+
+def run_task(celery_app: Celery, receiver: KoalaReceiver, **policy: Any) -> Any:
+    """Run the task in this process as a worker would, retries included (no waiting)."""
+    return celery_app.tasks[TASK_NAME].apply(kwargs=kwargs_for(receiver.url, **policy))
 
 
 # -- setting up ----------------------------------------------------------------------------
@@ -278,12 +285,7 @@ def test_task_honours_retry_after(receiver: KoalaReceiver) -> None:
     from flask_koala.celery import _deliver
 
     receiver.respond_with(503, retry_after=7)
-    kwargs = task_kwargs(
-        [a_call()],
-        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
-        timeout=5.0,
-        policy=RetryPolicy(),
-    )
+    kwargs = kwargs_for(receiver.url)
     with pytest.raises(_Retried) as retried:
         _deliver(_FakeTask(), **kwargs)
     assert retried.value.countdown == 7
@@ -296,12 +298,7 @@ def test_a_retry_shows_monitors_the_message_ids_never_the_email(
 
     receiver.respond_with(503)
     call = a_call()
-    kwargs = task_kwargs(
-        [call],
-        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
-        timeout=5.0,
-        policy=RetryPolicy(),
-    )
+    kwargs = kwargs_for(receiver.url, call)
     with pytest.raises(_Retried) as retried:
         _deliver(_FakeTask(), **kwargs)
     # Celery would otherwise re-render kwargsrepr from the arguments, body and email included.
@@ -312,12 +309,7 @@ def test_task_ignores_arguments_it_does_not_know(
     celery_app: Celery, receiver: KoalaReceiver
 ) -> None:
     Koala(celery=celery_app)
-    kwargs = task_kwargs(
-        [a_call()],
-        endpoint=f"{receiver.url}/web/projects/pk_test/batch",
-        timeout=5.0,
-        policy=RetryPolicy(),
-    )
+    kwargs = kwargs_for(receiver.url)
     result = celery_app.tasks[TASK_NAME].apply(kwargs={**kwargs, "from_the_future": 1})
     assert result.get()["outcome"] == "sent"
 
@@ -364,13 +356,7 @@ def ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TestCA:
 def run_tls_task(celery_app: Celery, ca: TestCA, ca_bundle: str | None) -> Any:
     Koala(celery=celery_app)
     with answering(lambda n, head: answer(200), ca.server_context) as server:
-        kwargs = task_kwargs(
-            [a_call()],
-            endpoint=f"{server.url}/web/projects/pk_test/batch",
-            timeout=5.0,
-            policy=RetryPolicy(attempts=1),
-            ca_bundle=ca_bundle,
-        )
+        kwargs = kwargs_for(server.url, ca_bundle=ca_bundle, attempts=1)
         return celery_app.tasks[TASK_NAME].apply(kwargs=kwargs)
 
 
