@@ -20,7 +20,7 @@ from ._cli import koala_cli
 from ._config import KoalaConfig, load_config
 from ._dispatchers import REGISTRY, Dispatcher, Needs
 from ._identify_login import UserGetter
-from ._ledger import Ledger
+from ._ledger import Ledger, internal_error
 from ._pipeline import Pipeline, Resolver
 from ._state import EXTENSION_KEY, AppState, current_state
 from ._transport import HTTPTransport, TransportFactory, check_ca_bundle
@@ -194,7 +194,7 @@ class Koala:
             environ, cookie = _hooks.request_scope(pipeline.config.cookie_name)
             return pipeline.identify(email, traits, profile_id, environ, cookie)
         except Exception as exc:
-            pipeline.ledger.internal_error(exc, "identify")
+            internal_error(pipeline.ledger, exc, "identify")
             return False
 
     def track(
@@ -224,7 +224,7 @@ class Koala:
             environ, cookie = _hooks.request_scope(pipeline.config.cookie_name)
             return pipeline.track(event, properties, email, profile_id, environ, cookie)
         except Exception as exc:
-            pipeline.ledger.internal_error(exc, "track", kind="track")
+            internal_error(pipeline.ledger, exc, "track", kind="track")
             return False
 
     def profile_id(self) -> Optional[str]:

@@ -17,7 +17,7 @@ from flask_login import user_loaded_from_cookie, user_logged_in
 
 from . import signals
 from ._config import KoalaConfig
-from ._ledger import log_unexpected
+from ._ledger import internal_error
 from ._pipeline import WAKE_KEY, Environ
 from ._state import state_of
 
@@ -67,10 +67,7 @@ def _on_login(sender: Any, user: Any = None, **extra: Any) -> None:
             environ, cookie = request_scope(state.config.cookie_name)
             state.pipeline.identify_user(user, environ, cookie)
     except Exception as exc:
-        if state is None:
-            log_unexpected(exc, "identifying a login", "the login goes on")
-        else:
-            state.ledger.internal_error(exc, "identifying a login")
+        internal_error(None if state is None else state.ledger, exc, "identifying a login")
 
 
 def _wake_after_response(response: Response) -> Response:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, TypeVar
 from flask import Response, has_request_context, make_response
 
 from ._hooks import current_user, request_scope
-from ._ledger import describe_error, log_unexpected
+from ._ledger import describe_error, internal_error
 from ._state import current_state
 
 __all__ = ["UserGetter", "decorate"]
@@ -100,7 +100,5 @@ def _identify_after(owner: object, response: Response, get_user: Optional[UserGe
             return
         pipeline.identify_result(found, environ, cookie)
     except Exception as exc:
-        if pipeline is None:
-            log_unexpected(exc, "identifying after a login view", "the response goes on")
-        else:
-            pipeline.ledger.internal_error(exc, "identifying after a login view")
+        ledger = None if pipeline is None else pipeline.ledger
+        internal_error(ledger, exc, "identifying after a login view")

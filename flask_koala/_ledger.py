@@ -25,7 +25,16 @@ from . import signals
 from ._ids import UUID_TEXT
 from ._payload import Call, build_body
 
-__all__ = ["OUTCOMES", "Ledger", "describe_error", "log_unexpected", "mask", "mask_key", "redact"]
+__all__ = [
+    "OUTCOMES",
+    "Ledger",
+    "describe_error",
+    "internal_error",
+    "log_unexpected",
+    "mask",
+    "mask_key",
+    "redact",
+]
 
 logger = logging.getLogger("flask_koala")
 
@@ -125,6 +134,17 @@ def log_unexpected(exc: BaseException, doing: str, then: str) -> None:
     an email, a cookie or a key, from the app's objects or flask-koala's own.
     """
     logger.error("flask-koala: %s failed unexpectedly (%s); %s", doing, describe_error(exc), then)
+
+
+def internal_error(
+    ledger: Optional[Ledger], exc: BaseException, doing: str, *, kind: str = "identify"
+) -> None:
+    """A call the request side was making ended by an error nothing expected: logged as
+    :func:`log_unexpected` does, and counted ``skipped.internal_error`` in the app's ledger
+    (``None`` when the error came before the app's state was found)."""
+    log_unexpected(exc, doing, "the request goes on")
+    if ledger is not None:
+        ledger.skipped("internal_error", kind=kind)
 
 
 class Throttle:
@@ -249,12 +269,6 @@ class Ledger:
             self._counts["suppressed"] += 1
         self.announce(call)
         logger.debug("flask-koala: %s %s recorded, sending suppressed", call.kind, call.message_id)
-
-    def internal_error(self, exc: BaseException, doing: str, *, kind: str = "identify") -> None:
-        """A call ended on the request side by an error nothing expected: logged as
-        :func:`log_unexpected` does and counted ``skipped.internal_error``."""
-        log_unexpected(exc, doing, "the request goes on")
-        self.skipped("internal_error", kind=kind)
 
     def skipped(
         self,
