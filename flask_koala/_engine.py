@@ -39,6 +39,7 @@ from ._lifecycle import flush_when_multiprocessing_child_exits, fork_lock, track
 from ._payload import Call
 from ._queue import Batch, PersonQueue
 from ._retry import PauseGate, RetryPolicy
+from ._unfinished import Unfinished
 from ._waking import SETTLE, behind, idle_wait
 
 # The seam's types are defined in _handlers and re-exported: handlers import them from here.
@@ -50,7 +51,6 @@ logger = logging.getLogger("flask_koala")
 IDLE_TIMEOUT = 5.0
 
 _THREAD_PREFIX = "flask-koala"
-_LIVENESS_CHECK = 0.25  # how often a flush without timeout checks that workers still live
 _JOIN_GRACE = 0.2  # shutdown(timeout)'s wait, beyond it, for workers to leave (a daemon)
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
 
@@ -106,8 +106,7 @@ class Engine:
         self._ready: deque[Batch] = deque()  # retries that are due, before new calls
         self._timers: list[tuple[float, int, Batch]] = []  # retries waiting, a heap
         self._seq = itertools.count()
-        self._inflight: dict[int, Batch] = {}
-        self._unfinished = 0  # calls queued, waiting to retry or being delivered
+        self._unfinished = Unfinished()
         self._released = False  # may workers take what is queued (wake=False holds it)
         self._closes_seen = False  # has a wake() followed a response (see submit)
         self._settle_next = False  # did the last wake-up follow a response (see _take)
@@ -207,7 +206,7 @@ class Engine:
         calls = self._ledger.admit()
         for call in calls:
             self._queue.put(call)
-        self._unfinished += len(calls)
+        self._unfinished.count += len(calls)
 
     def _release(self) -> Optional[tuple[int, Crew]]:
         """Let workers take what is queued, and rouse one if they need it. Locked."""
@@ -329,7 +328,7 @@ class Engine:
                         while work and len(batches) < limit:
                             batch = self._ready.popleft() if self._ready else self._queue.take()
                             batch.attempts += 1
-                            self._inflight[id(batch)] = batch
+                            self._unfinished.taken(batch)
                             batches.append(batch)
                             work = bool(self._ready) or bool(self._queue and self._released)
                         if not self._queue:
@@ -372,7 +371,7 @@ class Engine:
     def _settle(self, batch: Batch, verdict: Verdict) -> None:
         """Record the verdict and end the batch, or put it on the timer heap."""
         with self._lock:
-            owned = self._inflight.pop(id(batch), None) is not None
+            owned = self._unfinished.answered(batch)
         if not owned:
             return  # the exit hook already counted it as dropped
         wait: Optional[float] = None
@@ -387,41 +386,37 @@ class Engine:
             if wait is not None and not shutdown:
                 due = self._clock() + wait
                 heapq.heappush(self._timers, (due, next(self._seq), batch))
+                self._unfinished.retrying(batch)
                 if self._crew.idle and self._timers[0][2] is batch:
                     self._work.notify()  # an idle worker must wait for this one instead
-            else:
-                self._unfinished -= len(batch)
-                if self._unfinished <= 0:
-                    self._done.notify_all()
+            elif self._unfinished.settled(batch):
+                self._done.notify_all()
         if shutdown:
             self._ledger.failed(batch, "shutdown", error="shut down while waiting to retry")
 
     # -- waiting and stopping ------------------------------------------------------------
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every call taken so far has ended; ``True`` when none is left."""
+        """Wait until every call taken so far has ended; ``True`` when none of them is left.
+
+        Calls taken once it has begun are not waited for (see ``_unfinished``).
+        """
         self._check_process()
         deadline = None if timeout is None else self._clock() + max(timeout, 0.0)
         self.wake(response_closed=False)  # calls queued by a request not yet closed
         with self._lock:
-            while self._unfinished > 0:
-                if not self._crew.workers:
-                    # Never started, or gone: nothing will ever finish what is left.
-                    return False
-                wait = _LIVENESS_CHECK
-                if deadline is not None:
-                    wait = min(wait, deadline - self._clock())
-                    if wait <= 0:
-                        return False
-                self._done.wait(wait)
-            return True
+            timers = (call for _, _, batch in self._timers for call in batch)
+            queued = itertools.chain(self._queue, *self._ready, timers)
+            return self._unfinished.flush(
+                queued, self._done, lambda: bool(self._crew.workers), deadline, self._clock
+            )
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Flush, then stop for good; later calls are dropped. Idempotent."""
         self._check_process()
         with self._lock:
             if self._closed:
-                return self._unfinished == 0
+                return self._unfinished.count == 0
         deadline = None if timeout is None else self._clock() + max(timeout, 0.0)
         flushed = self.flush(timeout)
         join = None if deadline is None else max(0.0, deadline - self._clock()) + _JOIN_GRACE
@@ -443,7 +438,7 @@ class Engine:
             self._ready.clear()
             waiting = [call for _, _, batch in self._timers for call in batch]
             self._timers.clear()
-            self._unfinished -= len(left) + len(waiting)
+            self._unfinished.ended(left + waiting)
             left += self._ledger.admit()  # arrived, never admitted (nor in _unfinished)
             self._work.notify_all()
             self._done.notify_all()
@@ -458,9 +453,7 @@ class Engine:
                 thread.join(None if end is None else max(0.0, end - time.monotonic()))
         if claim_inflight:
             with self._lock:
-                claimed = [call for batch in self._inflight.values() for call in batch]
-                self._inflight.clear()
-                self._unfinished -= len(claimed)
+                claimed = self._unfinished.claim()
             if claimed:
                 self._ledger.dropped(claimed, "shutdown", accepted=True)
 
@@ -470,7 +463,7 @@ class Engine:
         with self._lock:
             if self._pid != os.getpid():
                 return 0
-            return self._unfinished + (0 if self._stopping else self._ledger.arriving)
+            return self._unfinished.count + (0 if self._stopping else self._ledger.arriving)
 
     @property
     def closed(self) -> bool:

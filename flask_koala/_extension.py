@@ -241,11 +241,11 @@ class Koala:
     # -- delivery ------------------------------------------------------------------------
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every call accepted so far was sent or finally failed.
+        """Wait until every call accepted so far (not since) was sent or finally failed.
 
         Returns:
-            ``True`` when nothing is left pending; ``False`` when the timeout ran out first,
-            or no worker is alive to finish the rest.
+            ``True`` when none of them is left pending; ``False`` when the timeout ran out
+            first, or no worker is alive to finish the rest.
         """
         dispatcher = current_state(self).pipeline.dispatcher
         timeout = _seconds(timeout)

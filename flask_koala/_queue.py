@@ -8,7 +8,7 @@ of each kind); calls about different people, or for different routes, never shar
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Optional, Union
 
 from ._payload import MAX_BODY_BYTES, MAX_ENTRIES, ROUTES, Call
@@ -117,15 +117,18 @@ class PersonQueue:
         self._size -= len(batch)
         return batch
 
-    def clear(self) -> list[Call]:
-        """Remove and return everything, oldest group first."""
-        calls: list[Call] = []
+    def __iter__(self) -> Iterator[Call]:
+        """Every call waiting, oldest group first; the queue stays as it is."""
         for key in self._order:
             group = self._group(key)
             if isinstance(group, list):
-                calls.extend(group)
+                yield from group
             else:
-                calls.append(group)
+                yield group
+
+    def clear(self) -> list[Call]:
+        """Remove and return everything, oldest group first."""
+        calls = list(self)
         self._groups.clear()
         self._others.clear()
         self._order.clear()

@@ -407,13 +407,56 @@ def test_flush_is_bounded_and_reports_what_remains(
     assert engine.flush(5)
 
 
+class BrokenHandler(RecordingHandler):
+    """Every worker dies at once: calls are left with nobody to send them."""
+
+    def open(self) -> RecordingChannel:
+        raise OSError("no channel")
+
+
 def test_flush_does_not_hang_when_workers_are_dead(
-    make_engine: Callable[..., Engine], ledger: Ledger
+    make_seam_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = make_engine()
-    # As after a fork without our hook, or threads killed: work left, nobody to do it.
-    engine._unfinished = 1
+    engine = make_seam_engine(BrokenHandler())
+    engine.submit(identify())
     assert engine.flush(None) is False
+    caplog.clear()  # each dead worker logged its end, as it should
+
+
+class SlowChannel(RecordingChannel):
+    def handle(self, batch: Sequence[Call]) -> Verdict:
+        time.sleep(0.02)  # a Koala that takes 20 ms per request
+        return super().handle(batch)
+
+
+class SlowHandler(RecordingHandler):
+    def open(self) -> SlowChannel:
+        return SlowChannel(self)
+
+
+def test_flush_waits_for_the_calls_taken_before_it_not_those_after(
+    make_seam_engine: Callable[..., Engine],
+) -> None:
+    handler = SlowHandler()
+    engine = make_seam_engine(handler, max_workers=1)
+    submit_people(engine, 3)
+    stop = threading.Event()
+
+    def keep_submitting() -> None:  # one call each 2 ms: ten times what one worker sends
+        for n in range(100, 10_000):
+            if stop.wait(0.002):
+                return
+            engine.submit(identify(person(n)))
+
+    submitter = threading.Thread(target=keep_submitting)
+    submitter.start()
+    try:
+        assert engine.flush(timeout=5) is True
+        assert engine.pending > 0  # the calls taken since are still waiting
+    finally:
+        stop.set()
+        submitter.join()
+    assert [batch[0].profile_id for batch in handler.batches[:3]] == [person(n) for n in range(3)]
 
 
 def test_shutdown_is_idempotent(make_engine: Callable[..., Engine]) -> None:
