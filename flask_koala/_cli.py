@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import click
-from flask import current_app
+from flask import Flask, current_app
 from flask.cli import AppGroup, ScriptInfo
 
 from ._config import DEFAULT_API_URL, SUSPENDED_ERROR, KoalaConfig
@@ -72,13 +72,18 @@ def check_command() -> None:
     them wait on it, or one init_app refuses. Offline: nothing is sent; `flask koala
     identify` makes a real call.
     """
+    with _load_app().app_context():
+        _check()
+
+
+def _load_app() -> Flask:
+    """The app, loaded here rather than by ``with_appcontext``: a setting ``init_app``
+    refuses is then one ``problem:`` line naming the key, not the factory's traceback."""
     try:
-        app = click.get_current_context().ensure_object(ScriptInfo).load_app()
+        return click.get_current_context().ensure_object(ScriptInfo).load_app()
     except ConfigError as exc:  # raised by init_app while the app was being made
         click.echo(f"problem: {mask(str(exc))}", err=True)
         click.get_current_context().exit(1)
-    with app.app_context():
-        _check()
 
 
 def _check() -> None:
@@ -207,7 +212,7 @@ def _traits(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
     return traits
 
 
-@koala_cli.command("identify")
+@koala_cli.command("identify", with_appcontext=False)
 @click.argument("email", callback=_email)
 @click.option(
     "--profile-id",
@@ -238,6 +243,11 @@ def identify_command(
     unless --force is given, so a test suite never reaches Koala by accident. Exits 1
     unless Koala answers 2xx.
     """
+    with _load_app().app_context():
+        _identify(email, profile_id, traits, force)
+
+
+def _identify(email: str, profile_id: Optional[str], traits: dict[str, Any], force: bool) -> None:
     state = _state()
     config = state.config
     if not config.sending and not force:

@@ -46,6 +46,20 @@ def test_check_reports_a_setting_init_app_refuses_without_a_traceback() -> None:
     assert "Traceback" not in result.output
 
 
+def test_identify_reports_a_setting_init_app_refuses_without_a_traceback() -> None:
+    def create_app() -> Flask:
+        app = Flask(__name__)
+        Koala(app)  # no KOALA_PUBLIC_KEY
+        return app
+
+    script = ScriptInfo(create_app=create_app)
+    result = CliRunner().invoke(koala_cli, ["identify", "jane@example.com"], obj=script)
+
+    assert result.exit_code == 1
+    assert "problem: KOALA_PUBLIC_KEY: is required while sending is on" in result.output
+    assert isinstance(result.exception, SystemExit)  # not the ConfigError's traceback
+
+
 def test_check_exits_zero_when_logins_will_be_sent(app: Flask) -> None:
     result = invoke(app, "check")
 
