@@ -21,7 +21,7 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Protocol, Union, cast
 from urllib.parse import urlsplit
 
@@ -76,6 +76,8 @@ TransportFactory = Callable[[], Transport]
 
 # A socket, a TLS socket, or TLS inside a TLS tunnel (an https:// proxy).
 _Socket = Any
+# One of socket.getaddrinfo()'s answers: family, type, protocol, canonical name, address.
+_Address = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +171,8 @@ class HTTPTransport:
 
     def _connect(self, route: _Route, connect: float, deadline: float) -> Optional[Response]:
         """Open the connection (through the proxy's tunnel if any); an answer if refused."""
-        sock: _Socket = socket.create_connection(
-            (route.host, route.port), timeout=min(connect, remaining(deadline))
-        )
+        addresses = socket.getaddrinfo(route.host, route.port, type=socket.SOCK_STREAM)
+        sock: _Socket = _open(addresses, connect, deadline)
         self._keep(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if route.tls:
@@ -242,6 +243,26 @@ class HTTPTransport:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+def _open(addresses: Sequence[_Address], connect: float, deadline: float) -> socket.socket:
+    """A connection to the first of ``addresses`` that takes one, as
+    ``socket.create_connection`` makes it, but within the attempt's deadline: each address
+    gets ``connect`` seconds at most and all of them together what the deadline leaves (a
+    host with several unreachable addresses would otherwise take ``connect`` seconds each).
+    """
+    error: Optional[OSError] = None
+    for family, kind, proto, _, address in addresses:
+        timeout = min(connect, remaining(deadline))  # socket.timeout once it has passed
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error if error is not None else OSError("the host name resolved to no address")
 
 
 def _send(sock: _Socket, request: bytes, deadline: float) -> None:

@@ -6,13 +6,14 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Optional
 
 import pytest
 
 from flask_koala._delivery import headers
 from flask_koala._receiver import KoalaReceiver
-from flask_koala._transport import HTTPTransport, Response, TransportError
+from flask_koala._transport import HTTPTransport, Response, TransportError, _open
 
 from .http_parts import Server, answer, answering, header, read_request
 from .support import PROFILE_ID
@@ -92,6 +93,45 @@ class Trickle:
         self._stop.set()
         self._listener.close()
         self._thread.join(5)
+
+
+@pytest.fixture
+def unreachable() -> Iterator[list[tuple[str, int]]]:
+    """Three addresses that take no connection, as blackholed ones do: each listener's
+    accept queue (``listen(0)``) is full, so Linux drops every further SYN."""
+    held: list[socket.socket] = []
+    addresses = []
+    for _ in range(3):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        held += [listener, socket.create_connection(listener.getsockname())]
+        addresses.append(listener.getsockname())
+    yield addresses
+    for sock in held:
+        sock.close()
+
+
+def test_a_host_whose_addresses_all_hang_fails_within_the_attempts_deadline(
+    unreachable: list[tuple[str, int]],
+) -> None:
+    addresses = [(socket.AF_INET, socket.SOCK_STREAM, 0, "", a) for a in unreachable]
+    started = time.monotonic()
+    with pytest.raises(socket.timeout):
+        _open(addresses, 1.0, started + 1.2)  # connect 1 s, read 0.2 s
+    # One connect timeout and what the deadline left: 1.2 s, where three whole connect
+    # timeouts, one per address (socket.create_connection), would take 3.
+    assert time.monotonic() - started < 2.5
+
+
+def test_the_next_address_is_tried_when_one_hangs(unreachable: list[tuple[str, int]]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        reachable = listener.getsockname()
+        addresses = [
+            (socket.AF_INET, socket.SOCK_STREAM, 0, "", a) for a in (unreachable[0], reachable)
+        ]
+        with _open(addresses, 0.3, time.monotonic() + 5) as sock:
+            assert sock.getpeername() == reachable
 
 
 def test_an_answer_trickling_in_is_cut_at_the_attempts_deadline() -> None:
