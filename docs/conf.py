@@ -12,7 +12,7 @@ from flask_koala import __version__  # noqa: E402
 
 project = "flask-koala"
 author = "flask-koala contributors"
-copyright = "2026, flask-koala contributors"  # noqa: A001
+copyright = "2026, flask-koala contributors"
 release = __version__
 version = ".".join(__version__.split(".")[:2])
 
