@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
 import sys
 import threading
@@ -20,8 +19,6 @@ import weakref
 from typing import Protocol
 
 __all__ = ["flush_when_multiprocessing_child_exits", "fork_lock", "track"]
-
-logger = logging.getLogger("flask_koala")
 
 
 class Forkable(Protocol):
