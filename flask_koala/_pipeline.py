@@ -84,7 +84,7 @@ class Resolver:
             traits = self.loader(user)
         except Exception as exc:
             logger.error(
-                "flask-koala: the identity loader raised %s; this login is skipped",
+                "flask-koala: the identity loader raised %s; this call is skipped",
                 describe_error(exc),
             )
             return "loader_error"
@@ -275,11 +275,15 @@ class Pipeline:
         if resolved is None:
             ledger.skipped(reason, kind="track")
             return False
+        found: object = email
         if email is None:
-            email = self._current_user_email()
+            found, reason = self._current_user_email()
+            if reason:
+                ledger.skipped(reason, kind="track", profile_id=resolved)
+                return False
         clean: Optional[str] = None
-        if email is not None:
-            clean = clean_email(email)
+        if found is not None:
+            clean = clean_email(found)
             if clean is None:
                 ledger.skipped("bad_email", kind="track", profile_id=resolved)
                 return False
@@ -346,14 +350,16 @@ class Pipeline:
             return parsed, ""
         return None, "no_cookie" if not cookie else "bad_cookie"
 
-    def _current_user_email(self) -> Optional[str]:
+    def _current_user_email(self) -> tuple[object, str]:
+        """The logged-in user's email through the loader (``None`` for nobody, or for a
+        user without one), or ``None`` and the reason an identify of that user is skipped."""
         user = self._current_user()
         if user is None:
-            return None
+            return None, ""
         found = self.resolver.user(user)
-        if isinstance(found, str) or not isinstance(found.email, str):
-            return None
-        return found.email
+        if isinstance(found, str):
+            return None, "" if found == "no_email" else found
+        return found.email, ""
 
     def _submit(self, dispatcher: Dispatcher, call: Call, environ: Optional[Environ]) -> bool:
         """The one submit path. Inside a request the workers are woken only once the

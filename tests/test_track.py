@@ -76,6 +76,64 @@ def test_track_email_comes_through_the_identity_loader(
     assert delivered(app, receiver)[-1]["email"] == "jane@work.example.com"
 
 
+def login_then_track(app: Flask, koala: Koala) -> Any:
+    add_track_route(app, koala)
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    client.post("/login/jane")
+    return client.post("/track", json={"event": "Exported Report"}).get_json()
+
+
+def test_track_skips_a_user_the_identity_loader_excludes(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    koala.identity_loader(lambda user: None)
+
+    app = make_app(koala=koala)
+
+    assert login_then_track(app, koala) == {"accepted": False}
+    with app.app_context():
+        assert koala.stats["skipped.excluded"] == 2  # the login, then the track
+
+
+@pytest.mark.allow_errors
+def test_track_skips_a_user_whose_identity_loader_raises(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    @koala.identity_loader
+    def broken(user: Any) -> dict[str, Any]:
+        raise LookupError("no such tenant")
+
+    app = make_app(koala=koala)
+
+    assert login_then_track(app, koala) == {"accepted": False}
+    with app.app_context():
+        assert koala.stats["skipped.loader_error"] == 2
+
+
+def test_track_skips_a_user_whose_loaded_email_is_not_a_string(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    koala.identity_loader(lambda user: {"email": 42})
+
+    app = make_app(koala=koala)
+
+    assert login_then_track(app, koala) == {"accepted": False}
+    with app.app_context():
+        assert koala.stats["skipped.bad_email"] == 2
+
+
+def test_track_for_a_user_without_an_email_is_sent_with_the_visitor_id_alone(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    app = make_app(koala=koala)
+    with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
+        login_user(USERS["noemail"])
+        assert koala.track("Exported Report")
+    (body,) = delivered(app, receiver)
+    assert "email" not in body
+
+
 def test_track_with_explicit_email_and_profile_id_outside_a_request(
     app: Flask, koala: Koala, receiver: KoalaReceiver
 ) -> None:
