@@ -250,7 +250,7 @@ def read_body(handler: BaseHTTPRequestHandler, limit: int) -> bytes:
     if size < 0:
         raise BadFraming(f"invalid Content-Length {length!r}")
     if size > limit:
-        raise TooLarge(f"body is {size} bytes, over Koala's limit of {limit} bytes")
+        raise TooLarge(f"body is {size} bytes, over the limit of {limit} bytes")
     return _read_exactly(handler, size)
 
 
@@ -271,7 +271,7 @@ def _read_chunked(handler: BaseHTTPRequestHandler, limit: int) -> bytes:
             return b"".join(chunks)
         total += size
         if total > limit:
-            raise TooLarge(f"chunked body is over Koala's limit of {limit} bytes")
+            raise TooLarge(f"chunked body is over the limit of {limit} bytes")
         chunks.append(_read_exactly(handler, size))
         handler.rfile.readline(65537)  # the CRLF closing the chunk
 

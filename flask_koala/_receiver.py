@@ -14,9 +14,9 @@ hangs and dropped connections. ::
         assert koala.violations == []
 
 A request that breaks the contract is answered 400 (404 for an unknown path, 405 for a wrong
-method, 413 for a body over Koala's 32 KiB limit) with ``{"error": "<first violation>"}``, so
-a client bug surfaces as the same kind of permanent failure a strict collector would give, and
-is listed in ``violations``.
+method, 413 for a body over the 32 KiB that flask-koala keeps every call within) with
+``{"error": "<first violation>"}``, so a client bug surfaces as the same kind of permanent
+failure a strict collector would give, and is listed in ``violations``.
 
 Whatever a client sends, the receiver holds little: a body over the limit is refused from its
 ``Content-Length`` (or as soon as a chunked body passes it) without being kept, and a
@@ -130,7 +130,7 @@ class KoalaReceiver:
             printer cannot take the server down. The CLI uses it to print traffic.
         max_body_bytes: The largest body accepted; a larger one is answered 413 with a JSON
             error and recorded as a violation, without being read into memory. Defaults to
-            Koala's limit of 32 KiB.
+            the 32 KiB limit flask-koala keeps every call within (Koala documents none).
         idle_timeout: Seconds a connection may take to deliver a complete request, counted
             from its opening or from its previous answer; past it the connection is closed
             without an answer (and nothing is recorded). Bounds idle keep-alive connections
