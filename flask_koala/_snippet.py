@@ -95,7 +95,7 @@ def render_snippet(
     """
     lines: list[str] = []
     if settings is not None:
-        lines.append(f"window.koalaSettings={script_json(settings)};")
+        lines.append(f"window.koalaSettings = {script_json(settings)};")
     lines.append(_loader(sdk_url, nonce))
     calls: list[str] = []
     if reset:

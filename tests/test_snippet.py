@@ -126,7 +126,7 @@ def test_marker_is_on_the_tag() -> None:
 def test_settings_come_first() -> None:
     settings = {"host": "https://koala.example.com", "sdk_settings": {"autocapture": False}}
     html = str(render_snippet(SDK, settings=settings))
-    (encoded,) = re.findall(r"window\.koalaSettings=(.*?);\n", html)
+    (encoded,) = re.findall(r"window\.koalaSettings = (.*?);\n", html)
     assert json.loads(encoded) == settings
     assert html.index("window.koalaSettings") < html.index("if(window.ko)")
 

@@ -226,7 +226,7 @@ def test_disabled_app_notes_no_reset(make_page_app: MakePage) -> None:
 def test_settings_rendered(make_page_app: MakePage) -> None:
     settings = {"host": "https://koala.example.com", "sdk_settings": {"autocapture": False}}
     html = page(make_page_app({"KOALA_SDK_SETTINGS": settings}).test_client())
-    (encoded,) = re.findall(r"window\.koalaSettings=(.*?);\n", html)
+    (encoded,) = re.findall(r"window\.koalaSettings = (.*?);\n", html)
     assert json.loads(encoded) == settings
 
 
