@@ -231,7 +231,7 @@ def _traits(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
 @click.option(
     "--force",
     is_flag=True,
-    help="Send even though KOALA_SUPPRESS_SEND or KOALA_ENABLED = False turn sending off.",
+    help="Send even though KOALA_ENABLED = False or KOALA_SUPPRESS_SEND turn sending off.",
 )
 def identify_command(
     email: str, profile_id: Optional[str], traits: dict[str, Any], force: bool
@@ -239,9 +239,10 @@ def identify_command(
     """Send one identify call now and print Koala's answer.
 
     Sent once, on this thread, whatever KOALA_SYNC says: it is the live test of a setup.
-    Where sending is off (suppressed, as under app.testing, or disabled) it refuses
-    unless --force is given, so a test suite never reaches Koala by accident. Exits 1
-    unless Koala answers 2xx.
+    Where sending is disabled, or suppressed (as under app.testing) with KOALA_API_URL off
+    this machine, it refuses unless --force is given, so a test suite never reaches Koala
+    by accident; a suppressed app still sends to a loopback collector. Exits 1 unless
+    Koala answers 2xx.
     """
     with _load_app().app_context():
         _identify(email, profile_id, traits, force)
@@ -250,11 +251,18 @@ def identify_command(
 def _identify(email: str, profile_id: Optional[str], traits: dict[str, Any], force: bool) -> None:
     state = _state()
     config = state.config
-    if not config.sending and not force:
-        setting = "KOALA_SUPPRESS_SEND is on" if config.enabled else "KOALA_ENABLED is False"
+    if not config.enabled and not force:
         raise click.ClickException(
-            f"sending is off ({setting}), so nothing was sent; pass --force to send anyway"
+            "sending is off (KOALA_ENABLED is False), so nothing was sent; "
+            "pass --force to send anyway"
         )
+    if config.suppress_send and not force:
+        if not config.api_is_local:
+            raise click.ClickException(
+                "sending is suppressed (KOALA_SUPPRESS_SEND is on) and KOALA_API_URL is not "
+                "on this machine, so nothing was sent; pass --force to send anyway"
+            )
+        click.echo("sending is suppressed, but KOALA_API_URL is on this machine: sending")
     if not config.public_key:
         raise click.ClickException(
             "KOALA_PUBLIC_KEY is not set: it names the workspace the call is for"

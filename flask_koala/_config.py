@@ -103,6 +103,11 @@ class KoalaConfig:
         return f"{self.api_url}/web/projects/{self.public_key or ''}/batch"
 
     @property
+    def api_is_local(self) -> bool:
+        """Whether ``api_url`` names this machine (a loopback collector), not Koala."""
+        return _is_loopback(urlsplit(self.api_url).hostname or "")
+
+    @property
     def sending_mode(self) -> str:
         """How calls leave while sending is on: ``"sync"`` or the dispatcher."""
         return "sync" if self.sync else self.dispatcher

@@ -248,7 +248,10 @@ def test_identify_without_an_answer_exits_nonzero(app: Flask, receiver: KoalaRec
 @pytest.mark.parametrize(
     ("config", "setting"),
     [
-        ({"KOALA_SUPPRESS_SEND": True}, "KOALA_SUPPRESS_SEND"),
+        (
+            {"KOALA_SUPPRESS_SEND": True, "KOALA_API_URL": "https://koala.example.com"},
+            "KOALA_SUPPRESS_SEND",
+        ),
         ({"KOALA_ENABLED": False}, "KOALA_ENABLED"),
     ],
 )
@@ -265,12 +268,24 @@ def test_identify_refuses_while_sending_is_off(
     assert receiver.calls == []
 
 
-def test_identify_force_sends_while_sending_is_suppressed(
+def test_identify_force_sends_while_sending_is_off(
     make_app: Callable[..., Flask], receiver: KoalaReceiver
 ) -> None:
-    app = make_app({"KOALA_SUPPRESS_SEND": True})
+    app = make_app({"KOALA_ENABLED": False})
 
     assert invoke(app, "identify", "jane@example.com", "--force").exit_code == 0
+    assert len(receiver.bodies) == 1
+
+
+def test_identify_sends_to_a_loopback_collector_while_sending_is_suppressed(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_SUPPRESS_SEND": True})  # TESTING, aimed at the receiver
+
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert result.exit_code == 0
+    assert "suppressed" in result.output
     assert len(receiver.bodies) == 1
 
 

@@ -80,6 +80,22 @@ def test_api_url_accepted(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("http://localhost:8787", True),
+        ("http://127.1.2.3", True),
+        ("https://[::1]:8787/koala", True),
+        ("https://koala.example.com", False),
+        ("https://127.0.0.1.example.com", False),
+        (DEFAULT_API_URL, False),
+    ],
+)
+def test_api_url_on_this_machine_is_told_apart(url: str, local: bool) -> None:
+    app = init(KOALA_PUBLIC_KEY="pk", KOALA_API_URL=url)
+    assert app.extensions["koala"].config.api_is_local is local
+
+
+@pytest.mark.parametrize(
     "key",
     [
         "KOALA_TIMEOUT",
