@@ -122,6 +122,11 @@ class KoalaConfig:
         return self.sending_mode
 
 
+def endpoint_key(endpoint: str) -> str:
+    """The workspace key in an endpoint :attr:`KoalaConfig.endpoint` built."""
+    return endpoint.rsplit("/", 2)[-2]
+
+
 def load_config(config: Mapping[str, Any], *, testing: bool = False) -> KoalaConfig:
     """Build a :class:`KoalaConfig` from a Flask ``app.config``.
 

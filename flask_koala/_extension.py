@@ -91,7 +91,7 @@ class Koala:
         check_ca_bundle(config.ca_bundle)
         _missing_cookie.check_app(app, config)
         # Every check is done: from here on the app is changed, and nothing raises.
-        ledger = Ledger(weakref.ref(app))
+        ledger = Ledger(weakref.ref(app), key=config.public_key)
         transport_factory = self._transport_factory or functools.partial(
             HTTPTransport, ca_bundle=config.ca_bundle
         )

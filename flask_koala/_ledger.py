@@ -67,17 +67,26 @@ _EMAILISH = re.compile(rf"[^\s@\"'<>]+?{_AT}[^\s@\"'<>]+", re.IGNORECASE)
 # A collector may echo what it was sent: visitor ids (UUIDs) and workspace keys too.
 _UUIDISH = re.compile(UUID_TEXT)
 _KEYISH = re.compile(r"\b[ps]k_[A-Za-z0-9._~-]+")
+# Any URL-safe key is accepted, so the one place a key of any shape is known to stand is
+# the endpoint's path; the app's own key is masked wherever else it appears (``key=``).
+_PROJECT_KEY = re.compile(r"(?<=/projects/)[^/\s\"'<>?#]+")
+# A shorter key is masked in the path alone: replacing it everywhere would garble the text.
+_MIN_KEY_TO_REPLACE = 4
 # Distinct causes remembered for rate limiting; beyond it, expired ones are forgotten and
 # then all of them, so a collector that varies its error text cannot grow memory forever.
 _MAX_THROTTLE_KEYS = 256
 
 
-def redact(text: str, limit: int = 200) -> str:
-    """Shorten text that came from outside; mask emails, visitor ids and keys in it."""
+def redact(text: str, limit: int = 200, *, key: Optional[str] = None) -> str:
+    """Shorten text that came from outside; mask emails, visitor ids and keys in it
+    (``key``, the app's own, wherever it appears)."""
     text = "".join(ch if ch.isprintable() else " " for ch in text[: limit * 2])
+    if key and len(key) >= _MIN_KEY_TO_REPLACE:
+        text = text.replace(key, "<key>")
     text = _EMAILISH.sub("***@***", text)
     text = _UUIDISH.sub("<uuid>", text)
     text = _KEYISH.sub("<key>", text)
+    text = _PROJECT_KEY.sub("<key>", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -90,7 +99,8 @@ def mask(text: str) -> str:
     """
     text = _EMAILISH.sub(_mask_email, text)
     text = _UUIDISH.sub(lambda m: m.group(0)[:8] + "-…", text)
-    return _KEYISH.sub(lambda m: mask_key(m.group(0)), text)
+    text = _KEYISH.sub(lambda m: mask_key(m.group(0)), text)
+    return _PROJECT_KEY.sub(lambda m: mask_key(m.group(0)), text)
 
 
 def mask_key(key: Optional[str]) -> str:
@@ -181,6 +191,7 @@ class Ledger:
     Args:
         sender: returns the object signals are sent from (the Flask app), or ``None`` once
             it is gone; the ledger itself never keeps the app alive.
+        key: the app's public key, masked in any error text Koala or a socket gives back.
         clock: monotonic clock for rate limiting; tests hand in a fake one.
     """
 
@@ -188,9 +199,11 @@ class Ledger:
         self,
         sender: Callable[[], Optional[object]],
         *,
+        key: Optional[str] = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sender = sender
+        self._key = key
         self._clock = clock
         #: Set at interpreter exit: outcomes are still counted and signalled, but the one
         #: summary line of the exit hook replaces the per-outcome warnings.
@@ -330,7 +343,7 @@ class Ledger:
         error: Optional[str] = None,
     ) -> None:
         """The calls will not be delivered; one WARNING per distinct cause per minute."""
-        error = redact(error) if error else None
+        error = redact(error, key=self._key) if error else None
         self._count("failed", reason, len(calls), pending=len(calls))
         self.warn_failed(len(calls), reason, status=status, error=error)
         for call in calls:

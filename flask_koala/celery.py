@@ -30,7 +30,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from ._config import KoalaConfig, Timeout
+from ._config import KoalaConfig, Timeout, endpoint_key
 from ._delivery import attempt
 from ._exceptions import KoalaError
 from ._ledger import Ledger, redact
@@ -147,7 +147,7 @@ def _deliver(
         logger.debug("flask-koala: retrying %d call(s) in %.2fs (%s)", count, wait, reason)
         # Celery would re-render kwargsrepr from the arguments, the email among them.
         raise task.retry(countdown=wait, max_retries=None, kwargsrepr=kwargsrepr(message_ids))
-    error = redact(error) if error else None
+    error = redact(error, key=endpoint_key(endpoint)) if error else None
     _worker_ledger.warn_failed(count, reason, status=outcome.status, error=error)
     raise DeliveryFailed(reason, outcome.status, error, list(message_ids))
 

@@ -265,6 +265,19 @@ def test_task_failure_is_logged_without_pii(
     assert PROFILE_ID not in line
 
 
+def test_task_failure_masks_the_workspace_key_whatever_its_shape(
+    celery_app: Celery, receiver: KoalaReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    Koala(celery=celery_app)
+    receiver.respond_with(404, body={"error": "unknown workspace workspace42"})
+    endpoint = f"{receiver.url}/web/projects/workspace42/batch"
+    kwargs = task_kwargs([a_call()], endpoint=endpoint, timeout=5.0, policy=RetryPolicy())
+    celery_app.tasks[TASK_NAME].apply(kwargs=kwargs)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "failed (http_404)" in line
+    assert "workspace42" not in line
+
+
 class _Retried(Exception):
     def __init__(self, countdown: float, options: dict[str, Any]) -> None:
         self.countdown = countdown

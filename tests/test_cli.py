@@ -517,7 +517,7 @@ def test_format_call_escapes_control_characters_in_the_path() -> None:
 
     assert "\x1b" not in first
     assert "\x07" not in first
-    assert "/web/projects/\\x1b]0;pwned\\x07/batch" in first
+    assert "/web/projects/\\x1b]0;…d\\x07/batch" in first  # escaped, and masked as a key
 
 
 def test_format_call_escapes_control_characters_in_the_email() -> None:

@@ -21,6 +21,15 @@ def test_redact_masks_emails_visitor_ids_and_keys() -> None:
     assert text == "bad profile <uuid> for ***@*** in <key>"
 
 
+def test_redact_masks_any_key_in_the_endpoints_path() -> None:
+    text = redact("no workspace at https://koala.example.com/web/projects/workspace42/batch")
+    assert text == "no workspace at https://koala.example.com/web/projects/<key>/batch"
+
+
+def test_redact_masks_the_key_it_is_given_wherever_it_appears() -> None:
+    assert redact("unknown workspace workspace42.", key="workspace42") == "unknown workspace <key>."
+
+
 def test_redact_shortens_and_drops_control_characters() -> None:
     text = redact("x\n" * 500)
     assert len(text) <= 200

@@ -115,3 +115,27 @@ def test_check_shows_no_key(make_app: Callable[..., Flask]) -> None:
     result = app.test_cli_runner().invoke(args=["koala", "check"])
     assert result.exit_code == 0, result.output
     assert KEY not in result.output
+
+
+PLAIN_KEY = "workspace42"  # a key need not start with pk_: any URL-safe key is accepted
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [f"no workspace at /web/projects/{PLAIN_KEY}/batch", f"unknown workspace {PLAIN_KEY}"],
+)
+def test_a_key_koala_echoes_is_masked_whatever_its_shape(
+    make_app: Callable[..., Flask],
+    receiver: KoalaReceiver,
+    caplog: pytest.LogCaptureFixture,
+    answer: str,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    app = make_app({"KOALA_PUBLIC_KEY": PLAIN_KEY})
+    receiver.respond_with(404, body={"error": answer})
+
+    assert visitor(app).post("/login/jane").status_code == 200
+    assert flushed_stats(app)["failed"] == 1
+    text = every_log_line(caplog.records)
+    assert "HTTP 404" in text
+    assert PLAIN_KEY not in text
