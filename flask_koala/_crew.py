@@ -9,16 +9,19 @@ their own without touching the new count.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
+import time
+from collections.abc import Iterable
 
-__all__ = ["Crew"]
+__all__ = ["Crew", "cut_short"]
 
 
 class Crew:
     """The workers started and not yet left; not thread-safe (the engine's lock guards it)."""
 
-    __slots__ = ("idle", "numbers", "starting", "threads", "workers")
+    __slots__ = ("channels", "idle", "numbers", "starting", "threads", "workers")
 
     def __init__(self) -> None:
         self.workers = 0  # threads started and not yet left
@@ -26,6 +29,7 @@ class Crew:
         self.idle = 0  # of which waiting for work
         self.numbers: set[int] = set()  # the <n> of flask-koala-<n> in use
         self.threads: list[threading.Thread] = []  # for stop() to join
+        self.channels: dict[int, object] = {}  # each worker's open channel, by id()
 
     @property
     def awake(self) -> int:
@@ -51,3 +55,23 @@ class Crew:
         self.workers -= 1
         if starting:
             self.starting -= 1
+
+
+def cut_short(
+    channels: Iterable[object], threads: Iterable[threading.Thread], grace: float
+) -> None:
+    """Workers outlived ``stop()``'s wait: end their attempts in flight, then wait up to
+    ``grace`` seconds for them to leave. A channel without ``abort()`` ends when its
+    attempt does (its own deadline). Called without the engine's lock."""
+    me = threading.current_thread()
+    alive = [t for t in threads if t is not me and t.is_alive()]
+    if not alive:
+        return
+    for channel in channels:
+        abort = getattr(channel, "abort", None)
+        if abort is not None:
+            with contextlib.suppress(Exception):  # a custom transport's: never into stop()
+                abort()
+    end = time.monotonic() + grace
+    for thread in alive:
+        thread.join(max(0.0, end - time.monotonic()))

@@ -129,3 +129,9 @@ class HTTPChannel:
 
     def close(self) -> None:
         self.transport.close()
+
+    def abort(self) -> None:
+        """Cut the attempt in flight short, where the transport can (``abort()``)."""
+        abort = getattr(self.transport, "abort", None)
+        if abort is not None:
+            abort()

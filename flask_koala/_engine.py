@@ -32,7 +32,7 @@ import time
 from collections import deque
 from typing import Callable, Optional
 
-from ._crew import Crew
+from ._crew import Crew, cut_short
 from ._handlers import Channel, Handler, Verdict, conclude
 from ._ledger import Ledger, log_unexpected
 from ._lifecycle import flush_when_multiprocessing_child_exits, fork_lock, track
@@ -52,6 +52,7 @@ IDLE_TIMEOUT = 5.0
 
 _THREAD_PREFIX = "flask-koala"
 _JOIN_GRACE = 0.2  # shutdown(timeout)'s wait, beyond it, for workers to leave (a daemon)
+_CUT_GRACE = 1.0  # then, their attempts cut short, the wait for them to leave
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
 
 _INTERNAL_ERROR = Verdict("failed", "internal_error")
@@ -268,6 +269,7 @@ class Engine:
             with self._lock:
                 crew.starting -= 1
                 starting = False
+                crew.channels[id(channel)] = channel
             while True:
                 batches = self._take(number, crew, _MANY if many else 1)
                 if batches is None:
@@ -287,6 +289,8 @@ class Engine:
                 with self._lock:
                     self._count_out(number, crew, starting=starting)
             if channel is not None:
+                with self._lock:
+                    crew.channels.pop(id(channel), None)
                 try:
                     channel.close()
                 except Exception:
@@ -392,7 +396,7 @@ class Engine:
             elif self._unfinished.settled(batch):
                 self._done.notify_all()
         if shutdown:
-            self._ledger.failed(batch, "shutdown", error="shut down while waiting to retry")
+            self._ledger.failed(batch, "shutdown", error="shut down before its retry")
 
     # -- waiting and stopping ------------------------------------------------------------
 
@@ -426,8 +430,9 @@ class Engine:
     def stop(self, join_timeout: Optional[float], *, claim_inflight: bool = False) -> None:
         """Stop for good: drop what is queued, fail what waits to retry, let workers leave.
 
-        ``join_timeout`` bounds the wait for a worker inside a request (``None`` waits). At
-        exit (``claim_inflight``) what is still in a worker's hands ends dropped.
+        ``join_timeout`` bounds the wait for a worker inside a request (``None`` waits);
+        past it, attempts in flight are cut short (``_crew.cut_short``). At exit
+        (``claim_inflight``) what is still in a worker's hands ends dropped instead.
         """
         with self._lock:
             self._closed = True
@@ -443,6 +448,7 @@ class Engine:
             self._work.notify_all()
             self._done.notify_all()
             threads = list(self._crew.threads)
+            channels = list(self._crew.channels.values())
         if left:
             self._ledger.dropped(left, "shutdown", accepted=True)
         if waiting:
@@ -451,6 +457,8 @@ class Engine:
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        if join_timeout is not None and not claim_inflight:
+            cut_short(channels, threads, _CUT_GRACE)
         if claim_inflight:
             with self._lock:
                 claimed = self._unfinished.claim()

@@ -254,8 +254,8 @@ class Koala:
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Flush, stop the delivery threads and close connections; later calls are dropped.
 
-        Idempotent. Returns whether everything was delivered before the stop.
-        """
+        Idempotent; past ``timeout``, a request in flight is cut short (``failed.shutdown``).
+        Returns whether everything was delivered before the stop."""
         pipeline = current_state(self).pipeline
         timeout = _seconds(timeout)
         if pipeline.suppressed is not None:

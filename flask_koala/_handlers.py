@@ -35,7 +35,9 @@ class Channel(Protocol):
 
     A channel may also have ``handle_many(batches) -> list[Verdict]``, one verdict per
     batch, in order: the engine then hands it the batches waiting together (at most 32),
-    as Celery mode's Redis list publishes them in one round trip.
+    as Celery mode's Redis list publishes them in one round trip. And it may have
+    ``abort()``, called from another thread when ``shutdown(timeout)`` has waited long
+    enough: the attempt in flight then ends at once, as a connection error.
     """
 
     def handle(self, batch: Sequence[Call]) -> Verdict:

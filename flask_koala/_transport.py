@@ -71,6 +71,9 @@ class Transport(Protocol):
         """Release connections."""
         ...
 
+    # Optional: ``abort()``, called from another thread by ``shutdown(timeout)`` once its
+    # time is up, cuts a ``post`` in flight short (it then raises ``TransportError``).
+
 
 TransportFactory = Callable[[], Transport]
 
@@ -115,6 +118,7 @@ class HTTPTransport:
         self._headers: dict[str, str] = {}
         self._route: Optional[_Route] = None
         self._sock: _Socket = None
+        self._tcp: Optional[socket.socket] = None  # the socket owning the descriptor
         self._reader: Optional[AnswerReader] = None  # the connection's, made at its first post
         self._finalizer: Optional[weakref.finalize] = None  # type: ignore[type-arg]
 
@@ -157,6 +161,20 @@ class HTTPTransport:
         self._drop()
         self._url = ""
         self._route = None
+
+    def abort(self) -> None:
+        """From another thread: end the exchange in flight, whatever it waits for.
+
+        The TCP connection is shut down, so a blocked send or read returns at once and
+        ``post`` raises ``TransportError``; the owning thread still closes the socket. An
+        attempt still connecting ends at its connect timeout.
+        """
+        tcp = self._tcp
+        if tcp is not None:
+            with contextlib.suppress(OSError):
+                # socket's own shutdown, not SSLSocket's, which would unwrap the TLS
+                # object under the reading thread instead of just ending its read.
+                socket.socket.shutdown(tcp, socket.SHUT_RDWR)
 
     # -- the connection --------------------------------------------------------------
 
@@ -226,6 +244,8 @@ class HTTPTransport:
         if self._finalizer is not None:
             self._finalizer.detach()
         self._sock = sock
+        if isinstance(sock, socket.socket):  # wrapping TLS moves the descriptor to it
+            self._tcp = sock
         # A transport dropped without close() (a sync app never shut down) must not keep
         # its socket. The finalizer holds the socket only, never this transport, or the
         # transport could never be collected.
@@ -239,6 +259,7 @@ class HTTPTransport:
             self._finalizer.detach()
             self._finalizer = None
         sock, self._sock = self._sock, None
+        self._tcp = None
         self._reader = None
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -140,6 +140,19 @@ class Server:
         self.close()
 
 
+def holding(context: Optional[ssl.SSLContext] = None) -> tuple[Server, threading.Event]:
+    """A :class:`Server` that reads each request and never answers, and an event set once
+    the first request was read."""
+    arrived = threading.Event()
+
+    def hold(conn: socket.socket) -> None:
+        if read_request(conn) is not None:
+            arrived.set()
+            conn.recv(1)  # until the client, or close(), ends the connection
+
+    return Server(hold, context), arrived
+
+
 def answering(
     server_answer: Callable[[int, bytes], Optional[bytes]],
     context: Optional[ssl.SSLContext] = None,

@@ -174,6 +174,25 @@ def test_receiver_hanging_past_the_timeout_is_retried(
     assert stats(app)["sent"] == 1
 
 
+def koala_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("flask-koala-")]
+
+
+def test_shutdown_cuts_short_an_attempt_in_flight_and_leaves_no_thread(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_TIMEOUT": 30})
+    receiver.delay(20)  # the collector holds its answer far past the shutdown's timeout
+    identify_many(app, 1)
+    assert receiver.wait_for_requests(1)  # the worker is inside its attempt
+
+    with app.app_context():
+        assert koala_of(app).shutdown(0.2) is False
+
+    assert koala_threads() == []
+    assert stats(app)["failed.shutdown"] == 1
+
+
 def test_retries_exhausted_is_a_failure(
     make_app: Callable[..., Flask], receiver: KoalaReceiver
 ) -> None:

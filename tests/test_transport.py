@@ -15,7 +15,7 @@ from flask_koala._delivery import headers
 from flask_koala._receiver import KoalaReceiver
 from flask_koala._transport import HTTPTransport, Response, TransportError, _open
 
-from .http_parts import Server, answer, answering, header, read_request
+from .http_parts import Server, answer, answering, header, holding, read_request
 from .support import PROFILE_ID
 
 BODY = (
@@ -54,6 +54,44 @@ def test_no_answer_in_time_is_a_timeout(receiver: KoalaReceiver) -> None:
         transport.post(_url(receiver), BODY, headers(), (1.0, 0.2))
     transport.close()
     assert raised.value.reason == "timeout"
+
+
+def abort_while_held(
+    transport: HTTPTransport, server: Server, arrived: threading.Event
+) -> BaseException:
+    """Post on a thread of its own, abort once the server holds the request, and return
+    what the post raised (it must have ended)."""
+    raised: list[BaseException] = []
+
+    def post() -> None:
+        try:
+            transport.post(server.url, BODY, headers(), 30.0)
+        except BaseException as exc:
+            raised.append(exc)
+
+    with server:
+        thread = threading.Thread(target=post)
+        thread.start()
+        assert arrived.wait(5)
+        transport.abort()
+        thread.join(5)
+    transport.close()
+    assert not thread.is_alive()
+    (error,) = raised
+    return error
+
+
+def test_abort_ends_a_post_waiting_for_its_answer() -> None:
+    error = abort_while_held(HTTPTransport(), *holding())
+
+    assert isinstance(error, TransportError)
+    assert error.reason == "connection_error"
+
+
+def test_abort_without_a_connection_does_nothing() -> None:
+    transport = HTTPTransport()
+    transport.abort()
+    transport.close()
 
 
 def test_refused_connection_is_a_connection_error() -> None:

@@ -13,9 +13,16 @@ from flask_koala import ConfigError
 from flask_koala._delivery import headers
 from flask_koala._transport import HTTPTransport, Response, TransportError
 
-from .http_parts import Server, TestCA, answer, answering, clean_network_environment
+from .http_parts import (
+    Server,
+    TestCA,
+    answer,
+    answering,
+    clean_network_environment,
+    holding,
+)
 from .support import build_app, flushed_stats, visitor
-from .test_transport import BODY, LARGE, SlowReader
+from .test_transport import BODY, LARGE, SlowReader, abort_while_held
 
 
 @pytest.fixture(autouse=True)
@@ -184,3 +191,10 @@ def test_a_request_larger_than_the_send_buffer_is_written_whole_over_tls(ca: Tes
         transport.close()
     assert response.status == 200
     assert reader.bodies == [LARGE]
+
+
+def test_abort_ends_a_post_waiting_for_its_answer_over_tls(ca: TestCA) -> None:
+    error = abort_while_held(HTTPTransport(ca_bundle=ca.bundle), *holding(ca.server_context))
+
+    assert isinstance(error, TransportError)
+    assert error.reason == "connection_error"
