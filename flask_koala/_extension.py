@@ -330,7 +330,13 @@ def _make_dispatcher(
 
 
 def _seconds(timeout: Optional[float]) -> Optional[float]:
-    """``timeout`` checked alike in every mode (some never look at it): seconds or ``None``."""
-    if timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)):
+    """``timeout`` checked alike in every mode (some never look at it): seconds or ``None``.
+
+    NaN is refused too: no deadline ever passes it, so a wait on it would never end."""
+    if timeout is None:
         return timeout
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        if timeout == timeout:
+            return timeout
+        raise TypeError("timeout must be a number of seconds or None, not nan")
     raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")

@@ -280,3 +280,10 @@ def test_a_timeout_that_is_not_seconds_raises_type_error_in_every_mode(
     app = build_app(config)
     with app.app_context(), pytest.raises(TypeError, match="timeout must be a number"):
         getattr(koala_of(app), method)("5")
+
+
+@pytest.mark.parametrize("method", ["flush", "shutdown"])
+def test_a_nan_timeout_raises_type_error_rather_than_waiting_forever(method: str) -> None:
+    app = build_app()
+    with app.app_context(), pytest.raises(TypeError, match="not nan"):
+        getattr(koala_of(app), method)(float("nan"))
