@@ -105,8 +105,11 @@ class SuppressedDispatcher:
 class SyncDispatcher:
     """Delivers on the calling thread, retries included: for tests and scripts.
 
-    Each calling thread gets its own channel; :meth:`shutdown` closes all of them, and so
-    does the garbage collector when the dispatcher is dropped without a shutdown.
+    A call takes an idle channel, or opens one, and gives it back once done: there are as
+    many connections as calls in flight at once, whichever threads or greenlets make them
+    (a thread-local would hold one per thread ever seen, and under gevent patched after
+    ``init_app`` be one slot that every greenlet shares). :meth:`shutdown` closes them all,
+    and so does the garbage collector when the dispatcher is dropped without a shutdown.
     """
 
     def __init__(
@@ -131,8 +134,9 @@ class SyncDispatcher:
         track(self)
 
     def _fresh(self) -> None:
+        # Held for list operations only, never across a yield: safe under gevent too.
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._idle: list[Channel] = []  # open channels no call is using
         self._gate = PauseGate(self._clock)
         self._pid = os.getpid()
 
@@ -166,34 +170,40 @@ class SyncDispatcher:
         return True
 
     def _deliver(self, batch: Batch) -> None:
-        channel = self._channel()
-        while True:
-            self._sleep(self._gate.remaining())
-            batch.attempts += 1
-            verdict: Verdict = channel.handle(batch)
-            if verdict.outcome == "retry" and verdict.retry_after is not None:
-                self._gate.pause(verdict.retry_after)
-            wait = conclude(self._ledger, self._policy, batch, verdict)
-            if wait is None:
-                return
-            self._sleep(wait)
-
-    def _channel(self) -> Channel:
-        channel: Optional[Channel] = getattr(self._local, "channel", None)
-        if channel is None:
-            channel = self._local.channel = self._handler.open()
+        channel = self._take_channel()
+        try:
+            while True:
+                self._sleep(self._gate.remaining())
+                batch.attempts += 1
+                verdict: Verdict = channel.handle(batch)
+                if verdict.outcome == "retry" and verdict.retry_after is not None:
+                    self._gate.pause(verdict.retry_after)
+                wait = conclude(self._ledger, self._policy, batch, verdict)
+                if wait is None:
+                    return
+                self._sleep(wait)
+        finally:
             with self._lock:
-                self._channels.append(channel)
+                if not self._closed:
+                    self._idle.append(channel)
+
+    def _take_channel(self) -> Channel:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        channel = self._handler.open()
+        with self._lock:
+            self._channels.append(channel)
         return channel
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         return True
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
-        """Stop taking calls and close every thread's channel, not just this one's."""
+        """Stop taking calls and close every channel, idle or in another thread's hands."""
         self._closed = True
         with self._lock:
-            self._local = threading.local()
+            self._idle.clear()
         _close_all(self._channels)
         return True
 

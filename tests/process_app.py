@@ -1,7 +1,8 @@
 """An app for tests that run it in another process: under gunicorn, or as a script.
 
-Settings come from the environment: ``KOALA_API_URL``, and for the script mode
-``KOALA_SHUTDOWN_TIMEOUT`` and the number of identifies to accept.
+Settings come from the environment: ``KOALA_API_URL``, ``KOALA_SYNC`` (``1`` turns it
+on), and for the script mode ``KOALA_SHUTDOWN_TIMEOUT`` and the number of identifies to
+accept.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def create_app() -> Flask:
     config = {
         "KOALA_API_URL": os.environ["KOALA_API_URL"],
         "KOALA_SHUTDOWN_TIMEOUT": float(os.environ.get("KOALA_SHUTDOWN_TIMEOUT", "2")),
+        "KOALA_SYNC": os.environ.get("KOALA_SYNC") == "1",
     }
     return build_app(config, koala)
 

@@ -148,15 +148,50 @@ def test_sync_gives_up_after_its_attempts(ledger: Ledger) -> None:
     sync.shutdown()
 
 
-def test_sync_shutdown_closes_every_threads_connection(ledger: Ledger) -> None:
-    transports = [Recorder() for _ in range(3)]
+class Held(Recorder):
+    """A recorder whose posts wait until ``release`` is set; ``entered`` counts them in."""
+
+    def __init__(self, entered: threading.Semaphore, release: threading.Event) -> None:
+        super().__init__()
+        self.entered, self.release = entered, release
+
+    def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
+        self.entered.release()
+        self.release.wait(5)
+        return super().post(url, body, headers, timeout)
+
+
+def test_sync_opens_a_connection_per_call_in_flight_and_shutdown_closes_them_all(
+    ledger: Ledger,
+) -> None:
+    entered, release = threading.Semaphore(0), threading.Event()
+    transports = [Held(entered, release) for _ in range(3)]
     sync = sync_dispatcher(ledger, *transports)
     threads = [threading.Thread(target=sync.submit, args=(identify(),)) for _ in range(3)]
     for thread in threads:
         thread.start()
+    for _ in threads:
+        assert entered.acquire(timeout=5)  # three calls in flight at once
+    release.set()
+    for thread in threads:
         thread.join(5)
     sync.shutdown()
     assert [t.closed for t in transports] == [1, 1, 1]
+
+
+def test_sync_calls_one_after_another_share_one_connection_whatever_their_thread(
+    ledger: Ledger,
+) -> None:
+    # A server with a thread (or a greenlet) per request must not keep a socket per request.
+    transport = Recorder()
+    sync = sync_dispatcher(ledger, transport)  # a second connection would find no transport
+    for _ in range(5):
+        thread = threading.Thread(target=sync.submit, args=(identify(),))
+        thread.start()
+        thread.join(5)
+    assert transport.posts == 5
+    sync.shutdown()
+    assert transport.closed == 1
 
 
 def test_two_threads_of_a_forked_child_reset_a_sync_dispatcher_once() -> None:

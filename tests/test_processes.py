@@ -228,6 +228,41 @@ with app.app_context():
     assert len(receiver.bodies) == 6  # the parent's one, and the child's five
 
 
+def test_sync_mode_set_up_before_gevent_patched_gives_each_greenlet_its_connection(
+    receiver: KoalaReceiver,
+) -> None:
+    # gunicorn -k gevent --preload with KOALA_SYNC: init_app runs before the patch, and a
+    # thread-local made then is one slot for every greenlet, so they shared one socket.
+    pytest.importorskip("gevent")
+    code = """
+from tests.process_app import app, koala
+from gevent import monkey; monkey.patch_all()
+import gevent, json
+
+def identify(n):
+    with app.app_context():
+        koala.identify(f"user{n}@example.com", profile_id=f"3f2504e0-4f89-41d3-9a0c-{n:012d}")
+
+gevent.joinall([gevent.spawn(identify, n) for n in range(10)], timeout=30)
+with app.app_context():
+    print(json.dumps(dict(koala.stats)))
+"""
+    receiver.delay(0.05)  # every greenlet is inside its request at once
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env_for(receiver.url, KOALA_SYNC="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert (stats["sent"], stats["retried"], stats["failed"]) == (10, 0, 0)
+    assert len(receiver.bodies) == 10
+
+
 def test_exit_under_gevent_patched_after_the_engine_is_bounded() -> None:
     pytest.importorskip("gevent")
     code = (
