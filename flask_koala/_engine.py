@@ -70,7 +70,7 @@ class Engine:
         ledger: where every outcome is recorded.
         policy: retries and backoff; ``attempts`` counts the first try.
         max_workers: at most this many threads, started as the backlog needs them.
-        max_queue_size: calls waiting beyond this are dropped, never blocked on.
+        max_queue_size: calls held beyond this (queued, in flight, retrying) are dropped.
         shutdown_timeout: how long the exit hook flushes before it gives up.
         idle_timeout: a worker with nothing to do for this long leaves.
         clock: monotonic clock for retries and pauses.
@@ -151,11 +151,12 @@ class Engine:
 
         The request thread's path takes no lock: the call arrives in the ledger (a deque,
         appended to atomically) and the engine admits it into its queue at the next wake-up
-        or take. The bound is checked without the lock, so threads racing past it together
-        may overfill the queue by a call each; every call is still counted once.
+        or take. The bound counts every call held: arriving, queued, being sent or waiting
+        to retry. It is checked without the lock, so threads racing past it together may
+        overfill by a call each; every call is still counted once.
         """
         self._check_process()
-        if self._closed or len(self._queue) + self._ledger.arriving >= self.max_queue_size:
+        if self._closed or self._unfinished.count + self._ledger.arriving >= self.max_queue_size:
             reason = "shutdown" if self._closed else "queue_full"
             self._ledger.dropped([call], reason, accepted=False)
             return False
