@@ -5,21 +5,27 @@ Each fenced block (MyST directives such as ``{toctree}`` aside) is preceded by a
 - ``<!-- run -->``: this test runs it (Python in a fresh interpreter, shell with bash);
 - ``<!-- executed-by: tests/test_x.py -->``: that test reads this page (it names the page's
   path, or the page's title) and runs the block itself;
-- ``<!-- covered: PATH -->``: every line of the block's code appears in PATH (comments and
-  blank lines aside; for a console block, its ``$`` commands), and PATH is a test, a file a
-  test names (by path or module), or the CI script;
+- ``<!-- covered: PATH -->``: every line of the block's code appears in PATH (comments,
+  docstrings and blank lines aside; for a console block, its ``$`` commands), in a Python
+  PATH in its code, not in a docstring or comment, and PATH is a test, a file a test names
+  (by path or module), or the CI script;
 - ``<!-- illustration -->``: a diagram or a sample of output, not something to run.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
+import tokenize
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import pytest
 
@@ -72,9 +78,14 @@ def title(page: Path) -> str:
 
 
 def significant_lines(block: Block) -> list[str]:
-    """The lines of code a covering file must hold: no blanks, comments, output or ``...``."""
+    """The lines of code a covering file must hold: no blanks, comments, docstrings, output
+    or ``...``."""
+    code = block.code
+    if block.lang == "python":
+        with contextlib.suppress(SyntaxError):  # a fragment that does not parse alone
+            code = code_only(textwrap.dedent(code))
     lines = []
-    for raw in block.code.splitlines():
+    for raw in code.splitlines():
         line = raw.strip()
         if block.lang == "console":
             if not line.startswith("$ "):
@@ -90,8 +101,35 @@ def significant_lines(block: Block) -> list[str]:
 
 
 def normalized(path: Path) -> str:
+    """The file's lines, whitespace collapsed; for Python, its code alone: a line that only
+    a docstring or a comment mentions is not exercised by anything."""
     text = path.read_text(encoding="utf-8")
+    if path.suffix == ".py":
+        text = code_only(text)
     return "\n".join(" ".join(line.split()) for line in text.splitlines())
+
+
+def code_only(source: str) -> str:
+    """``source`` with its comments and docstrings blanked out."""
+    lines = source.splitlines()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            row, col = token.start
+            lines[row - 1] = lines[row - 1][:col]
+    for node in ast.walk(ast.parse(source)):
+        docstring = _docstring(node)
+        if docstring is not None:
+            for row in range(docstring.lineno, (docstring.end_lineno or docstring.lineno) + 1):
+                lines[row - 1] = ""
+    return "\n".join(lines)
+
+
+def _docstring(node: ast.AST) -> Optional[ast.Expr]:
+    scopes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    first = node.body[0] if isinstance(node, scopes) and node.body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        return first if isinstance(first.value.value, str) else None
+    return None
 
 
 def named_by_a_test(path: str) -> bool:
@@ -182,22 +220,29 @@ def test_every_docs_page_is_in_the_toctree() -> None:
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 @pytest.mark.parametrize(
-    ("target", "runs", "page"),
+    ("command", "runs", "page"),
     [
-        ("demo", "-m examples.demo", "README.md"),
-        ("test", "-m pytest", "README.md"),
-        ("bench", "-m benchmarks.run", "docs/performance.md"),
-        ("docs", "-m sphinx -W --keep-going", "README.md"),
+        ("make demo", "-m examples.demo", "README.md"),
+        ("make demo", "-m examples.demo", "docs/quickstart.md"),
+        ("make test", "-m pytest", "README.md"),
+        ("make bench", "-m benchmarks.run", "docs/performance.md"),
+        ("make docs", "-m sphinx -W --keep-going", "README.md"),
     ],
 )
-def test_make_targets_run_what_the_docs_say(target: str, runs: str, page: str) -> None:
+def test_make_targets_run_what_the_docs_say(command: str, runs: str, page: str) -> None:
     # `make -n` prints what the target would run; the demo, the suite and the benchmark are
     # then run for real by tests/test_demo.py, .ci/run and tests/test_benchmarks.py.
-    assert f"make {target}" in (ROOT / page).read_text(encoding="utf-8")
+    assert command in (ROOT / page).read_text(encoding="utf-8")
     result = subprocess.run(
-        ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True
+        [*command.split(), "-n", "-B"], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert runs in result.stdout
+
+
+def test_a_line_only_a_docstring_or_a_comment_holds_covers_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "test_x.py"
+    target.write_text('"""make demo"""\n\n\ndef test() -> None:\n    pass  # make demo\n')
+    assert "make demo" not in normalized(target)
 
 
 LINK = re.compile(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)")
