@@ -50,8 +50,9 @@ Open the app in a browser and sign in, or from another terminal:
        -d 'email={DEMO_EMAIL}&password={DEMO_PASSWORD}' {app_url}/login
 
 To send to a real Koala workspace instead, run the example app alone with your key and
-Koala's API (https://api2.getkoala.com, the default; it currently answers every call
-400 "Koala ingest suspended") or your Koala-compatible collector:
+KOALA_API_URL set: Koala's API (https://api2.getkoala.com, which currently answers every
+call 400 "Koala ingest suspended") or your Koala-compatible collector. Left unset, the
+example app sends to the loopback receiver at http://127.0.0.1:8787.
 
   KOALA_PUBLIC_KEY=pk_your_key KOALA_API_URL=https://your-collector.example \\
       .venv/bin/flask --app examples.password_login run

@@ -5,8 +5,9 @@ Run it against the loopback receiver (``make demo`` does both), or on its own:
     KOALA_PUBLIC_KEY=pk_... KOALA_API_URL=https://your-collector.example \\
         flask --app examples.password_login run
 
-(Koala's own API, the default ``KOALA_API_URL``, currently answers every call 400 "Koala
-ingest suspended".)
+Without ``KOALA_API_URL`` it sends to the loopback receiver at http://127.0.0.1:8787, not to
+flask-koala's default, Koala's own API, which currently answers every call 400 "Koala
+ingest suspended".
 
 The demo user is ``demo@example.com`` with the password ``koala``.
 """

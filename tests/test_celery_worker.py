@@ -524,7 +524,9 @@ PASSWORD = "s3cret"
 def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A Redis of its own with a password, behind TLS and on a unix socket too."""
     if not shutil.which("redis-server"):
-        pytest.skip("needs redis-server to start a Redis with TLS and a password")
+        pytest.skip(
+            "needs redis-server for a Redis with TLS and a password (apt-get install redis-server)"
+        )
     import trustme
 
     directory = tmp_path_factory.mktemp("redis")

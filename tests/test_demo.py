@@ -66,7 +66,9 @@ def readme_curl_line() -> str:
     return block
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.skipif(
+    shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)"
+)
 def test_the_readmes_curl_line_logs_the_demo_user_in(demo: Child, port: int) -> None:
     assert demo.wait_for("Ctrl-C stops everything")
     command = readme_curl_line().replace("127.0.0.1:5000", f"127.0.0.1:{port}")

@@ -218,7 +218,9 @@ def test_every_docs_page_is_in_the_toctree() -> None:
     assert pages - listed == set()
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.skipif(
+    shutil.which("make") is None, reason="make is not installed (apt-get install make)"
+)
 @pytest.mark.parametrize(
     ("command", "runs", "page"),
     [

@@ -73,7 +73,9 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the quickstart logs in with curl")
+@pytest.mark.skipif(
+    shutil.which("curl") is None, reason="the quickstart logs in with curl (apt-get install curl)"
+)
 def test_quickstart_call_arrives(project: Path, spawn: Callable[..., Child]) -> None:
     receiver_port, app_port = str(free_port()), str(free_port())
     app_py = project / "app.py"

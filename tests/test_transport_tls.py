@@ -169,7 +169,9 @@ def test_koala_ca_bundle_reaches_the_default_transport(server: Server, ca: TestC
     assert server.requests[0].startswith(b"POST /web/projects/pk_test/batch HTTP/1.1")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="openssl is not installed (apt-get install openssl)"
+)
 def test_a_ca_directory_is_trusted(server: Server, ca: TestCA, tmp_path: Path) -> None:
     directory = tmp_path / "certs"
     directory.mkdir()
