@@ -79,3 +79,23 @@ def test_documented_install_command_installs_from_a_clone() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Would install flask-koala" in done.stdout
+
+
+def _versions(lines: str, operator: str) -> dict[str, str]:
+    """``name: version`` of each ``name<operator>version`` line, trailing ``.0`` dropped."""
+    found = {}
+    for line in lines.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if operator in line:
+            name, _, version = line.partition(operator)
+            found[name.strip().lower()] = re.sub(r"(\.0)+$", "", version.strip())
+    return found
+
+
+def test_make_test_min_pins_every_lowest_version_setup_cfg_claims() -> None:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    claimed = config["options"]["install_requires"] + config["options.extras_require"]["celery"]
+    floors = _versions(claimed, ">=")
+    pins = _versions((ROOT / "constraints-min.txt").read_text(encoding="utf-8"), "==")
+    assert {name: pins.get(name) for name in floors} == floors
