@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 import weakref
 from collections.abc import Iterator, Mapping
@@ -336,7 +337,7 @@ def _seconds(timeout: Optional[float]) -> Optional[float]:
     if timeout is None:
         return timeout
     if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        if timeout == timeout:
-            return timeout
-        raise TypeError("timeout must be a number of seconds or None, not nan")
+        if math.isnan(timeout):
+            raise TypeError("timeout must be a number of seconds or None, not nan")
+        return timeout
     raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
