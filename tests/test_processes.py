@@ -32,6 +32,21 @@ def env_for(api_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_python(code: str, env: dict[str, str], timeout: float = 60) -> str:
+    """Run ``code`` in a fresh interpreter at the project root; its output, once it exited 0."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -185,16 +200,8 @@ def test_exit_warns_once_with_the_number_left_where_logging_is_set_up() -> None:
         "import logging, sys; logging.basicConfig(stream=sys.stdout, format='%(message)s');"
         "from tests.process_app import main; main(10)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env_for(down, KOALA_SHUTDOWN_TIMEOUT="0.5"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("flask-koala")]
+    output = run_python(code, env_for(down, KOALA_SHUTDOWN_TIMEOUT="0.5"), timeout=30)
+    lines = [line for line in output.splitlines() if line.startswith("flask-koala")]
     assert lines == ["flask-koala: exiting with 10 call(s) not delivered after 0.5s"]
 
 
@@ -215,16 +222,7 @@ with app.app_context():
     assert process.exitcode == 0, process.exitcode
     koala.flush(10)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env_for(receiver.url),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    run_python(code, env_for(receiver.url))
     assert len(receiver.bodies) == 6  # the parent's one, and the child's five
 
 
@@ -248,17 +246,8 @@ with app.app_context():
     print(json.dumps(dict(koala.stats)))
 """
     receiver.delay(0.05)  # every greenlet is inside its request at once
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env_for(receiver.url, KOALA_SYNC="1"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    stats = json.loads(result.stdout)
+    output = run_python(code, env_for(receiver.url, KOALA_SYNC="1"))
+    stats = json.loads(output)
     assert (stats["sent"], stats["retried"], stats["failed"]) == (10, 0, 0)
     assert len(receiver.bodies) == 10
 
@@ -273,18 +262,9 @@ def test_exit_under_gevent_patched_after_the_engine_is_bounded() -> None:
     with KoalaReceiver() as hanging:
         hanging.delay(30)
         start = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=ROOT,
-            env=env_for(hanging.url, KOALA_SHUTDOWN_TIMEOUT="1"),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        output = run_python(code, env_for(hanging.url, KOALA_SHUTDOWN_TIMEOUT="1"), timeout=30)
         elapsed = time.monotonic() - start
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "accepted"
+    assert output.strip() == "accepted"
     # The 1 s exit flush, plus starting an interpreter and gevent on a loaded machine: far
     # short of the 30 s the receiver holds each call.
     assert elapsed <= 1 + 8
@@ -305,15 +285,6 @@ main(3)
 """
     with KoalaReceiver() as hanging:
         hanging.delay(30)
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=ROOT,
-            env=env_for(hanging.url, KOALA_SHUTDOWN_TIMEOUT="0.5"),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    assert result.returncode == 0, result.stderr
-    counts = json.loads(result.stdout.splitlines()[-1])
+        output = run_python(code, env_for(hanging.url, KOALA_SHUTDOWN_TIMEOUT="0.5"), timeout=30)
+    counts = json.loads(output.splitlines()[-1])
     assert counts == {"pending": 0, "dropped.shutdown": 3, "sent": 0}
