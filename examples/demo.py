@@ -50,7 +50,7 @@ Open the app in a browser and sign in, or from another terminal:
        -d 'email={DEMO_EMAIL}&password={DEMO_PASSWORD}' {app_url}/login
 
 To send to a real Koala workspace instead, run the example app alone with your key and
-KOALA_API_URL set: Koala's API (https://api2.getkoala.com, which currently answers every
+KOALA_API_URL set: Koala's own API (flask-koala's default, which currently answers every
 call 400 "Koala ingest suspended") or your Koala-compatible collector. Left unset, the
 example app sends to the loopback receiver at http://127.0.0.1:8787.
 

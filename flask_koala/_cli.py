@@ -8,10 +8,10 @@ as a ``flask.commands`` entry point, so ``flask`` gets::
     flask koala receiver              a loopback Koala printing each call as it arrives
 
 ``check`` never touches the network: it judges the settings alone. ``identify`` is the
-online test; where the app's sending is off (suppressed, as under ``app.testing``, or
-disabled) it refuses unless given ``--force``. ``receiver`` needs no app (the entry point
-makes ``flask koala`` available without one) and also runs as
-``python -m flask_koala.testing``.
+online test; where the app's sending is disabled, or suppressed (as under ``app.testing``)
+with ``KOALA_API_URL`` off this machine, it refuses unless given ``--force``. ``receiver``
+needs no app (the entry point makes ``flask koala`` available without one) and also runs
+as ``python -m flask_koala.testing``.
 
 Output goes to the terminal through click, which may be shared, recorded or pasted into a
 ticket: emails, visitor ids and keys are partly masked (``j***@example.com``, ``3f2504e0-…``,
