@@ -402,3 +402,8 @@ class RecordingHandler:
     def open(self) -> RecordingChannel:
         self.open_gate.wait(10)
         return RecordingChannel(self)
+
+
+def koala_threads() -> list[str]:
+    """The names of the flask-koala delivery threads alive now, sorted."""
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("flask-koala-"))

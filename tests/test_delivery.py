@@ -6,7 +6,6 @@ import gc
 import logging
 import os
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +16,7 @@ from flask import Flask
 from flask_koala import Koala, TransportError
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID, koala_of
+from .support import PROFILE_ID, koala_of, koala_threads
 
 
 def person(n: int) -> str:
@@ -174,10 +173,6 @@ def test_receiver_hanging_past_the_timeout_is_retried(
     assert stats(app)["sent"] == 1
 
 
-def koala_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("flask-koala-")]
-
-
 def test_shutdown_cuts_short_an_attempt_in_flight_and_leaves_no_thread(
     make_app: Callable[..., Flask], receiver: KoalaReceiver
 ) -> None:
@@ -313,8 +308,7 @@ def test_discarded_apps_leave_no_threads_or_sockets(receiver: KoalaReceiver) -> 
 
     def clean() -> bool:
         gc.collect()
-        koala = [t for t in threading.enumerate() if t.name.startswith("flask-koala-")]
-        return not koala and socket_count() <= before + 2
+        return not koala_threads() and socket_count() <= before + 2
 
     assert wait_until(clean, timeout=15)
 

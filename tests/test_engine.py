@@ -23,7 +23,7 @@ from flask_koala._retry import PauseGate, RetryPolicy
 from flask_koala._transport import Response, Transport
 from flask_koala._waking import BURST, HELP_AFTER
 
-from .support import RecordingChannel, RecordingHandler, SlowResetLedger
+from .support import RecordingChannel, RecordingHandler, SlowResetLedger, koala_threads
 
 URL = "http://127.0.0.1:9/web/projects/pk/batch"
 
@@ -96,10 +96,6 @@ def make_engine(transport: GatedTransport, ledger: Ledger) -> Iterator[Callable[
     transport.gate.set()
     for engine in engines:
         engine.shutdown(5)
-
-
-def koala_threads() -> list[str]:
-    return sorted(t.name for t in threading.enumerate() if t.name.startswith("flask-koala-"))
 
 
 # -- PersonQueue ---------------------------------------------------------------------------

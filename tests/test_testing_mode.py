@@ -10,11 +10,7 @@ from flask import Flask
 from flask_koala import Koala, signals
 from flask_koala._receiver import KoalaReceiver
 
-from .support import OTHER_PROFILE_ID, PROFILE_ID, koala_of
-
-
-def koala_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("flask-koala-")]
+from .support import OTHER_PROFILE_ID, PROFILE_ID, koala_of, koala_threads
 
 
 def log_in(app: Flask, profile_id: str = PROFILE_ID) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Callable
 
@@ -12,7 +11,7 @@ from flask import Flask
 from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver
 
-from .support import PROFILE_ID
+from .support import PROFILE_ID, koala_threads
 
 
 @pytest.fixture
@@ -68,4 +67,4 @@ def test_a_login_starts_at_most_one_worker(make_app: Callable[..., Flask]) -> No
     client = app.test_client()
     client.set_cookie("ko_id", PROFILE_ID)
     client.post("/login/jane").close()
-    assert len([t for t in threading.enumerate() if t.name.startswith("flask-koala-")]) <= 1
+    assert len(koala_threads()) <= 1
