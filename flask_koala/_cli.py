@@ -87,7 +87,7 @@ def _load_app() -> Flask:
 
 
 def _check() -> None:
-    config = _state().config
+    config = _state().config.while_testing(current_app.testing)
     problems, notes = _judge(config, testing=current_app.testing)
     for label, value in _describe(config):
         click.echo(f"{label:<{_LABEL}} {value}")
@@ -157,6 +157,10 @@ def _judge(config: KoalaConfig, *, testing: bool) -> tuple[list[str], list[str]]
             "KOALA_SYNC is True outside testing: every login waits for Koala's answer; "
             "leave it False in a web app"
         )
+    if config.sending and not config.public_key:
+        # Only after init_app, which requires the key where sending is on: the app was made
+        # while testing, and is not testing any more.
+        problems.append("KOALA_PUBLIC_KEY is not set: calls are recorded, never sent")
     if mode == "suppressed" and testing:
         notes.append("sending is suppressed because the app is testing")
     if config.sending and config.api_url == DEFAULT_API_URL:
@@ -250,7 +254,7 @@ def identify_command(
 
 def _identify(email: str, profile_id: Optional[str], traits: dict[str, Any], force: bool) -> None:
     state = _state()
-    config = state.config
+    config = state.config.while_testing(current_app.testing)
     if not config.enabled and not force:
         raise click.ClickException(
             "sending is off (KOALA_ENABLED is False), so nothing was sent; "

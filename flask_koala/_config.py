@@ -112,6 +112,19 @@ class KoalaConfig:
         """How calls leave while sending is on: ``"sync"`` or the dispatcher."""
         return "sync" if self.sync else self.dispatcher
 
+    def while_testing(self, testing: object) -> KoalaConfig:
+        """These settings while ``app.testing`` is ``testing``.
+
+        With ``KOALA_SUPPRESS_SEND`` unset, suppression follows ``app.testing`` at each call
+        (the request path reads it live), not the value ``init_app`` saw: an app fixture may
+        set ``TESTING`` after the factory ran. Whatever reports or sends outside a request
+        (the ``flask koala`` commands) reads the settings through here.
+        """
+        suppress = bool(testing)
+        if not self.suppress_follows_testing or self.suppress_send == suppress:
+            return self
+        return dataclasses.replace(self, suppress_send=suppress)
+
     @property
     def mode(self) -> str:
         """One word for how calls end up: disabled, suppressed, sync or the dispatcher."""

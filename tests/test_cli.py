@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from flask_koala import Koala
 from flask_koala._cli import format_call, koala_cli
 from flask_koala._ledger import mask_key
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
+from flask_koala._transport import Response
 
 from .support import PROFILE_ID, ROOT, Child, koala_of
 
@@ -154,6 +156,78 @@ def test_check_without_a_key_says_not_set(make_app: Callable[..., Flask]) -> Non
     app = make_app({"KOALA_SUPPRESS_SEND": True, "KOALA_PUBLIC_KEY": None})
 
     assert "public key   (not set)" in invoke(app, "check").output
+
+
+class _Recorder:
+    """A transport that records where it would have posted, and answers 200."""
+
+    def __init__(self, posted: list[str]) -> None:
+        self.posted = posted
+
+    def post(self, url: str, body: bytes, headers: Any, timeout: Any) -> Response:
+        self.posted.append(url)
+        return Response(200, "{}")
+
+    def close(self) -> None:
+        pass
+
+
+def _following_testing(testing: bool, posted: list[str], **config: Any) -> Flask:
+    """An app without ``KOALA_SUPPRESS_SEND``, aimed off this machine, made while
+    ``TESTING`` is ``testing``; whatever it sends is only recorded in ``posted``."""
+    app = Flask(__name__)
+    app.config.update(
+        {
+            "TESTING": testing,
+            "KOALA_PUBLIC_KEY": "pk_test",
+            "KOALA_API_URL": "https://collector.example.com",
+            **config,
+        }
+    )
+    Koala(app, transport_factory=functools.partial(_Recorder, posted))
+    return app
+
+
+def test_check_follows_testing_set_after_the_factory() -> None:
+    app = _following_testing(False, [])
+    app.config["TESTING"] = True  # as an app fixture does once the factory has run
+
+    result = invoke(app, "check")
+
+    assert result.exit_code == 0
+    assert "sending      suppressed" in result.output
+
+
+def test_check_follows_testing_turned_off_after_the_factory() -> None:
+    app = _following_testing(True, [])
+    app.config["TESTING"] = False
+
+    result = invoke(app, "check")
+
+    assert result.exit_code == 0, result.output
+    assert "sending      enabled" in result.output
+
+
+def test_check_without_a_key_is_a_problem_once_testing_is_turned_off() -> None:
+    app = _following_testing(True, [], KOALA_PUBLIC_KEY=None)  # init_app allows it: testing
+    app.config["TESTING"] = False
+
+    result = invoke(app, "check")
+
+    assert result.exit_code == 1
+    assert "problem: KOALA_PUBLIC_KEY is not set" in result.output
+
+
+def test_identify_refuses_when_testing_was_set_after_the_factory() -> None:
+    posted: list[str] = []
+    app = _following_testing(False, posted)
+    app.config["TESTING"] = True
+
+    result = invoke(app, "identify", "jane@example.com")
+
+    assert result.exit_code == 1
+    assert "suppressed" in result.output
+    assert posted == []
 
 
 @pytest.mark.parametrize(
