@@ -104,7 +104,7 @@ class Resolver:
         if found is None:
             return None
         if isinstance(found, str):
-            return Identity(found, None)
+            return Identity(found, None) if found else "no_email"
         if isinstance(found, Mapping):
             email = _email_in(found)
             if email is None:

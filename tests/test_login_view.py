@@ -216,6 +216,14 @@ def test_get_user_returning_traits_without_email_is_skipped(
     assert receiver.bodies == []
 
 
+def test_get_user_returning_an_empty_email_is_skipped_as_no_email(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    app = sso_app(make_app, koala, lambda: "")
+    visitor(app).post("/sso")
+    assert flushed_stats(app)["skipped.no_email"] == 1
+
+
 def test_get_user_returning_a_bad_email_is_skipped(
     make_app: Callable[..., Flask], koala: Koala
 ) -> None:
