@@ -159,9 +159,9 @@ class Koala:
         Plain and ``async def`` views alike (``get_user`` itself is a plain function); the
         view's name, docstring and signature are kept, and its return value is made a
         response with ``flask.make_response`` to read its status. An exception in the view
-        propagates and nothing is sent; anything failing inside flask-koala afterwards is
-        logged and the response goes out unchanged. A view that also calls ``login_user``
-        sends one identify, not two.
+        propagates and nothing is sent, not even for a ``login_user`` inside it; anything
+        failing in flask-koala afterwards is logged and the response goes out unchanged. A
+        view that also calls ``login_user`` sends one identify, not two.
         """
         return _identify_login.decorate(self, view, get_user)
 

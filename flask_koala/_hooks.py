@@ -21,7 +21,11 @@ from ._ledger import internal_error
 from ._pipeline import WAKE_KEY, Environ
 from ._state import state_of
 
-__all__ = ["connect", "current_user", "record_calls", "request_scope"]
+__all__ = ["HELD_KEY", "connect", "current_user", "record_calls", "request_scope"]
+
+#: Set by ``@koala.identify_login`` while its view runs: the users Flask-Login reports logged
+#: in meanwhile wait in this list until the view's status is known (see ``_identify_login``).
+HELD_KEY = "flask_koala.held_logins"
 
 
 def connect(app: Flask, config: KoalaConfig) -> None:
@@ -65,7 +69,11 @@ def _on_login(sender: Any, user: Any = None, **extra: Any) -> None:
         state = state_of(sender)
         if state is not None:
             environ, cookie = request_scope(state.config.cookie_name)
-            state.pipeline.identify_user(user, environ, cookie)
+            held = None if environ is None else environ.get(HELD_KEY)
+            if held is not None:
+                held.append(user)
+            else:
+                state.pipeline.identify_user(user, environ, cookie)
     except Exception as exc:
         internal_error(None if state is None else state.ledger, exc, "identifying a login")
 

@@ -3,7 +3,8 @@
 Many OAuth and SSO callbacks never call ``login_user`` (or log in through a request loader,
 which sends no signal). Decorating the view identifies whoever it logged in once it has
 returned a response below 400. The form is decided when decorating: bare, the logged-in
-Flask-Login user; with ``get_user=``, whoever that getter returns.
+Flask-Login user; with ``get_user=``, whoever that getter returns. A login the view makes
+itself through ``login_user`` waits for the same verdict (:data:`~._hooks.HELD_KEY`).
 
 The getter may also be passed positionally, ``@koala.identify_login(get_user)``: taken for a
 view at first, it is told apart when that "view" is applied to the real one, at import,
@@ -17,9 +18,9 @@ import inspect
 import logging
 from typing import Any, Callable, Optional, TypeVar
 
-from flask import Response, has_request_context, make_response
+from flask import Response, has_request_context, make_response, request
 
-from ._hooks import current_user, request_scope
+from ._hooks import HELD_KEY, current_user, request_scope
 from ._ledger import describe_error, internal_error
 from ._state import current_state
 
@@ -51,9 +52,13 @@ def _wrap(owner: object, view: V, *, get_user: Optional[UserGetter]) -> V:
 
         @functools.wraps(view)
         async def async_login_view(*args: Any, **kwargs: Any) -> Response:
-            response = make_response(await view(*args, **kwargs))
-            _identify_after(owner, response, get_user)
-            return response
+            held = _hold()
+            try:
+                response = make_response(await view(*args, **kwargs))
+            except BaseException:
+                _release(owner, held, None)
+                raise
+            return _after(owner, held, response, get_user)
 
         return async_login_view  # type: ignore[return-value]
 
@@ -62,11 +67,64 @@ def _wrap(owner: object, view: V, *, get_user: Optional[UserGetter]) -> V:
         if get_user is None and _decorating(args, kwargs):
             # @koala.identify_login(get_user): ``view`` is the getter, args[0] the view.
             return _wrap(owner, args[0], get_user=view)  # type: ignore[no-any-return]
-        response = make_response(view(*args, **kwargs))
-        _identify_after(owner, response, get_user)
-        return response
+        held = _hold()
+        try:
+            response = make_response(view(*args, **kwargs))
+        except BaseException:
+            _release(owner, held, None)
+            raise
+        return _after(owner, held, response, get_user)
 
     return login_view  # type: ignore[return-value]
+
+
+def _after(
+    owner: object, held: Optional[list[Any]], response: Response, get_user: Optional[UserGetter]
+) -> Response:
+    """The view answered: identify the logins it made, then whoever the decorator names."""
+    _release(owner, held, response.status_code)
+    _identify_after(owner, response, get_user)
+    return response
+
+
+def _hold() -> Optional[list[Any]]:
+    """Hold the logins Flask-Login reports while the view runs (``login_user`` in an OAuth
+    callback) until its status is known; ``None`` when a decorated view around it holds them.
+    """
+    environ = request.environ
+    if HELD_KEY in environ:
+        return None
+    held: list[Any] = []
+    environ[HELD_KEY] = held
+    return held
+
+
+def _release(owner: object, held: Optional[list[Any]], status: Optional[int]) -> None:
+    """Identify the held logins once the view answered below 400; otherwise (an error status,
+    or ``status`` is ``None``: the view raised) count them ``skipped.view_failed``. Never
+    raises: an exception in the view must propagate unchanged."""
+    if held is None:
+        return
+    pipeline = None
+    try:
+        request.environ.pop(HELD_KEY, None)
+        if not held:
+            return
+        pipeline = current_state(owner).pipeline
+        if status is None or status >= 400:
+            logger.debug(
+                "flask-koala: login view %s; not identifying its login",
+                "raised" if status is None else f"answered {status}",
+            )
+            for _ in held:
+                pipeline.ledger.skipped("view_failed")
+            return
+        environ, cookie = request_scope(pipeline.config.cookie_name)
+        for user in held:
+            pipeline.identify_user(user, environ, cookie)
+    except Exception as exc:
+        ledger = None if pipeline is None else pipeline.ledger
+        internal_error(ledger, exc, "identifying the logins of a login view")
 
 
 def _decorating(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

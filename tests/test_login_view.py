@@ -495,6 +495,84 @@ def test_view_that_also_calls_login_user_sends_once(
     assert flushed_stats(app)["skipped.duplicate"] == 1
 
 
+def test_view_that_logs_in_then_raises_sends_nothing(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    app = make_app(koala=koala)
+
+    @app.post("/sso")
+    @koala.identify_login
+    def sso() -> Any:
+        login_user(USERS["jane"])
+        raise LookupError("the profile fetch failed after login_user")
+
+    with pytest.raises(LookupError, match="after login_user"):
+        visitor(app).post("/sso")
+    assert delivered(app, receiver) == []
+    assert flushed_stats(app)["skipped.view_failed"] == 1
+
+
+def test_view_that_logs_in_then_answers_an_error_sends_nothing(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    app = make_app(koala=koala)
+
+    @app.post("/sso")
+    @koala.identify_login(get_user=lambda: USERS["jane"])
+    def sso() -> Any:
+        login_user(USERS["jane"])
+        return jsonify(error="account locked"), 403
+
+    assert visitor(app).post("/sso").status_code == 403
+    assert delivered(app, receiver) == []
+    assert flushed_stats(app)["skipped.view_failed"] == 1
+
+
+def test_async_view_that_logs_in_then_answers_an_error_sends_nothing(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    app = make_app(koala=koala)
+
+    @app.post("/sso")
+    @koala.identify_login
+    async def sso() -> Any:
+        login_user(USERS["jane"])
+        return "denied", 500
+
+    assert visitor(app).post("/sso").status_code == 500
+    assert delivered(app, receiver) == []
+
+
+def test_a_login_held_by_a_view_is_sent_with_the_logins_visitor(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    app = make_app(koala=koala)
+
+    @app.post("/sso")
+    @koala.identify_login(get_user=lambda: None)  # the getter finds nobody: the signal's call
+    def sso() -> Any:
+        login_user(USERS["jane"])
+        return redirect("/whoami")
+
+    visitor(app).post("/sso")
+    (body,) = delivered(app, receiver)
+    assert (body["profile_id"], body["email"]) == (PROFILE_ID, "jane@example.com")
+
+
+def test_logins_outside_a_decorated_view_are_not_held(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    app = make_app(koala=koala)
+
+    @app.post("/fails")
+    def fails() -> Any:
+        login_user(USERS["jane"])
+        return "no", 500
+
+    visitor(app).post("/fails")
+    assert len(delivered(app, receiver)) == 1
+
+
 def test_guard_is_per_request_even_inside_one_app_context(
     app: Flask, koala: Koala, receiver: KoalaReceiver
 ) -> None:
