@@ -110,8 +110,13 @@ class AnswerReader:
 
     # -- reading ----------------------------------------------------------------------
 
-    def read(self, sock: Any, deadline: float, *, tunnel: bool) -> tuple[int, Response]:
+    def read(
+        self, sock: Any, deadline: float, wait: float, *, tunnel: bool
+    ) -> tuple[int, Response]:
         """Read one answer, at most 2 KiB of its body; the status is negative unless kept alive.
+
+        Each read waits at most ``wait`` seconds (the read timeout), and none past
+        ``deadline`` (the attempt's); either raises ``socket.timeout``.
 
         With ``tunnel`` (the answer to a CONNECT) a 2xx ends at its head: what follows is the
         tunnel.
@@ -124,7 +129,7 @@ class AnswerReader:
         received = 0
         want = _MAX_TEXT
         while True:
-            sock.settimeout(remaining(deadline))
+            sock.settimeout(min(wait, remaining(deadline)))
             try:
                 n = sock.recv_into(view[:want])
             except socket.timeout:
@@ -169,9 +174,9 @@ class AnswerReader:
         return (status if kept else -status), Response(status, text, self._retry_after)
 
 
-def read_answer(sock: Any, deadline: float, *, tunnel: bool) -> tuple[int, Response]:
+def read_answer(sock: Any, deadline: float, wait: float, *, tunnel: bool) -> tuple[int, Response]:
     """Read one answer with a reader of its own (:meth:`AnswerReader.read`)."""
-    return AnswerReader().read(sock, deadline, tunnel=tunnel)
+    return AnswerReader().read(sock, deadline, wait, tunnel=tunnel)
 
 
 def remaining(deadline: float) -> float:

@@ -104,8 +104,9 @@ class HTTPTransport:
     one ``sendall``; the answer is parsed by ``httptools`` (llhttp, the parser uvicorn and
     Node use), reading at most 2 KiB of its body. The whole attempt, connecting included,
     gets ``connect + read`` seconds, so a server that trickles its answer cannot hold a
-    worker. Proxies, proxy credentials and the CA bundle come from the environment exactly
-    as ``requests.post`` takes them, read again whenever the URL changes.
+    worker; each wait for the answer gets ``read`` at most, as in ``requests``. Proxies,
+    proxy credentials and the CA bundle come from the environment exactly as
+    ``requests.post`` takes them, read again whenever the URL changes.
 
     Args:
         ca_bundle: a CA bundle file or directory (``KOALA_CA_BUNDLE``); when set it wins
@@ -137,10 +138,10 @@ class HTTPTransport:
             fresh = self._sock is None
             try:
                 if fresh:
-                    answer = self._connect(route, connect, deadline)
+                    answer = self._connect(route, connect, read, deadline)
                     if answer is not None:
                         return answer  # the proxy refused the tunnel (e.g. 407)
-                return self._exchange(request, deadline, reused=not fresh)
+                return self._exchange(request, read, deadline, reused=not fresh)
             except Stale:
                 # The server closed an idle keep-alive connection: nothing of an answer
                 # came, so sending again is safe (Koala drops a repeated message_id).
@@ -187,7 +188,9 @@ class HTTPTransport:
         self._route = route
         return route
 
-    def _connect(self, route: _Route, connect: float, deadline: float) -> Optional[Response]:
+    def _connect(
+        self, route: _Route, connect: float, read: float, deadline: float
+    ) -> Optional[Response]:
         """Open the connection (through the proxy's tunnel if any); an answer if refused."""
         addresses = socket.getaddrinfo(route.host, route.port, type=socket.SOCK_STREAM)
         sock: _Socket = _open(addresses, connect, deadline)
@@ -201,7 +204,7 @@ class HTTPTransport:
         if route.tunnel:
             sock.settimeout(remaining(deadline))
             sock.sendall(route.tunnel)
-            answer = read_answer(sock, deadline, tunnel=True)[1]
+            answer = read_answer(sock, deadline, read, tunnel=True)[1]
             if not 200 <= answer.status <= 299:
                 self._drop()
                 return answer
@@ -216,10 +219,10 @@ class HTTPTransport:
             self._keep(sock)
         return None
 
-    def _exchange(self, request: bytes, deadline: float, *, reused: bool) -> Response:
+    def _exchange(self, request: bytes, read: float, deadline: float, *, reused: bool) -> Response:
         sock = self._sock
         try:
-            _send(sock, request, deadline)
+            _send(sock, request, read, deadline)
         except socket.timeout:
             raise
         except OSError:
@@ -230,7 +233,7 @@ class HTTPTransport:
         if reader is None:
             reader = self._reader = AnswerReader()
         try:
-            status, answer = reader.read(sock, deadline, tunnel=False)
+            status, answer = reader.read(sock, deadline, read, tunnel=False)
         except Silent:
             if reused:
                 raise Stale() from None
@@ -286,8 +289,8 @@ def _open(addresses: Sequence[_Address], connect: float, deadline: float) -> soc
     raise error if error is not None else OSError("the host name resolved to no address")
 
 
-def _send(sock: _Socket, request: bytes, deadline: float) -> None:
-    """Write the whole request, waiting at most until ``deadline``.
+def _send(sock: _Socket, request: bytes, wait: float, deadline: float) -> None:
+    """Write the whole request, each wait at most ``wait`` seconds and none past ``deadline``.
 
     A request fits in the send buffer of a connection waiting for its next request, so it
     is written at once, without the poll a socket with a timeout makes before each write;
@@ -304,7 +307,7 @@ def _send(sock: _Socket, request: bytes, deadline: float) -> None:
             sent = 0  # TLS wants the very same bytes again
         if sent == len(request):
             return
-    sock.settimeout(remaining(deadline))
+    sock.settimeout(min(wait, remaining(deadline)))
     sock.sendall(memoryview(request)[sent:] if sent else request)
 
 

@@ -56,6 +56,19 @@ def test_no_answer_in_time_is_a_timeout(receiver: KoalaReceiver) -> None:
     assert raised.value.reason == "timeout"
 
 
+@pytest.mark.parametrize("timeout", [0.6, (5.0, 0.6)], ids=["float", "pair"])
+def test_an_answer_slower_than_the_read_timeout_is_a_timeout(
+    receiver: KoalaReceiver, timeout: float | tuple[float, float]
+) -> None:
+    # Within the attempt's connect + read, but later than a read may wait.
+    receiver.delay(0.9)
+    transport = HTTPTransport()
+    with pytest.raises(TransportError) as raised:
+        transport.post(_url(receiver), BODY, headers(), timeout)
+    transport.close()
+    assert raised.value.reason == "timeout"
+
+
 def abort_while_held(
     transport: HTTPTransport, server: Server, arrived: threading.Event
 ) -> BaseException:
