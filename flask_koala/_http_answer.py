@@ -19,7 +19,6 @@ __all__ = [
     "BadAnswer",
     "Response",
     "Silent",
-    "Stale",
     "read_answer",
     "remaining",
 ]
@@ -37,10 +36,6 @@ class Response:
     status: int
     text: str = ""
     retry_after: Optional[str] = None
-
-
-class Stale(Exception):
-    """A reused keep-alive connection turned out closed before any byte of an answer."""
 
 
 class Silent(Exception):

@@ -38,7 +38,6 @@ from ._http_answer import (
     BadAnswer,
     Response,
     Silent,
-    Stale,
     read_answer,
     remaining,
 )
@@ -134,29 +133,28 @@ class HTTPTransport:
         if route.refusal is not None:
             raise route.refusal
         request = b"%b%d\r\n\r\n%b" % (route.head, len(body), body)
-        while True:
-            fresh = self._sock is None
-            try:
-                if fresh:
-                    answer = self._connect(route, connect, read, deadline)
-                    if answer is not None:
-                        return answer  # the proxy refused the tunnel (e.g. 407)
-                return self._exchange(request, read, deadline, reused=not fresh)
-            except Stale:
-                # The server closed an idle keep-alive connection: nothing of an answer
-                # came, so sending again is safe (Koala drops a repeated message_id).
+        try:
+            if self._tcp is not None and _over(self._tcp):
+                # The server closed the idle keep-alive connection (its FIN is in): a new
+                # one, before anything is sent. A close after the request was sent is an
+                # error of this attempt, retried (and counted) as the policy says.
                 self._drop()
-            except socket.timeout as exc:  # TimeoutError from Python 3.10
-                self._drop()
-                raise TransportError("timeout", str(exc) or type(exc).__name__) from None
-            except Silent:
-                self._drop()
-                raise TransportError(
-                    "connection_error", "the connection closed without an answer"
-                ) from None
-            except (OSError, httptools.HttpParserError, BadAnswer) as exc:
-                self._drop()
-                raise TransportError("connection_error", str(exc) or type(exc).__name__) from None
+            if self._sock is None:
+                answer = self._connect(route, connect, read, deadline)
+                if answer is not None:
+                    return answer  # the proxy refused the tunnel (e.g. 407)
+            return self._exchange(request, read, deadline)
+        except socket.timeout as exc:  # TimeoutError from Python 3.10
+            self._drop()
+            raise TransportError("timeout", str(exc) or type(exc).__name__) from None
+        except Silent:
+            self._drop()
+            raise TransportError(
+                "connection_error", "the connection closed without an answer"
+            ) from None
+        except (OSError, httptools.HttpParserError, BadAnswer) as exc:
+            self._drop()
+            raise TransportError("connection_error", str(exc) or type(exc).__name__) from None
 
     def close(self) -> None:
         self._drop()
@@ -219,25 +217,13 @@ class HTTPTransport:
             self._keep(sock)
         return None
 
-    def _exchange(self, request: bytes, read: float, deadline: float, *, reused: bool) -> Response:
+    def _exchange(self, request: bytes, read: float, deadline: float) -> Response:
         sock = self._sock
-        try:
-            _send(sock, request, read, deadline)
-        except socket.timeout:
-            raise
-        except OSError:
-            if reused:
-                raise Stale() from None
-            raise
+        _send(sock, request, read, deadline)
         reader = self._reader
         if reader is None:
             reader = self._reader = AnswerReader()
-        try:
-            status, answer = reader.read(sock, deadline, read, tunnel=False)
-        except Silent:
-            if reused:
-                raise Stale() from None
-            raise BadAnswer("the server closed the connection without answering") from None
+        status, answer = reader.read(sock, deadline, read, tunnel=False)
         if status < 0:  # not kept alive: the server said so, or the body was left unread
             self._drop()
         return answer
@@ -287,6 +273,20 @@ def _open(addresses: Sequence[_Address], connect: float, deadline: float) -> soc
             sock.close()
             error = exc
     raise error if error is not None else OSError("the host name resolved to no address")
+
+
+def _over(tcp: socket.socket) -> bool:
+    """Whether an idle kept-alive connection is over: the server closed or reset it, or sent
+    bytes nobody asked for. One non-blocking peek at the TCP stream, under TLS too (it
+    reads no record, so the TLS layer never knows)."""
+    tcp.settimeout(0.0)
+    try:
+        socket.socket.recv(tcp, 1, socket.MSG_PEEK)  # b"" (closed) or bytes: over either way
+    except _NOT_YET:
+        return False
+    except OSError:
+        pass  # reset
+    return True
 
 
 def _send(sock: _Socket, request: bytes, wait: float, deadline: float) -> None:

@@ -160,6 +160,22 @@ def test_connection_reset_is_retried(
     assert stats(app)["retried.connection_error"] == 1
 
 
+def test_connection_reset_on_a_kept_alive_connection_is_retried_as_the_policy_says(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    app = make_app({"KOALA_MAX_WORKERS": 1, "KOALA_MAX_RETRIES": 1})
+    identify_many(app, 1)
+    assert flush(app, 30)  # the worker now holds a kept-alive connection
+    receiver.drop_connections(10)
+    with app.app_context():
+        koala_of(app).identify("jane@example.com", profile_id=person(1))
+    assert flush(app, 30)
+    assert len(receiver.calls) == 1 + 2  # the warm-up, then one try and one retry
+    counts = stats(app)
+    assert counts["retried.connection_error"] == 1
+    assert counts["failed.retries_exhausted"] == 1
+
+
 def test_receiver_hanging_past_the_timeout_is_retried(
     make_app: Callable[..., Flask], receiver: KoalaReceiver
 ) -> None:

@@ -47,6 +47,19 @@ def test_reconnects_when_the_server_closed_the_idle_connection() -> None:
     transport.close()
 
 
+def test_a_kept_alive_connection_closed_after_the_request_is_a_connection_error(
+    receiver: KoalaReceiver,
+) -> None:
+    transport = HTTPTransport()
+    assert transport.post(_url(receiver), BODY, headers(), 5.0).status == 200
+    receiver.drop_connections(2)
+    with pytest.raises(TransportError) as raised:
+        transport.post(_url(receiver), BODY, headers(), 5.0)
+    transport.close()
+    assert raised.value.reason == "connection_error"
+    assert len(receiver.calls) == 2  # sent once, not sent again behind the caller's back
+
+
 def test_no_answer_in_time_is_a_timeout(receiver: KoalaReceiver) -> None:
     receiver.delay(2)
     transport = HTTPTransport()
@@ -278,19 +291,23 @@ def _answer_then_close(conn: socket.socket, data: bytes) -> None:
     conn.sendall(data)
 
 
-def test_a_reused_connection_closed_before_answering_is_sent_again_on_a_new_one() -> None:
-    # The first connection takes one request, then hangs up on the next without a byte
-    # of answer, as a server closing an idle keep-alive connection does.
+def test_a_reused_connection_closed_before_answering_fails_the_attempt_then_reconnects() -> None:
+    # Each connection takes one request, then hangs up on the next one without a byte of
+    # answer. That attempt fails (the engine retries it, counted, after its backoff) rather
+    # than being sent again behind the retry policy's back; the next attempt reconnects.
     def first_only(n: int, head: bytes) -> Optional[bytes]:
         return answer(200) if n == 0 else None
 
     with answering(first_only) as server:
         transport = HTTPTransport()
         assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        with pytest.raises(TransportError) as raised:
+            transport.post(server.url, BODY, headers(), 5.0)
         assert transport.post(server.url, BODY, headers(), 5.0).status == 200
         transport.close()
+    assert raised.value.reason == "connection_error"
     assert server.connections == 2
-    assert len(server.requests) == 3  # the lost one, sent again once
+    assert len(server.requests) == 3
 
 
 def test_a_new_connection_closed_before_answering_is_a_connection_error() -> None:

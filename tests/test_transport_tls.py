@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from .http_parts import (
     answering,
     clean_network_environment,
     holding,
+    read_request,
 )
 from .support import build_app, flushed_stats, visitor
 from .test_transport import BODY, LARGE, SlowReader, abort_while_held
@@ -115,6 +118,24 @@ def test_tls_connections_are_kept_alive(server: Server, ca: TestCA) -> None:
         assert transport.post(server.url, BODY, headers(), 5.0).status == 200
     transport.close()
     assert server.connections == 1
+
+
+def test_a_tls_connection_closed_while_idle_is_replaced_before_sending(ca: TestCA) -> None:
+    closed = threading.Event()
+
+    def answer_then_close(conn: ssl.SSLSocket) -> None:
+        if read_request(conn) is not None:
+            conn.sendall(answer(200))
+        conn.close()  # as a server's keep-alive timeout does
+        closed.set()
+
+    with Server(answer_then_close, ca.server_context) as server:
+        transport = HTTPTransport(ca_bundle=ca.bundle)
+        assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        assert closed.wait(5)
+        assert transport.post(server.url, BODY, headers(), 5.0).status == 200
+        transport.close()
+    assert server.connections == 2
 
 
 def test_a_missing_koala_ca_bundle_stops_init_app_naming_the_key() -> None:
