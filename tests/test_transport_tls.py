@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import ssl
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -123,7 +123,7 @@ def test_tls_connections_are_kept_alive(server: Server, ca: TestCA) -> None:
 def test_a_tls_connection_closed_while_idle_is_replaced_before_sending(ca: TestCA) -> None:
     closed = threading.Event()
 
-    def answer_then_close(conn: ssl.SSLSocket) -> None:
+    def answer_then_close(conn: socket.socket) -> None:
         if read_request(conn) is not None:
             conn.sendall(answer(200))
         conn.close()  # as a server's keep-alive timeout does
