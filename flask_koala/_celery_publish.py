@@ -40,8 +40,9 @@ from ._config import KoalaConfig, Timeout
 from ._engine import Engine, Verdict
 from ._exceptions import ConfigError
 from ._ids import new_uuid
-from ._ledger import Ledger, Throttle, redact
+from ._ledger import Ledger, Throttle
 from ._payload import Call, build_body, kwargsrepr
+from ._redact import redact
 from ._retry import RetryPolicy
 from .celery import TASK_NAME, register_task
 

@@ -37,8 +37,8 @@ from ._config import DEFAULT_API_URL, SUSPENDED_ERROR, KoalaConfig
 from ._delivery import attempt
 from ._exceptions import ConfigError
 from ._ids import parse_profile_id
-from ._ledger import mask, mask_key
 from ._payload import Call, build_body, clean_email, encode_body
+from ._redact import mask, mask_key
 from ._retry import is_retryable
 from ._state import AppState, state_of
 from ._transport import Response, Transport

@@ -33,8 +33,9 @@ from typing import Any, Optional
 from ._config import KoalaConfig, Timeout, endpoint_key
 from ._delivery import attempt
 from ._exceptions import KoalaError
-from ._ledger import Ledger, redact
+from ._ledger import Ledger
 from ._payload import encode_body, kwargsrepr
+from ._redact import redact
 from ._retry import RetryPolicy
 from ._transport import HTTPTransport, Transport
 

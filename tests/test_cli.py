@@ -19,8 +19,8 @@ from flask.cli import ScriptInfo
 
 from flask_koala import Koala
 from flask_koala._cli import format_call, koala_cli
-from flask_koala._ledger import mask_key
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
+from flask_koala._redact import mask_key
 from flask_koala._transport import Response
 
 from .support import PROFILE_ID, ROOT, Child, koala_of

@@ -6,8 +6,9 @@ import logging
 
 import pytest
 
-from flask_koala._ledger import Ledger, Throttle, describe_error, redact
+from flask_koala._ledger import Ledger, Throttle, describe_error
 from flask_koala._payload import Call
+from flask_koala._redact import redact
 
 PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 
