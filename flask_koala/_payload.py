@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 from ._ids import format_message_id, next_message_id
+from ._redact import redact
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -216,7 +217,7 @@ def _plain_mapping(value: Mapping[Any, Any], depth: int) -> tuple[dict[str, Any]
             continue
         plain, item_size = _plain(item, depth + 1)
         if plain is _DROP:
-            logger.debug("flask-koala: dropped trait %r: JSON cannot encode it", key)
+            logger.debug("flask-koala: dropped trait %r: JSON cannot encode it", redact(key, 60))
             continue
         size += 6 * len(key) + 4 + item_size
         out[key] = plain

@@ -16,8 +16,9 @@ from ._ids import UUID_TEXT
 __all__ = ["mask", "mask_key", "redact"]
 
 # An '@' as a collector may echo it: plain, URL-encoded once or twice (a query string, a
-# path), as an HTML entity or a JSON escape.
-_AT = r"(?:@|%40|%2540|&#0*64;|&#x0*40;|\\u0040)"
+# path), as an HTML entity (numeric or named) or a JSON escape, or as the fullwidth or small
+# commercial at that a normalising collector may turn it into.
+_AT = r"(?:@|%40|%2540|&#0*64;|&#x0*40;|&commat;|\\u0040|\uff20|\ufe6b)"
 _EMAILISH = re.compile(rf"[^\s@\"'<>]+?{_AT}[^\s@\"'<>]+", re.IGNORECASE)
 # A collector may echo what it was sent: visitor ids (UUIDs) and workspace keys too.
 _UUIDISH = re.compile(UUID_TEXT)

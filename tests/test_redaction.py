@@ -15,6 +15,7 @@ import pytest
 from flask import Flask, jsonify
 
 from flask_koala import Koala, signals
+from flask_koala._payload import clean_traits
 from flask_koala._receiver import KoalaReceiver
 
 from .support import PROFILE_ID, USERS, build_app, flushed_stats, koala_of, visitor
@@ -139,3 +140,13 @@ def test_a_key_koala_echoes_is_masked_whatever_its_shape(
     text = every_log_line(caplog.records)
     assert "HTTP 404" in text
     assert PLAIN_KEY not in text
+
+
+def test_a_dropped_trait_is_named_without_the_email_its_key_holds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plain, _ = clean_traits({EMAIL: float("nan"), "plan": "pro"})
+
+    assert plain == {"plan": "pro"}
+    assert "dropped trait" in caplog.text
+    assert not [s for s in FORBIDDEN if s in caplog.text]
