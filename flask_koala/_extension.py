@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import sys
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, overload
 
-from flask import Flask
+from flask import Flask, has_request_context
 
 from . import _hooks, _identify_login, _missing_cookie, _templating
 from ._cli import koala_cli
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     else:
         from typing_extensions import ParamSpec
     P = ParamSpec("P")
+
+logger = logging.getLogger("flask_koala")
 
 
 class Koala:
@@ -93,16 +96,12 @@ class Koala:
         _missing_cookie.check_app(app, config)
         # Every check is done: from here on the app is changed, and nothing raises.
         ledger = Ledger(weakref.ref(app), key=config.public_key)
-        transport_factory = self._transport_factory or functools.partial(
+        factory = self._transport_factory or functools.partial(
             HTTPTransport, ca_bundle=config.ca_bundle
         )
         celery_app = self._celery or app.extensions.get("celery")
-        pipeline = _build_pipeline(
-            app, config, ledger, self._resolver, transport_factory, celery_app
-        )
-        app.extensions[EXTENSION_KEY] = AppState(
-            self, app, config, ledger, pipeline, transport_factory
-        )
+        pipeline = _build_pipeline(app, config, ledger, self._resolver, factory, celery_app)
+        app.extensions[EXTENSION_KEY] = AppState(self, app, config, ledger, pipeline, factory)
         app.cli.add_command(koala_cli)
         _hooks.connect(app, config)
         _missing_cookie.init_app(app, config)
@@ -249,8 +248,8 @@ class Koala:
             first, or no worker is alive to finish the rest.
         """
         dispatcher = current_state(self).pipeline.dispatcher
-        timeout = _seconds(timeout)
-        return True if dispatcher is None else dispatcher.flush(timeout)
+        usable, seconds = _seconds(timeout, "flush")
+        return usable and (dispatcher is None or dispatcher.flush(seconds))
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Flush, stop the delivery threads and close connections; later calls are dropped.
@@ -258,10 +257,12 @@ class Koala:
         Idempotent; past ``timeout``, a request in flight is cut short (``failed.shutdown``).
         Returns whether everything was delivered before the stop."""
         pipeline = current_state(self).pipeline
-        timeout = _seconds(timeout)
+        usable, seconds = _seconds(timeout, "shutdown")
+        if not usable:
+            return False
         if pipeline.suppressed is not None:
-            pipeline.suppressed.shutdown(timeout)
-        return True if pipeline.dispatcher is None else pipeline.dispatcher.shutdown(timeout)
+            pipeline.suppressed.shutdown(seconds)
+        return True if pipeline.dispatcher is None else pipeline.dispatcher.shutdown(seconds)
 
     @property
     def stats(self) -> Mapping[str, int]:
@@ -330,14 +331,28 @@ def _make_dispatcher(
     return REGISTRY[config.sending_mode](config, Needs(ledger, transport_factory, celery_app))
 
 
-def _seconds(timeout: Optional[float]) -> Optional[float]:
-    """``timeout`` checked alike in every mode (some never look at it): seconds or ``None``.
+def _seconds(timeout: Optional[float], method: str) -> tuple[bool, Optional[float]]:
+    """``(True, timeout)`` for seconds or ``None``, checked alike in every mode (some never
+    look at it). NaN is refused too: no deadline ever passes it, so a wait on it would never end.
 
-    NaN is refused too: no deadline ever passes it, so a wait on it would never end."""
+    A refused timeout is a programming error and raises ``TypeError``, except inside a
+    request, which nothing of flask-koala's raises into: there it is logged at ERROR and
+    answered ``(False, None)``, and ``method`` neither waits nor stops anything.
+    """
     if timeout is None:
-        return timeout
+        return True, timeout
     if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        if math.isnan(timeout):
-            raise TypeError("timeout must be a number of seconds or None, not nan")
-        return timeout
-    raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+        if not math.isnan(timeout):
+            return True, timeout
+        what = "nan"
+    else:
+        what = type(timeout).__name__
+    if has_request_context():
+        logger.error(
+            "flask-koala: %s() was given a timeout that is not a number of seconds or None "
+            "(%s); it returns False without waiting",
+            method,
+            what,
+        )
+        return False, None
+    raise TypeError(f"timeout must be a number of seconds or None, not {what}")

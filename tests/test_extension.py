@@ -282,6 +282,27 @@ def test_a_timeout_that_is_not_seconds_raises_type_error_in_every_mode(
         getattr(koala_of(app), method)("5")
 
 
+@pytest.mark.allow_errors
+@pytest.mark.parametrize("timeout", ["5", float("nan")])
+@pytest.mark.parametrize("method", ["flush", "shutdown"])
+def test_a_bad_timeout_inside_a_request_is_logged_and_answered_false(
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture, method: str, timeout: object
+) -> None:
+    app = make_app()
+    koala = koala_of(app)
+
+    @app.get("/done")
+    def done() -> Any:
+        return {"waited": getattr(koala, method)(timeout)}
+
+    response = app.test_client().get("/done")
+
+    assert (response.status_code, response.get_json()) == (200, {"waited": False})
+    assert f"{method}() was given a timeout that is not" in caplog.text
+    with app.app_context():
+        assert koala.identify("jane@example.com", profile_id=PROFILE_ID)  # not shut down
+
+
 @pytest.mark.parametrize("method", ["flush", "shutdown"])
 def test_a_nan_timeout_raises_type_error_rather_than_waiting_forever(method: str) -> None:
     app = build_app()
