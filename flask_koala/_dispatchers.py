@@ -15,11 +15,13 @@ factory reads its own settings:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 from ._config import KoalaConfig
@@ -33,8 +35,10 @@ from ._retry import PauseGate, RetryPolicy
 from ._transport import TransportFactory
 
 __all__ = [
+    "IDLE_CHANNELS",
     "REGISTRY",
     "Dispatcher",
+    "IdleChannels",
     "Needs",
     "SuppressedDispatcher",
     "SyncDispatcher",
@@ -108,8 +112,9 @@ class SyncDispatcher:
     A call takes an idle channel, or opens one, and gives it back once done: there are as
     many connections as calls in flight at once, whichever threads or greenlets make them
     (a thread-local would hold one per thread ever seen, and under gevent patched after
-    ``init_app`` be one slot that every greenlet shares). :meth:`shutdown` closes them all,
-    and so does the garbage collector when the dispatcher is dropped without a shutdown.
+    ``init_app`` be one slot that every greenlet shares). Idle ones wait in
+    :data:`IDLE_CHANNELS`, a handful for the whole process. :meth:`shutdown` closes them
+    all, and so does the garbage collector when the dispatcher is dropped without one.
     """
 
     def __init__(
@@ -127,16 +132,15 @@ class SyncDispatcher:
         self._clock = clock
         self._sleep = sleep
         self._closed = False
-        self._channels: list[Channel] = []
+        self._channels: list[Channel] = []  # every open one, idle or in a call's hands
         self._fresh()
         # A module-level function over the list only: the finalizer must not keep us alive.
-        self._finalizer = weakref.finalize(self, _close_all, self._channels)
+        self._finalizer = weakref.finalize(self, _release, self._channels)
         track(self)
 
     def _fresh(self) -> None:
         # Held for list operations only, never across a yield: safe under gevent too.
         self._lock = threading.Lock()
-        self._idle: list[Channel] = []  # open channels no call is using
         self._gate = PauseGate(self._clock)
         self._pid = os.getpid()
 
@@ -183,14 +187,13 @@ class SyncDispatcher:
                     return
                 self._sleep(wait)
         finally:
-            with self._lock:
-                if not self._closed:
-                    self._idle.append(channel)
+            if not self._closed:
+                IDLE_CHANNELS.give_back(channel, self._channels)
 
     def _take_channel(self) -> Channel:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
+        channel = IDLE_CHANNELS.take(self._channels)
+        if channel is not None:
+            return channel
         channel = self._handler.open()
         with self._lock:
             self._channels.append(channel)
@@ -202,9 +205,7 @@ class SyncDispatcher:
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Stop taking calls and close every channel, idle or in another thread's hands."""
         self._closed = True
-        with self._lock:
-            self._idle.clear()
-        _close_all(self._channels)
+        _release(self._channels)
         return True
 
     @property
@@ -212,13 +213,74 @@ class SyncDispatcher:
         return 0
 
 
-def _close_all(channels: list[Channel]) -> None:
+class IdleChannels:
+    """The idle channels of every sync dispatcher in the process: at most ``limit`` of them
+    together, the least recently used closed first.
+
+    A test suite makes an app per test and drops it without ``shutdown()``; a Flask app sits
+    in reference cycles, so it (and a connection it kept) lasts until a full collection of
+    the cyclic garbage collector, which may be hundreds of apps later. Kept here, a process
+    holds a handful of idle connections however many apps it made and dropped, and a call
+    still reuses its own dispatcher's connection when one is idle.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.after_fork()
+        track(self)
+
+    def after_fork(self) -> None:
+        """In a forked child the parent's connections are the parent's: forget them."""
+        # Held for dict operations only, never across a yield: safe under gevent too.
+        self._lock = threading.Lock()
+        # id(channel) -> (channel, the channels list of the dispatcher it belongs to)
+        self._idle: OrderedDict[int, tuple[Channel, list[Channel]]] = OrderedDict()
+
+    def take(self, owner: list[Channel]) -> Optional[Channel]:
+        """The most recently used idle channel of the dispatcher ``owner`` lists, if any."""
+        with self._lock:
+            for key in reversed(self._idle):
+                channel, its_owner = self._idle[key]
+                if its_owner is owner:
+                    del self._idle[key]
+                    return channel
+        return None
+
+    def give_back(self, channel: Channel, owner: list[Channel]) -> None:
+        """Keep ``channel`` idle; past the limit, close the one idle longest."""
+        with self._lock:
+            self._idle[id(channel)] = (channel, owner)
+            if len(self._idle) <= self._limit:
+                return
+            _, (oldest, its_owner) = self._idle.popitem(last=False)
+            with contextlib.suppress(ValueError):  # its dispatcher was shut down meanwhile
+                its_owner.remove(oldest)
+        _close(oldest)
+
+    def forget(self, owner: list[Channel]) -> None:
+        """Drop the idle channels of the dispatcher ``owner`` lists (it closes them)."""
+        with self._lock:
+            for key in [k for k, (_, o) in self._idle.items() if o is owner]:
+                del self._idle[key]
+
+
+#: The most idle connections sync dispatchers keep, all apps of a process together.
+SYNC_IDLE_LIMIT = 4
+IDLE_CHANNELS = IdleChannels(SYNC_IDLE_LIMIT)
+
+
+def _release(channels: list[Channel]) -> None:
+    """Close every channel of a dispatcher that is shut down or collected."""
+    IDLE_CHANNELS.forget(channels)
     while channels:
-        channel = channels.pop()
-        try:
-            channel.close()
-        except Exception:
-            logger.debug("flask-koala: closing a channel failed", exc_info=True)
+        _close(channels.pop())
+
+
+def _close(channel: Channel) -> None:
+    try:
+        channel.close()
+    except Exception:
+        logger.debug("flask-koala: closing a channel failed", exc_info=True)
 
 
 # -- the registry --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from flask_koala._config import KoalaConfig, Timeout
 from flask_koala._delivery import HTTPHandler
 from flask_koala._dispatchers import (
     REGISTRY,
+    IdleChannels,
     Needs,
     SuppressedDispatcher,
     SyncDispatcher,
@@ -233,3 +234,30 @@ def test_suppressed_records_and_goes_no_further(ledger: Ledger) -> None:
     assert suppressed.submit(identify())
     assert ledger.snapshot()["suppressed"] == 1
     assert suppressed.pending == 0
+
+
+class _Closable:
+    closed = 0
+
+    def handle(self, batch: Any) -> Any:
+        raise AssertionError("not used")
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_idle_channels_close_the_one_idle_longest_past_the_limit() -> None:
+    pool = IdleChannels(2)
+    first: list[Any] = []
+    second: list[Any] = []
+    a, b, c = _Closable(), _Closable(), _Closable()
+    first += [a, b]
+    second.append(c)
+    for channel, owner in ((a, first), (b, first), (c, second)):
+        pool.give_back(channel, owner)
+
+    assert (a.closed, b.closed, c.closed) == (1, 0, 0)
+    assert first == [b]  # its dispatcher no longer counts it among its connections
+    assert pool.take(first) is b
+    assert pool.take(first) is None  # never another dispatcher's channel
+    assert pool.take(second) is c
