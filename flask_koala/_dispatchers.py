@@ -147,6 +147,7 @@ class SyncDispatcher:
     def after_fork(self) -> None:
         """In a forked child: the parent's connections are the parent's; forget them."""
         # The pid is set last (in _fresh): no other thread uses the dispatcher half reset.
+        IDLE_CHANNELS.after_fork()  # a server that forks from C runs no fork hooks
         self._channels.clear()
         self._ledger.reset()
         self._fresh()
@@ -226,15 +227,21 @@ class IdleChannels:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
+        self._pid = -1
         self.after_fork()
         track(self)
 
     def after_fork(self) -> None:
-        """In a forked child the parent's connections are the parent's: forget them."""
+        """In a forked child the parent's connections are the parent's: forget them (once,
+        whether the fork hook or the first sync dispatcher to notice the fork calls it)."""
+        pid = os.getpid()
+        if self._pid == pid:
+            return
         # Held for dict operations only, never across a yield: safe under gevent too.
         self._lock = threading.Lock()
         # id(channel) -> (channel, the channels list of the dispatcher it belongs to)
         self._idle: OrderedDict[int, tuple[Channel, list[Channel]]] = OrderedDict()
+        self._pid = pid
 
     def take(self, owner: list[Channel]) -> Optional[Channel]:
         """The most recently used idle channel of the dispatcher ``owner`` lists, if any."""

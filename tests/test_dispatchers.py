@@ -14,6 +14,7 @@ import pytest
 from flask_koala._config import KoalaConfig, Timeout
 from flask_koala._delivery import HTTPHandler
 from flask_koala._dispatchers import (
+    IDLE_CHANNELS,
     REGISTRY,
     IdleChannels,
     Needs,
@@ -206,6 +207,17 @@ def test_two_threads_of_a_forked_child_reset_a_sync_dispatcher_once() -> None:
     first.join(5)
     counts = ledger.snapshot()
     assert (counts["queued"], counts["sent"], counts["pending"]) == (2, 2, 0)
+
+
+def test_a_forked_child_never_reuses_the_parents_idle_connection(ledger: Ledger) -> None:
+    parents, childs = Recorder(), Recorder()
+    sync = sync_dispatcher(ledger, parents, childs)
+    sync.submit(identify())  # the parent's connection now waits, idle, in IDLE_CHANNELS
+    # A child forked from C: no fork hook ran, and both pids it kept are not its own.
+    sync._pid = IDLE_CHANNELS._pid = -1
+    sync.submit(identify())
+    sync.shutdown()
+    assert (parents.posts, childs.posts) == (1, 1)
 
 
 def test_a_dropped_sync_dispatcher_closes_its_connections(ledger: Ledger) -> None:
