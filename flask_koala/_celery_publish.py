@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -427,6 +428,9 @@ class CeleryDispatcher:
             ca_bundle=ca_bundle,
         )
         # One thread: a publish takes a fraction of a millisecond while the broker is up.
+        # Until the broker has a call a kill loses it, so the thread publishes as soon as a
+        # login's response has gone out (no settle), and stays connected while its app
+        # lives: a thread that left when idle would reconnect, slowly, after a quiet spell.
         self._engine = Engine(
             self.handler,
             ledger,
@@ -434,6 +438,8 @@ class CeleryDispatcher:
             max_workers=1,
             max_queue_size=max_queue_size,
             shutdown_timeout=shutdown_timeout,
+            idle_timeout=math.inf,
+            settle=0.0,
         )
 
     @classmethod
@@ -464,8 +470,14 @@ class CeleryDispatcher:
         )
 
     def submit(self, call: Call, *, wake: bool = True) -> bool:
-        """Queue the call for publishing; never blocks on the broker."""
-        return self._engine.submit(call, wake=wake)
+        """Queue the call for publishing; never blocks on the broker.
+
+        The publishing thread is woken at once, even by a request (``wake=False``), which
+        the thread engine wakes only once the response is out: the call is published
+        while the login is being answered, not after, so a process killed as soon as the
+        response is in still published it.
+        """
+        return self._engine.submit(call)
 
     def wake(self) -> None:
         """Let the publishing thread start on what is queued."""

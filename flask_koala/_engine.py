@@ -7,9 +7,9 @@ per worker thread; a channel makes one attempt at one batch and says how it went
 - a bounded queue of batches about one person and route (``_queue``); a request thread
   takes no lock to add to it: its calls arrive in the ledger, and are admitted into the
   queue at the next wake-up or take;
-- the workers, counted in a ``_crew``;
-- waking: a request queues with ``wake=False`` and rouses a worker once its response has
-  gone out; more only when the awake ones fall behind (``_waking``), up to ``max_workers``;
+- the workers (a ``_crew``) and waking: a request queues with ``wake=False`` and rouses a
+  worker once its response has gone out; more only when the awake ones fall behind
+  (``_waking``), up to ``max_workers``;
 - retries on a timer heap: a batch waiting for its retry holds no worker, so a partial
   outage cannot stall calls that would go through;
 - ``Retry-After`` as an app-wide pause (``_retry.PauseGate``);
@@ -54,7 +54,6 @@ _THREAD_PREFIX = "flask-koala"
 _JOIN_GRACE = 0.2  # shutdown(timeout)'s wait, beyond it, for workers to leave (a daemon)
 _CUT_GRACE = 1.0  # then, their attempts cut short, the wait for them to leave
 _EXIT_JOIN = 0.2  # at exit daemon threads die with the process; only wait to close sockets
-
 _INTERNAL_ERROR = Verdict("failed", "internal_error")
 _MANY = 32  # batches at most to a channel with handle_many at once (one Redis round trip)
 
@@ -73,6 +72,7 @@ class Engine:
         max_queue_size: calls held beyond this (queued, in flight, retrying) are dropped.
         shutdown_timeout: how long the exit hook flushes before it gives up.
         idle_timeout: a worker with nothing to do for this long leaves.
+        settle: seconds a worker woken by a closed response first leaves the GIL (0: none).
         clock: monotonic clock for retries and pauses.
     """
 
@@ -86,6 +86,7 @@ class Engine:
         max_queue_size: int = 10_000,
         shutdown_timeout: float = 2.0,
         idle_timeout: float = IDLE_TIMEOUT,
+        settle: float = SETTLE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._handler = handler
@@ -95,6 +96,7 @@ class Engine:
         self.max_queue_size = max_queue_size
         self.shutdown_timeout = shutdown_timeout
         self._idle_timeout = idle_timeout
+        self._settle_for = settle
         self._clock = clock
         self._closed = False
         self._reset()
@@ -124,9 +126,8 @@ class Engine:
         self._done = threading.Condition(self._lock)  # flush waits here
 
     def after_fork(self) -> None:
-        """In a forked child: start empty, with fresh locks and no threads."""
-        # The parent still holds (and will send) what was queued; the child starts empty.
-        # The pid is set last (in _reset), so no other thread uses the engine half reset.
+        """In a forked child: empty (the parent sends what it queued), fresh locks, no
+        threads. The pid is set last (in _reset): no thread uses the engine half reset."""
         self._ledger.reset()
         self._reset()
 
@@ -150,10 +151,10 @@ class Engine:
         """Take the call; ``False`` when it was dropped instead. Never blocks or raises.
 
         The request thread's path takes no lock: the call arrives in the ledger (a deque,
-        appended to atomically) and the engine admits it into its queue at the next wake-up
-        or take. The bound counts every call held: arriving, queued, being sent or waiting
-        to retry. It is checked without the lock, so threads racing past it together may
-        overfill by a call each; every call is still counted once.
+        appended to atomically) and is admitted into the queue at the next wake-up or take.
+        The bound counts every call held: arriving, queued, being sent or waiting to retry,
+        checked without the lock (racing threads may overfill it by a call each, each call
+        still counted once).
         """
         self._check_process()
         if self._closed or self._unfinished.count + self._ledger.arriving >= self.max_queue_size:
@@ -326,7 +327,7 @@ class Engine:
                     paused = self._gate.remaining()
                     work = bool(self._ready) or bool(self._queue and self._released)
                     if work and not paused:
-                        if waited and self._settle_next:
+                        if waited and self._settle_next and self._settle_for:
                             settle = True
                             break  # outside the lock
                         batches: list[Batch] = []
@@ -369,7 +370,7 @@ class Engine:
                 return batches
             # Woken by a response that has only just gone out: let the server thread finish
             # with it, and the next logins queue behind it, before competing for the GIL.
-            time.sleep(SETTLE)
+            time.sleep(self._settle_for)
             waited = False
             idle_since = None
 

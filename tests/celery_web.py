@@ -9,6 +9,10 @@ then:
   prints ``done`` and waits to be killed;
 - ``wait``: prints ``returned`` at once, without flushing, and waits to be killed (the
   test kills it shortly after: the window the docs promise);
+- ``serve``: logs nobody in itself; serves the app over HTTP on a loopback port (printed
+  as ``port <n>``), printing each ``message_id`` as its call is accepted, until killed:
+  the test logs in over HTTP, as a browser would, and kills it once the last login's
+  response is in.
 - ``exit``: prints ``returned`` and lets the interpreter exit, without flushing, as a
   script or a CLI command does.
 
@@ -28,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from celery import Celery
+from werkzeug.serving import make_server
 
 from flask_koala import Koala, signals
 
@@ -58,6 +63,9 @@ def main(api_url: str, queue: str, logins: int, mode: str) -> None:
     def record(sender: object, **extra: Any) -> None:
         ids.append(extra["message_id"])
 
+    if mode == "serve":
+        _serve(app)
+        return
     with signals.call_accepted.connected_to(record, sender=app):
         for _ in range(logins):
             client.set_cookie("ko_id", str(uuid.uuid4()))
@@ -75,6 +83,16 @@ def main(api_url: str, queue: str, logins: int, mode: str) -> None:
         print("returned", flush=True)
     if mode != "exit":
         time.sleep(3600)  # the test kills us with SIGKILL
+
+
+def _serve(app: Any) -> None:
+    def announce(sender: object, **extra: Any) -> None:
+        print("message_id", extra["message_id"], flush=True)  # before the response goes out
+
+    signals.call_accepted.connect(announce, sender=app, weak=False)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    print("port", server.port, flush=True)
+    server.serve_forever()
 
 
 if __name__ == "__main__":
