@@ -165,7 +165,7 @@ def time_send_task(celery_app: Celery, endpoint: str, n: int) -> list[float]:
     times = []
     for _ in range(n):
         call = Call.identify(profile_id=str(uuid.uuid4()), email=USER.email, traits={})
-        kwargs = task_kwargs([call], endpoint=endpoint, timeout=5.0, policy=RetryPolicy())
+        kwargs = task_kwargs(call, endpoint=endpoint, timeout=5.0, policy=RetryPolicy())
         start = time.perf_counter()
         celery_app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, serializer="json")
         times.append(time.perf_counter() - start)
@@ -202,7 +202,7 @@ def send_task_loop(celery_app: Celery, endpoint: str, n: int) -> tuple[float, fl
     ]
     cpu, start = time.process_time(), time.perf_counter()
     for call in calls:
-        kwargs = task_kwargs([call], endpoint=endpoint, timeout=5.0, policy=RetryPolicy())
+        kwargs = task_kwargs(call, endpoint=endpoint, timeout=5.0, policy=RetryPolicy())
         celery_app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, serializer="json")
     return (time.process_time() - cpu) / n, n / (time.perf_counter() - start)
 

@@ -60,17 +60,17 @@ Parts = tuple[bytes, str, str]
 
 
 def task_kwargs(
-    calls: Sequence[Call],
+    call: Call,
     *,
     endpoint: str,
     timeout: Timeout,
     policy: RetryPolicy,
     ca_bundle: Optional[str] = None,
 ) -> dict[str, Any]:
-    """The task's keyword arguments for one batch: plain JSON, everything the worker needs."""
+    """The task's keyword arguments for one call: plain JSON, everything the worker needs."""
     return {
-        "body": build_body(calls),
-        "message_ids": [call.message_id for call in calls],
+        "body": build_body([call]),
+        "message_id": call.message_id,
         **_shared_kwargs(endpoint, timeout, policy, ca_bundle),
     }
 
@@ -78,7 +78,7 @@ def task_kwargs(
 def _shared_kwargs(
     endpoint: str, timeout: Timeout, policy: RetryPolicy, ca_bundle: Optional[str]
 ) -> dict[str, Any]:
-    """The task arguments every batch of one app shares.
+    """The task arguments every call of one app shares.
 
     ``ca_bundle`` (``KOALA_CA_BUNDLE``) is added only when set, so a worker trusts what the
     web app trusts; an app without it publishes the same messages as before.
@@ -201,12 +201,12 @@ class CeleryPublisher:
         channel.connect_quietly()
         return channel
 
-    def parts(self, batch: Sequence[Call]) -> Parts:
+    def parts(self, call: Call) -> Parts:
         """What differs between two task messages: the body, the task id, ``kwargsrepr``."""
-        ids = [call.message_id for call in batch]
-        kwargs = {"body": build_body(batch), "message_ids": ids, **self._shared}
+        message_id = call.message_id
+        kwargs = {"body": build_body([call]), "message_id": message_id, **self._shared}
         body = json.dumps([[], kwargs, _EMBED], separators=(",", ":")).encode()
-        return body, new_uuid(), kwargsrepr(ids)
+        return body, new_uuid(), kwargsrepr(message_id)
 
     def headers(self, task_id: str, kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The headers and properties of one task message."""
@@ -217,9 +217,9 @@ class CeleryPublisher:
         properties["correlation_id"] = task_id
         return headers, properties
 
-    def message(self, batch: Sequence[Call]) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
-        """The body, headers and properties of the task message for one batch."""
-        body, task_id, kwargsrepr = self.parts(batch)
+    def message(self, call: Call) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+        """The body, headers and properties of the task message for one call."""
+        body, task_id, kwargsrepr = self.parts(call)
         return (body, *self.headers(task_id, kwargsrepr))
 
     def redis_list(self, connection: Any, channel: Any) -> Optional[RedisList]:
@@ -294,15 +294,16 @@ class BrokerChannel:
         return self.handle_many([batch])[0]
 
     def handle_many(self, batches: Sequence[Sequence[Call]]) -> list[Verdict]:
-        """Publish each batch as a task message of its own, all in one round trip where
-        the broker takes them so (a Redis list): they are then published or dropped
-        together. Elsewhere one message at a time, each with its own verdict. Never raises
-        on broker errors.
+        """Publish each call as a task message of its own, all in one round trip where the
+        broker takes them so (a Redis list): they are then published or dropped together.
+        Elsewhere one batch at a time, each with its own verdict. Never raises on broker
+        errors.
         """
         if len(batches) > 1 and self._redis is None:
             return [self.handle(batch) for batch in batches]
         publisher = self._publisher
-        messages = [publisher.parts(batch) for batch in batches]  # a fault here is ours
+        # A fault here is ours.
+        messages = [publisher.parts(call) for batch in batches for call in batch]
         try:
             fresh = self._producer is None
             try:

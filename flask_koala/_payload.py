@@ -349,7 +349,7 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def kwargsrepr(message_ids: Sequence[str]) -> str:
+def kwargsrepr(message_id: str) -> str:
     """What a Celery task message shows of its arguments: its ``kwargsrepr`` header, in
-    Celery's logs, events and monitors. The message ids only, never the body (the email)."""
-    return f"{{'message_ids': {list(message_ids)!r}}}"
+    Celery's logs, events and monitors. The message id only, never the body (the email)."""
+    return f"{{'message_id': {message_id!r}}}"

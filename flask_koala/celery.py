@@ -4,8 +4,8 @@ What a worker module needs: :func:`register_task`, the task's name :data:`TASK_N
 :class:`DeliveryFailed`. The web side (the engine's publishing handler) is private and
 joins this module only through JSON on the broker.
 
-The task needs no Flask app: its arguments carry the ready body, the endpoint, the
-``message_id`` of every entry, the timeout, the retry policy and, when the web app sets
+The task needs no Flask app: its arguments carry the ready body (one call), the endpoint,
+the call's ``message_id``, the timeout, the retry policy and, when the web app sets
 ``KOALA_CA_BUNDLE``, that CA bundle's path. It posts once per run and classifies the answer
 with :func:`~flask_koala._delivery.attempt`, the thread engine's own rules: 2xx is
 delivered, 408/429/5xx and network errors are retried after ``Retry-After`` or the engine's
@@ -57,11 +57,11 @@ class DeliveryFailed(KoalaError):
     Attributes:
         reason: ``"http_400"`` and the like, or ``"retries_exhausted"``.
         status: the last HTTP status Koala answered, if any.
-        message_ids: the ids of the calls that failed.
+        message_id: the id of the call that failed.
     """
 
     def __init__(
-        self, reason: str, status: Optional[int], error: Optional[str], message_ids: list[str]
+        self, reason: str, status: Optional[int], error: Optional[str], message_id: str
     ) -> None:
         if status is not None:
             answer = f"Koala answered HTTP {status}: {error or '(no error text)'}"
@@ -71,12 +71,12 @@ class DeliveryFailed(KoalaError):
         self.reason = reason
         self.status = status
         self.error = error
-        self.message_ids = message_ids
+        self.message_id = message_id
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Celery pickles task exceptions; without this it would fall back to KoalaError
         # and treat an expected failure as an unexpected one.
-        return (type(self), (self.reason, self.status, self.error, self.message_ids))
+        return (type(self), (self.reason, self.status, self.error, self.message_id))
 
 
 # -- the worker side ----------------------------------------------------------------------
@@ -112,7 +112,7 @@ def _deliver(
     task: Any,
     body: Mapping[str, Any],
     endpoint: str,
-    message_ids: list[str],
+    message_id: str,
     timeout: Any = 5.0,
     policy: Optional[Mapping[str, Any]] = None,
     ca_bundle: Optional[str] = None,
@@ -122,18 +122,14 @@ def _deliver(
     retries: int = task.request.retries or 0
     retry_policy = _policy(policy)
     outcome = attempt(_transport(ca_bundle), endpoint, encode_body(body), _timeout(timeout))
-    count = len(message_ids)
     if outcome.outcome == "sent":
         logger.debug(
-            "flask-koala: delivered %d call(s), HTTP %s, after %d retries",
-            count,
-            outcome.status,
-            retries,
+            "flask-koala: delivered 1 call, HTTP %s, after %d retries", outcome.status, retries
         )
         return {
             "outcome": "sent",
             "status": outcome.status,
-            "message_ids": list(message_ids),
+            "message_id": message_id,
             "retries": retries,
         }
     reason = outcome.reason or "error"
@@ -145,12 +141,12 @@ def _deliver(
         wait = outcome.retry_after
         if wait is None:
             wait = retry_policy.backoff(retries)
-        logger.debug("flask-koala: retrying %d call(s) in %.2fs (%s)", count, wait, reason)
+        logger.debug("flask-koala: retrying 1 call in %.2fs (%s)", wait, reason)
         # Celery would re-render kwargsrepr from the arguments, the email among them.
-        raise task.retry(countdown=wait, max_retries=None, kwargsrepr=kwargsrepr(message_ids))
+        raise task.retry(countdown=wait, max_retries=None, kwargsrepr=kwargsrepr(message_id))
     error = redact(error, key=endpoint_key(endpoint)) if error else None
-    _worker_ledger.warn_failed(count, reason, status=outcome.status, error=error)
-    raise DeliveryFailed(reason, outcome.status, error, list(message_ids))
+    _worker_ledger.warn_failed(1, reason, status=outcome.status, error=error)
+    raise DeliveryFailed(reason, outcome.status, error, message_id)
 
 
 # The worker has no app: its failures are only logged, in the ledger's words and rate.

@@ -71,7 +71,7 @@ def kwargs_for(
 ) -> dict[str, Any]:
     """The task's arguments for one call (``a_call()`` unless given) to a Koala at ``url``."""
     return task_kwargs(
-        [call or a_call()],
+        call or a_call(),
         endpoint=f"{url}/web/projects/pk_test/batch",
         timeout=5.0,
         policy=RetryPolicy(**policy),
@@ -208,10 +208,10 @@ def test_every_documented_counter_exists_from_the_start(
 def test_task_arguments_are_plain_json() -> None:
     call = a_call()
     kwargs = task_kwargs(
-        [call], endpoint="http://127.0.0.1:1/b", timeout=(1.0, 5.0), policy=RetryPolicy()
+        call, endpoint="http://127.0.0.1:1/b", timeout=(1.0, 5.0), policy=RetryPolicy()
     )
     assert json.loads(json.dumps(kwargs)) == kwargs
-    assert kwargs["message_ids"] == [call.message_id]
+    assert kwargs["message_id"] == call.message_id
     assert kwargs["body"]["identifies"][0]["message_id"] == call.message_id
 
 
@@ -271,7 +271,7 @@ def test_task_failure_masks_the_workspace_key_whatever_its_shape(
     Koala(celery=celery_app)
     receiver.respond_with(404, body={"error": "unknown workspace workspace42"})
     endpoint = f"{receiver.url}/web/projects/workspace42/batch"
-    kwargs = task_kwargs([a_call()], endpoint=endpoint, timeout=5.0, policy=RetryPolicy())
+    kwargs = task_kwargs(a_call(), endpoint=endpoint, timeout=5.0, policy=RetryPolicy())
     celery_app.tasks[TASK_NAME].apply(kwargs=kwargs)
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "failed (http_404)" in line
@@ -304,7 +304,7 @@ def test_task_honours_retry_after(receiver: KoalaReceiver) -> None:
     assert retried.value.countdown == 7
 
 
-def test_a_retry_shows_monitors_the_message_ids_never_the_email(
+def test_a_retry_shows_monitors_the_message_id_never_the_email(
     receiver: KoalaReceiver,
 ) -> None:
     from flask_koala.celery import _deliver
@@ -315,7 +315,7 @@ def test_a_retry_shows_monitors_the_message_ids_never_the_email(
     with pytest.raises(_Retried) as retried:
         _deliver(_FakeTask(), **kwargs)
     # Celery would otherwise re-render kwargsrepr from the arguments, body and email included.
-    assert retried.value.options["kwargsrepr"] == f"{{'message_ids': ['{call.message_id}']}}"
+    assert retried.value.options["kwargsrepr"] == f"{{'message_id': '{call.message_id}'}}"
 
 
 def test_task_ignores_arguments_it_does_not_know(
@@ -338,7 +338,7 @@ from flask_koala.celery import register_task
 
 email = "jane@example.com"
 call = Call.identify(profile_id=sys.argv[2], email=email, traits={"email": email})
-kwargs = task_kwargs([call], endpoint=sys.argv[1], timeout=5.0, policy=RetryPolicy())
+kwargs = task_kwargs(call, endpoint=sys.argv[1], timeout=5.0, policy=RetryPolicy())
 print(register_task(Celery("exit")).apply(kwargs=kwargs).get()["outcome"])
 """
 
@@ -409,12 +409,12 @@ def test_the_web_app_sends_its_ca_bundle_with_each_task(
     assert state is not None
     dispatcher = state.pipeline.dispatcher
     assert isinstance(dispatcher, CeleryDispatcher)
-    _, kwargs, _ = json.loads(dispatcher.handler.message([a_call()])[0])
+    _, kwargs, _ = json.loads(dispatcher.handler.message(a_call())[0])
     assert kwargs["ca_bundle"] == ca.bundle
 
 
 def test_without_koala_ca_bundle_the_task_carries_no_bundle() -> None:
-    _, kwargs, _ = json.loads(publisher(closed_port_url()).message([a_call()])[0])
+    _, kwargs, _ = json.loads(publisher(closed_port_url()).message(a_call())[0])
     assert "ca_bundle" not in kwargs
 
 
@@ -500,14 +500,14 @@ def publisher(broker_url: str, **options: Any) -> CeleryPublisher:
 def test_the_message_is_a_celery_protocol_2_task_message() -> None:
     handler = publisher(closed_port_url())
     call = a_call()
-    body, headers, properties = handler.message([call])
+    body, headers, properties = handler.message(call)
     assert headers["task"] == TASK_NAME
     assert headers["id"] == headers["root_id"] == properties["correlation_id"]
     assert headers["ignore_result"] is True
     args, kwargs, embed = json.loads(body)
     assert args == []
     assert kwargs == task_kwargs(
-        [call],
+        call,
         endpoint="http://127.0.0.1:1/web/projects/pk_test/batch",
         timeout=(1.0, 5.0),
         policy=RetryPolicy(attempts=9),
@@ -517,13 +517,13 @@ def test_the_message_is_a_celery_protocol_2_task_message() -> None:
 
 def test_each_message_has_its_own_task_id() -> None:
     handler = publisher(closed_port_url())
-    first, second = handler.message([a_call()]), handler.message([a_call()])
+    first, second = handler.message(a_call()), handler.message(a_call())
     assert first[1]["id"] != second[1]["id"]
 
 
 def test_the_arguments_shown_to_monitors_carry_no_email() -> None:
     call = a_call()
-    _, headers, _ = publisher(closed_port_url()).message([call])
+    _, headers, _ = publisher(closed_port_url()).message(call)
     assert "jane" not in headers["kwargsrepr"]
     assert "jane" not in headers["argsrepr"]
     assert call.message_id in headers["kwargsrepr"]

@@ -386,7 +386,7 @@ def test_a_published_batch_is_delivered_by_a_real_worker(
     assert wait_until(lambda: len(receiver.message_ids()) >= 2, 60), worker.output.text()
     assert settled(broker, queue)
     assert sorted(receiver.message_ids()) == sorted(c.message_id for c in batch)
-    assert len(receiver.calls) == 1  # one person's calls, one task, one request
+    assert len(receiver.calls) == 2  # a task, and a request, per call
 
 
 def test_a_connection_the_broker_dropped_is_replaced_once(
@@ -469,9 +469,9 @@ def envelopes(broker: str, key: str) -> list[dict[str, Any]]:
         client.close()
 
 
-def message_ids(envelope: dict[str, Any]) -> list[str]:
+def message_id(envelope: dict[str, Any]) -> str:
     _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
-    return list(kwargs["message_ids"])
+    return str(kwargs["message_id"])
 
 
 def without_ids(envelope: dict[str, Any]) -> dict[str, Any]:
@@ -483,7 +483,7 @@ def without_ids(envelope: dict[str, Any]) -> dict[str, Any]:
 def test_the_redis_list_pushes_the_message_kombus_producer_does(
     broker: str, queue: str, receiver: KoalaReceiver
 ) -> None:
-    batch = [call(), call()]
+    batch = [call()]
     for fast in (True, False):
         channel = publisher(broker, queue, receiver, fast=fast).open()
         try:
@@ -496,6 +496,23 @@ def test_the_redis_list_pushes_the_message_kombus_producer_does(
     assert pushed["headers"]["id"] == pushed["properties"]["correlation_id"]
 
 
+def test_calls_about_one_person_waiting_together_are_each_a_task_of_their_own(
+    broker: str, queue: str, receiver: KoalaReceiver
+) -> None:
+    # Issue 8: "an accepted call becomes a Celery task with ... the call's message_id".
+    same_person = [call(), call(), call()]
+    channel = publisher(broker, queue, receiver).open()
+    try:
+        assert channel.handle(same_person) == Verdict("published")
+    finally:
+        channel.close()
+    found = envelopes(broker, queue)
+    assert [message_id(e) for e in found] == [c.message_id for c in same_person]
+    for envelope, sent in zip(found, same_person):
+        _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+        assert [e["message_id"] for e in kwargs["body"]["identifies"]] == [sent.message_id]
+
+
 def test_batches_handled_at_once_go_onto_the_list_oldest_first(
     broker: str, queue: str, receiver: KoalaReceiver
 ) -> None:
@@ -506,7 +523,7 @@ def test_batches_handled_at_once_go_onto_the_list_oldest_first(
     finally:
         channel.close()
     found = envelopes(broker, queue)
-    assert [message_ids(e) for e in found] == [[b[0].message_id] for b in batches]
+    assert [message_id(e) for e in found] == [b[0].message_id for b in batches]
     assert len({e["headers"]["id"] for e in found}) == 3
 
 
