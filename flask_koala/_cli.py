@@ -117,8 +117,14 @@ def _describe(config: KoalaConfig) -> list[tuple[str, str]]:
         ("sending", _sending(config)),
         ("on login", on_login),
         ("cookie", f"{config.cookie_name} (when missing: {config.missing_cookie})"),
-        ("timeout", f"{_seconds(config.timeout)}, up to {config.max_retries} retries"),
+        ("timeout", f"{_seconds(config.timeout)}, {_retries(config)}"),
     ]
+
+
+def _retries(config: KoalaConfig) -> str:
+    if config.mode == "celery":  # the worker retries, with its own limit
+        return f"up to {config.celery_max_retries} retries (in the Celery worker)"
+    return f"up to {config.max_retries} retries"
 
 
 def _sending(config: KoalaConfig) -> str:

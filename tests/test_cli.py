@@ -152,6 +152,18 @@ def test_check_prints_a_split_timeout(make_app: Callable[..., Flask]) -> None:
     assert "timeout      1.5s to connect, 10s to read, up to 6 retries" in result.output
 
 
+def test_check_prints_the_celery_workers_retries_in_celery_mode(
+    make_app: Callable[..., Flask],
+) -> None:
+    celery = pytest.importorskip("celery")
+    koala = Koala(celery=celery.Celery("web", broker="redis://127.0.0.1:1/0"))
+    app = make_app({"KOALA_DISPATCHER": "celery", "KOALA_CELERY_MAX_RETRIES": 50}, koala)
+
+    result = invoke(app, "check")
+
+    assert "timeout      5s, up to 50 retries (in the Celery worker)" in result.output
+
+
 def test_check_without_a_key_says_not_set(make_app: Callable[..., Flask]) -> None:
     app = make_app({"KOALA_SUPPRESS_SEND": True, "KOALA_PUBLIC_KEY": None})
 
