@@ -448,7 +448,7 @@ def console(spawn: Callable[..., Child]) -> Callable[[list[str]], Child]:
     return lambda command: spawn(command, env=env, merge_stderr=False)
 
 
-def post_identify(url: str) -> requests.Response:
+def post_identify(url: str, key: str = "pk_test") -> requests.Response:
     body = {
         "profile_id": PROFILE_ID,
         "email": "jane@example.com",
@@ -462,7 +462,7 @@ def post_identify(url: str) -> requests.Response:
     }
     headers = {"Content-Type": "application/json", "User-Agent": "test"}
     return requests.post(
-        f"{url}/web/projects/pk_test/batch", data=json.dumps(body), headers=headers, timeout=5
+        f"{url}/web/projects/{key}/batch", data=json.dumps(body), headers=headers, timeout=5
     )
 
 

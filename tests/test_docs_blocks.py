@@ -9,7 +9,8 @@ Each fenced block (MyST directives such as ``{toctree}`` aside) is preceded by a
   docstrings and blank lines aside; for a console block, its ``$`` commands), in a Python
   PATH in its code, not in a docstring or comment, and PATH is a test, a file a test names
   (by path or module), or the CI script;
-- ``<!-- illustration -->``: a diagram or a sample of output, not something to run.
+- ``<!-- illustration -->``: a diagram or a sample of output, not something to run (no
+  ``$`` command in it).
 """
 
 from __future__ import annotations
@@ -151,6 +152,16 @@ def test_markers_are_known() -> None:
     known = ("run", "illustration", "covered:", "executed-by:")
     unknown = [b.where for b in BLOCKS if b.marker and not b.marker.startswith(known)]
     assert unknown == []
+
+
+def test_an_illustration_holds_no_command_to_type() -> None:
+    # A "$ ..." line is something a reader runs: it is run, or a test runs it.
+    commands = [
+        b.where
+        for b in BLOCKS
+        if b.marker == "illustration" and any(line.startswith("$ ") for line in b.code.split("\n"))
+    ]
+    assert commands == [], f"illustrations with a command in them: {commands}"
 
 
 COVERED = [b for b in BLOCKS if b.marker.startswith("covered:")]
