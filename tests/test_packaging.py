@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,32 @@ def test_make_test_min_pins_every_lowest_version_setup_cfg_claims() -> None:
     floors = _versions(claimed, ">=")
     pins = _versions((ROOT / "constraints-min.txt").read_text(encoding="utf-8"), "==")
     assert {name: pins.get(name) for name in floors} == floors
+
+
+def test_the_source_distribution_holds_what_its_tests_need(tmp_path: Path) -> None:
+    # setuptools adds tests/test_*.py to an sdist by itself, but not what they import.
+    build = (
+        "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    name = result.stdout.strip().splitlines()[-1]
+    with tarfile.open(tmp_path / name) as sdist:
+        members = {m.split("/", 1)[1] for m in sdist.getnames() if "/" in m}
+    needed = {
+        "tests/__init__.py",
+        "tests/conftest.py",
+        "tests/support.py",
+        "tests/http_parts.py",
+        "docs/index.md",
+        "examples/password_login.py",
+        "CHANGES.md",
+        "Makefile",
+    }
+    assert needed - members == set()
+    assert not [m for m in members if m.startswith("docs/_build") or "__pycache__" in m]
