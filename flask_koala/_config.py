@@ -224,6 +224,13 @@ def _public_key(config: Mapping[str, Any], *, required: bool) -> Optional[str]:
             "must be URL-safe: letters, digits and . _ ~ - only (no '/', '?', '#', '%', "
             "whitespace, control or non-ASCII characters)",
         )
+    if value[:3].lower() == "sk_":
+        # The browser snippet would publish it in every page, and each call its URL.
+        raise ConfigError(
+            key,
+            "looks like a secret key (sk_...): flask-koala takes the workspace's public "
+            "key (pk_...), which the browser snippet shows in every page",
+        )
     return value
 
 

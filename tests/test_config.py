@@ -341,6 +341,13 @@ def test_public_key_with_dots_inside_accepted() -> None:
     assert app.extensions["koala"].config.public_key == "pk_a.b"
 
 
+@pytest.mark.parametrize("key", ["sk_live_5ecret", "SK_test_1"])
+def test_a_secret_key_is_refused_as_the_public_key(key: str) -> None:
+    # It would be published in every page's snippet, and in every request's URL.
+    with pytest.raises(ConfigError, match=r"KOALA_PUBLIC_KEY.*secret key"):
+        init(KOALA_PUBLIC_KEY=key)
+
+
 def test_max_workers_is_bounded() -> None:
     with pytest.raises(ConfigError, match=r"KOALA_MAX_WORKERS.*at most 64"):
         init(KOALA_PUBLIC_KEY="pk", KOALA_MAX_WORKERS=65)
