@@ -89,8 +89,11 @@ def _after(
 
 def _hold() -> Optional[list[Any]]:
     """Hold the logins Flask-Login reports while the view runs (``login_user`` in an OAuth
-    callback) until its status is known; ``None`` when a decorated view around it holds them.
+    callback) until its status is known; ``None`` when a decorated view around it holds them,
+    or when the view is called outside a request (a unit test calling it directly).
     """
+    if not has_request_context():
+        return None
     environ = request.environ
     if HELD_KEY in environ:
         return None

@@ -639,3 +639,16 @@ def test_identify_login_without_view_or_getter_is_a_type_error(koala: Koala) -> 
 def test_identify_login_with_view_and_getter_is_a_type_error(koala: Koala) -> None:
     with pytest.raises(TypeError, match="get_user alone"):
         koala.identify_login(lambda: "ok", get_user=lambda: None)  # type: ignore[call-overload]
+
+
+def test_a_decorated_view_called_outside_a_request_still_runs(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    app = make_app(koala=koala)
+
+    @koala.identify_login(get_user=lambda: None)
+    def sso() -> Any:
+        return "called directly, as a unit test may"
+
+    with app.app_context():
+        assert sso().get_data(as_text=True) == "called directly, as a unit test may"
