@@ -429,9 +429,9 @@ class CeleryDispatcher:
             ca_bundle=ca_bundle,
         )
         # One thread: a publish takes a fraction of a millisecond while the broker is up.
-        # Until the broker has a call a kill loses it, so the thread publishes as soon as a
-        # login's response has gone out (no settle), and stays connected while its app
-        # lives: a thread that left when idle would reconnect, slowly, after a quiet spell.
+        # Until the broker has a call a kill loses it, so the thread is woken as each call is
+        # queued (see submit), never settles, and stays connected while its app lives: a
+        # thread that left when idle would reconnect, slowly, after a quiet spell.
         self._engine = Engine(
             self.handler,
             ledger,
