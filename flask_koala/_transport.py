@@ -286,6 +286,9 @@ def _over(tcp: socket.socket) -> bool:
         return False
     except OSError:
         pass  # reset
+    except (AttributeError, TypeError, ValueError):
+        # A socket made before gevent patched the module: write, and learn afterwards.
+        return False
     return True
 
 
