@@ -167,6 +167,9 @@ def test_the_worker_trusts_the_web_apps_ca_bundle(
         assert client.post("/login/jane").status_code == 200
         with app.app_context():
             assert koala_of(app).flush(30)
+        # The worker pops the message, then files it as unacknowledged: in between the
+        # broker looks idle, so the request is waited for, not taken for granted.
+        assert wait_until(lambda: koala_tls.requests, 60), worker.output.text()
         assert settled(broker, queue), worker.output.text()
         assert len(koala_tls.requests) == 1, worker.output.text()
 
