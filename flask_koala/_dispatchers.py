@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 from ._config import KoalaConfig
 from ._delivery import HTTPHandler
 from ._engine import Channel, Engine, Handler, Verdict, conclude
+from ._handlers import close_quietly
 from ._ledger import Ledger, log_unexpected
 from ._lifecycle import fork_lock, track
 from ._payload import Call
@@ -262,7 +263,7 @@ class IdleChannels:
             _, (oldest, its_owner) = self._idle.popitem(last=False)
             with contextlib.suppress(ValueError):  # its dispatcher was shut down meanwhile
                 its_owner.remove(oldest)
-        _close(oldest)
+        close_quietly(oldest)
 
     def forget(self, owner: list[Channel]) -> None:
         """Drop the idle channels of the dispatcher ``owner`` lists (it closes them)."""
@@ -280,14 +281,7 @@ def _release(channels: list[Channel]) -> None:
     """Close every channel of a dispatcher that is shut down or collected."""
     IDLE_CHANNELS.forget(channels)
     while channels:
-        _close(channels.pop())
-
-
-def _close(channel: Channel) -> None:
-    try:
-        channel.close()
-    except Exception:
-        logger.debug("flask-koala: closing a channel failed", exc_info=True)
+        close_quietly(channels.pop())
 
 
 # -- the registry --------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from collections import deque
 from typing import Callable, Optional
 
 from ._crew import Crew, cut_short
-from ._handlers import Channel, Handler, Verdict, conclude
+from ._handlers import Channel, Handler, Verdict, close_quietly, conclude
 from ._ledger import Ledger, log_unexpected
 from ._lifecycle import flush_when_multiprocessing_child_exits, fork_lock, track
 from ._payload import Call
@@ -293,10 +293,7 @@ class Engine:
             if channel is not None:
                 with self._lock:
                     crew.channels.pop(id(channel), None)
-                try:
-                    channel.close()
-                except Exception:
-                    logger.debug("flask-koala: closing a channel failed", exc_info=True)
+                close_quietly(channel)
 
     def _count_out(self, number: int, crew: Crew, *, starting: bool = False) -> None:
         """A worker is leaving (or never started). Locked."""

@@ -9,6 +9,7 @@ and for synchronous sending alike. ``flask_koala._engine`` re-exports the three 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import NamedTuple, Optional, Protocol
 
@@ -17,7 +18,9 @@ from ._payload import Call
 from ._queue import Batch
 from ._retry import RetryPolicy
 
-__all__ = ["Channel", "Handler", "Verdict", "conclude"]
+__all__ = ["Channel", "Handler", "Verdict", "close_quietly", "conclude"]
+
+logger = logging.getLogger("flask_koala")
 
 
 class Verdict(NamedTuple):
@@ -80,3 +83,11 @@ def conclude(
     else:
         ledger.failed(batch, reason, status=verdict.status, error=verdict.error)
     return None
+
+
+def close_quietly(channel: Channel) -> None:
+    """Close a channel that is done with; a failure to close is only worth a DEBUG line."""
+    try:
+        channel.close()
+    except Exception:
+        logger.debug("flask-koala: closing a channel failed", exc_info=True)
