@@ -16,7 +16,6 @@ factory reads its own settings:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -45,9 +44,6 @@ __all__ = [
     "SyncDispatcher",
     "make_dispatcher",
 ]
-
-logger = logging.getLogger("flask_koala")
-
 
 class Dispatcher(Protocol):
     """Sees accepted calls to their end."""
