@@ -45,6 +45,7 @@ __all__ = [
     "make_dispatcher",
 ]
 
+
 class Dispatcher(Protocol):
     """Sees accepted calls to their end."""
 
