@@ -2,7 +2,9 @@
 
 ``httptools`` (the C parser uvicorn uses) does the parsing; this module keeps what
 flask-koala needs of an answer (its status, ``Retry-After`` and the first 2 KiB of the body)
-and decides whether the connection may be kept alive.
+and decides whether the connection may be kept alive. As HTTP/1.1 asks of a client, interim
+``1xx`` answers before the final one are read past (RFC 9110, 15.2), and a header folded
+over two lines is taken as one (RFC 9112, 5.2).
 """
 
 from __future__ import annotations
@@ -55,14 +57,16 @@ class AnswerReader:
     """
 
     __slots__ = (
-        "_begun",
         "_body",
         "_complete",
         "_connection",
+        "_extra",
         "_head_done",
+        "_interim",
         "_kept",
         "_parser",
         "_retry_after",
+        "_status",
         "_view",
     )
 
@@ -70,38 +74,61 @@ class AnswerReader:
         self._view = memoryview(bytearray(_MAX_TEXT))
         self._start()
         self._parser = httptools.HttpResponseParser(self)
+        # Folded header lines: httptools before 0.6.1 takes them as they come; later ones
+        # only with lenient header values (nothing here reads a value beyond two headers).
+        lenient = getattr(self._parser, "set_dangerous_leniencies", None)
+        if lenient is not None:
+            lenient(lenient_headers=True)
 
     def _start(self) -> None:
+        """Forget the last answer (or the interim one): the next message is the answer."""
         self._body: list[bytes] = []
         self._kept = 0
-        self._begun = 0
+        self._status = 0
         self._head_done = False
+        self._interim = False
         self._complete = False
+        self._extra = False  # bytes after the answer: the connection is out of step
         self._retry_after: Optional[str] = None
         self._connection = b""
 
-    # -- httptools' callbacks ---------------------------------------------------------
+    # -- httptools' callbacks: each ignores a message that begins after the answer ---------
 
     def on_message_begin(self) -> None:
-        self._begun += 1
+        if self._complete:
+            self._extra = True
+        elif self._interim:
+            self._start()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._extra:
+            return
         if len(name) == 11 and name.lower() == b"retry-after":
             self._retry_after = value.decode("latin-1").strip()
         elif len(name) == 10 and name.lower() == b"connection":
             self._connection += b"," + value.lower()
 
     def on_headers_complete(self) -> None:
-        self._head_done = True
+        if self._extra:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status <= 199 and status != 101:
+            self._interim = True  # 100 Continue, 103 Early Hints...: the answer follows
+        else:
+            self._status = status
+            self._head_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self._extra:
+            return
         room = _MAX_TEXT - self._kept
         if room > 0:
             self._body.append(body[:room])
         self._kept += len(body)
 
     def on_message_complete(self) -> None:
-        self._complete = True
+        if not (self._extra or self._interim):
+            self._complete = True
 
     # -- reading ----------------------------------------------------------------------
 
@@ -144,7 +171,7 @@ class AnswerReader:
             if self._complete:
                 break
             if self._head_done:
-                if tunnel and 200 <= parser.get_status_code() <= 299:
+                if tunnel and 200 <= self._status <= 299:
                     break
                 if self._kept >= _MAX_TEXT:
                     break  # the rest is not read; the connection is dropped instead of drained
@@ -152,15 +179,15 @@ class AnswerReader:
                 want = _MAX_TEXT - self._kept
             elif received > _MAX_HEAD:
                 raise BadAnswer("the answer's head is larger than 64 KiB")
-        status = parser.get_status_code()
+        status = self._status
         if status < 200:
-            raise BadAnswer(f"an interim answer ({status}) where a final one was expected")
+            raise BadAnswer(f"an answer {status} where a final one was expected")
         text = b"".join(self._body).decode("utf-8", "replace")
         # llhttp's should_keep_alive() is reset once the message is complete, so this is its
         # rule taken by hand: HTTP/1.1 unless "Connection: close", HTTP/1.0 only if asked for.
         # Bytes after the answer (the start of another one) leave the connection out of step.
         tokens = {t.strip() for t in self._connection.split(b",")} if self._connection else ()
-        if self._begun > 1:
+        if self._extra:
             kept = False
         elif parser.get_http_version() == "1.1":
             kept = self._complete and b"close" not in tokens
