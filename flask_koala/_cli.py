@@ -37,7 +37,7 @@ from ._config import DEFAULT_API_URL, SUSPENDED_ERROR, KoalaConfig
 from ._delivery import attempt
 from ._exceptions import ConfigError
 from ._ids import parse_profile_id
-from ._payload import Call, build_body, clean_email, encode_body
+from ._payload import MAX_BODY_BYTES, Call, build_body, clean_email, clean_traits, encode_body
 from ._redact import mask, mask_key
 from ._retry import is_retryable
 from ._state import AppState, state_of
@@ -219,6 +219,9 @@ def _traits(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
         if not sep or not key.strip():
             raise click.BadParameter("each --trait is KEY=VALUE, with a non-empty key")
         traits[key.strip()] = value
+    if clean_traits(traits)[0] is None:
+        # A byte that is not UTF-8, passed on by the shell as a lone surrogate.
+        raise click.BadParameter("a --trait holds text UTF-8 cannot encode (not echoed)")
     return traits
 
 
@@ -279,6 +282,11 @@ def _identify(email: str, profile_id: Optional[str], traits: dict[str, Any], for
         )
     call = Call.identify(profile_id=profile_id, email=email, traits={**traits, "email": email})
     body = encode_body(build_body([call]))
+    if len(body) > MAX_BODY_BYTES:
+        raise click.BadParameter(
+            f"the call would be {len(body)} bytes, over Koala's {MAX_BODY_BYTES}-byte limit",
+            param_hint="'--trait'",
+        )
     who = f"profile_id {profile_id}" if profile_id else "no profile_id (email only)"
     click.echo(f"POST {_masked_endpoint(config)}")
     click.echo(mask(f"  email {email}, {who}, message_id {call.message_id}"))

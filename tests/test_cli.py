@@ -389,7 +389,10 @@ def test_identify_leaves_the_apps_counters_alone(app: Flask) -> None:
         (["jane@example.com", "--profile-id", "nope"], "is not a UUID"),
         (["jane@example.com", "--trait", "plan"], "each --trait is KEY=VALUE"),
         (["jane@example.com", "--trait", "=pro"], "each --trait is KEY=VALUE"),
+        (["jane@example.com", "--trait", "plan=\udcff"], "UTF-8 cannot encode"),
+        (["jane@example.com", "--trait", "bio=" + "x" * 40_000], "over Koala's 32768-byte"),
     ],
+    ids=["not-email", "not-uuid", "no-equals", "no-key", "not-utf8", "too-large"],
 )
 def test_identify_rejects_bad_input_before_sending(
     app: Flask, receiver: KoalaReceiver, args: list[str], message: str
