@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, overload
 
-from flask import Flask, has_request_context
+from flask import Flask, has_app_context, has_request_context
 
 from . import _hooks, _identify_login, _missing_cookie, _templating
 from ._cli import koala_cli
@@ -144,16 +144,14 @@ class Koala:
         """Identify whoever a view logged in, once it has returned a response below 400.
 
         For login views that Flask-Login's signal misses: OAuth and SSO callbacks that never
-        call ``login_user``, logins through a request loader. Two forms::
+        call ``login_user``, logins through a request loader. Bare, it identifies
+        ``flask_login.current_user`` if authenticated; with ``get_user``, what it returns
+        in the request context: a user (through the identity loader), an email, a traits
+        dict with ``"email"``, or ``None`` (``get_user`` positionally works too, but only
+        the keyword form type-checks)::
 
-            @koala.identify_login                     # flask_login.current_user, if
-                                                      # authenticated
-            @koala.identify_login(get_user=load_user) # load_user() in the request context
-                                                      # returns a user (through the identity
-                                                      # loader), an email, a traits dict
-                                                      # with "email", or None
-                                                      # (get_user positionally works too, but
-                                                      # only this form type-checks)
+            @koala.identify_login
+            @koala.identify_login(get_user=load_user)
 
         Plain and ``async def`` views alike (``get_user`` itself is a plain function); the
         view's name, docstring and signature are kept, and its return value is made a
@@ -235,6 +233,8 @@ class Koala:
         ``ko_profile_id``). The id minted for this request under ``KOALA_MISSING_COOKIE =
         "mint"`` counts; outside a request there is none.
         """
+        if not has_request_context():
+            return None
         pipeline = current_state(self).pipeline
         return pipeline.profile_id(*_hooks.request_scope(pipeline.config.cookie_name))
 
@@ -279,15 +279,15 @@ class Koala:
 
     @contextlib.contextmanager
     def record_calls(self) -> Iterator[list[dict[str, Any]]]:
-        """Collect the body of every call the current app accepts inside the block.
+        """Collect the body of every call the current app accepts inside the block; outside
+        an app context, of every app this instance set up.
 
         Works with sending suppressed and with sending on; each body is a dict exactly as
         it would be sent (a call alone, before any merging with others about the same
         person).
         """
-        app = current_state(self).app_ref()
-        assert app is not None  # it is the current app
-        with _hooks.record_calls(app) as calls:
+        app = current_state(self).app_ref() if has_app_context() else None
+        with _hooks.record_calls(app, owner=self) as calls:
             yield calls
 
 

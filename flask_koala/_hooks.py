@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, Optional
 
+from blinker import ANY
 from flask import Flask, Response, current_app, has_request_context, request
 from flask_login import current_user as proxy
 from flask_login import user_loaded_from_cookie, user_logged_in
@@ -94,8 +95,11 @@ def _wake_at_teardown(exc: Optional[BaseException]) -> None:
 
 
 @contextlib.contextmanager
-def record_calls(app: Flask) -> Iterator[list[dict[str, Any]]]:
-    """Collect the body of every call ``app`` accepts inside the block (``call_accepted``).
+def record_calls(
+    app: Optional[Flask], owner: Optional[object] = None
+) -> Iterator[list[dict[str, Any]]]:
+    """Collect the body of every call ``app`` accepts inside the block (``call_accepted``);
+    with ``app=None``, of every app the :class:`~flask_koala.Koala` ``owner`` set up.
 
     Each body is a dict exactly as it would be sent (a call alone, before any merging with
     others about the same person), with sending suppressed or on alike.
@@ -103,12 +107,14 @@ def record_calls(app: Flask) -> Iterator[list[dict[str, Any]]]:
     calls: list[dict[str, Any]] = []
 
     def record(sender: object, **extra: Any) -> None:
-        calls.append(extra["body"])
+        if app is not None or getattr(state_of(sender), "owner", None) is owner:
+            calls.append(extra["body"])
 
     # connect/disconnect by hand: blinker < 1.7's connected_to() leaves the receiver
     # connected when the block ends by GeneratorExit (a fixture torn down by close()).
-    signals.call_accepted.connect(record, sender=app, weak=False)
+    sender = ANY if app is None else app
+    signals.call_accepted.connect(record, sender=sender, weak=False)
     try:
         yield calls
     finally:
-        signals.call_accepted.disconnect(record, sender=app)
+        signals.call_accepted.disconnect(record, sender=sender)

@@ -222,9 +222,14 @@ def test_sync_delivers_before_returning(
     assert len(receiver.bodies) == 1
 
 
-def test_profile_id_outside_app_context_raises(koala: Koala, app: Flask) -> None:
-    with pytest.raises(RuntimeError, match="application context"):
-        koala.profile_id()
+def test_profile_id_outside_an_app_context_is_none(koala: Koala, app: Flask) -> None:
+    assert koala.profile_id() is None
+
+
+def test_profile_id_on_an_app_of_another_instance_raises(koala: Koala, app: Flask) -> None:
+    request = app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"})
+    with request, pytest.raises(RuntimeError, match="another Koala instance"):
+        Koala().profile_id()
 
 
 def test_suppressed_calls_after_shutdown_are_dropped(

@@ -70,6 +70,21 @@ def test_record_calls_stops_at_the_end_of_the_block(
     assert [call["email"] for call in calls] == ["jane@example.com"]
 
 
+def test_record_calls_outside_an_app_context_hears_the_instances_apps(
+    make_app: Callable[..., Flask],
+) -> None:
+    koala, other = Koala(), Koala()
+    first = make_app({"KOALA_SUPPRESS_SEND": True}, koala=koala)
+    second = make_app({"KOALA_SUPPRESS_SEND": True}, koala=koala)
+    elsewhere = make_app({"KOALA_SUPPRESS_SEND": True}, koala=other)
+
+    with koala.record_calls() as calls:
+        for app in (first, second, elsewhere):
+            log_in(app)
+
+    assert len(calls) == 2
+
+
 def test_record_calls_hears_only_its_own_app(make_app: Callable[..., Flask]) -> None:
     koala = Koala()
     first = make_app({"KOALA_SUPPRESS_SEND": True}, koala=koala)
