@@ -365,8 +365,7 @@ class Engine:
                 self._start(*start)
             if not settle:
                 return batches
-            # Woken by a response that has only just gone out: let the server thread finish
-            # with it, and the next logins queue behind it, before competing for the GIL.
+            # Woken by a response just sent: let the server finish it and logins queue up.
             time.sleep(self._settle_for)
             waited = False
             idle_since = None
@@ -487,6 +486,7 @@ class Engine:
         # about calls ending during this last flush would go to the last-resort handler.
         self._ledger.quiet = not logger.hasHandlers()
         left = 0 if self.flush(budget) else self.pending
+        self._ledger.report_held()
         self._ledger.quiet = True
         self.stop(join_timeout=_EXIT_JOIN, claim_inflight=True)
         if left and logger.hasHandlers():

@@ -256,13 +256,9 @@ class Koala:
 
         Idempotent; past ``timeout``, a request in flight is cut short (``failed.shutdown``).
         Returns whether everything was delivered before the stop."""
-        pipeline = current_state(self).pipeline
+        state = current_state(self)
         usable, seconds = _seconds(timeout, "shutdown")
-        if not usable:
-            return False
-        if pipeline.suppressed is not None:
-            pipeline.suppressed.shutdown(seconds)
-        return True if pipeline.dispatcher is None else pipeline.dispatcher.shutdown(seconds)
+        return usable and state.shutdown(seconds)
 
     @property
     def stats(self) -> Mapping[str, int]:

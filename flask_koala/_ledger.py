@@ -97,6 +97,22 @@ def internal_error(
         ledger.skipped("internal_error", kind=kind)
 
 
+def _warn_dropped(count: int, reason: str) -> None:
+    logger.warning(
+        "flask-koala: dropped %d call(s) (%s) since the last report; see koala.stats",
+        count,
+        reason,
+    )
+
+
+def _warn_failed(count: int, reason: str, status: Optional[int], error: Optional[str]) -> None:
+    if status is not None:
+        answer = f"Koala answered HTTP {status}: {error or '(no error text)'}"
+    else:
+        answer = f"no answer from Koala ({error or 'no detail'})"
+    logger.warning("flask-koala: %d call(s) failed (%s): %s", count, reason, answer)
+
+
 class Throttle:
     """Lets one log line per key through per interval and counts the ones it held back."""
 
@@ -117,6 +133,11 @@ class Throttle:
             self._forget(now)
         self._last[key] = now
         return count + self._held.pop(key, 0)
+
+    def release(self) -> dict[object, int]:
+        """Return the events held back per key, and forget them: a last report is due."""
+        held, self._held = dict(self._held), Counter()
+        return held
 
     def _forget(self, now: float) -> None:
         expired = [k for k, t in self._last.items() if now - t >= self._interval]
@@ -259,11 +280,7 @@ class Ledger:
         with self._lock:
             reported = self._throttle.allow(("dropped", reason), len(calls))
         if reported is not None and not self.quiet:
-            logger.warning(
-                "flask-koala: dropped %d call(s) (%s) since the last report; see koala.stats",
-                reported,
-                reason,
-            )
+            _warn_dropped(reported, reason)
         for call in calls:
             self._signal(signals.call_dropped, call, reason=reason)
 
@@ -299,13 +316,21 @@ class Ledger:
         """
         with self._lock:
             reported = self._throttle.allow(("failed", reason, status, error), count)
-        if reported is None or self.quiet:
+        if reported is not None and not self.quiet:
+            _warn_failed(reported, reason, status, error)
+
+    def report_held(self) -> None:
+        """Log the drops and failures the once-a-minute WARNINGs held back (at shutdown and
+        exit): the burst held back may have been the last, and no later line would say so."""
+        with self._lock:
+            held = self._throttle.release()
+        if self.quiet:
             return
-        if status is not None:
-            answer = f"Koala answered HTTP {status}: {error or '(no error text)'}"
-        else:
-            answer = f"no answer from Koala ({error or 'no detail'})"
-        logger.warning("flask-koala: %d call(s) failed (%s): %s", reported, reason, answer)
+        for key, count in held.items():
+            if isinstance(key, tuple) and key[0] == "dropped":
+                _warn_dropped(count, key[1])
+            elif isinstance(key, tuple) and key[0] == "failed":
+                _warn_failed(count, *key[1:])
 
     def published(self, calls: Sequence[Call]) -> None:
         """The calls left this process for a Celery worker, which records how they end."""

@@ -56,6 +56,18 @@ class AppState:
         self.ledger = ledger
         self.pipeline = pipeline
 
+    def shutdown(self, timeout: Optional[float]) -> bool:
+        """Stop this app's sending for good (``koala.shutdown``); ``True`` when all was sent.
+
+        Then the drops and failures the once-a-minute WARNINGs held back are logged.
+        """
+        pipeline = self.pipeline
+        if pipeline.suppressed is not None:
+            pipeline.suppressed.shutdown(timeout)
+        flushed = True if pipeline.dispatcher is None else pipeline.dispatcher.shutdown(timeout)
+        self.ledger.report_held()
+        return flushed
+
 
 def state_of(app: Any) -> Optional[AppState]:
     """The state of ``app``, or ``None`` when flask-koala was never initialised on it."""

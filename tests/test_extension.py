@@ -277,6 +277,24 @@ def test_queue_full_identify_can_be_retried_in_the_same_request(
         assert koala.stats.get("skipped.duplicate", 0) == 0
 
 
+def test_shutdown_reports_the_drops_its_warnings_held_back(
+    make_app: Callable[..., Flask], koala: Koala, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app({"KOALA_MAX_QUEUE_SIZE": 1}, koala=koala)
+    with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
+        for n in range(5):
+            koala.identify(f"user{n}@example.com")  # one held, unwoken; four dropped
+    with app.app_context():
+        koala.shutdown(5)
+        dropped = koala.stats["dropped.queue_full"]
+    reported = [
+        int(r.getMessage().split("dropped ")[1].split(" ")[0])
+        for r in caplog.records
+        if "(queue_full)" in r.getMessage()
+    ]
+    assert (sum(reported), dropped) == (4, 4)
+
+
 @pytest.mark.parametrize("config", [{}, {"KOALA_SYNC": True}, {"KOALA_SUPPRESS_SEND": True}])
 @pytest.mark.parametrize("method", ["flush", "shutdown"])
 def test_a_timeout_that_is_not_seconds_raises_type_error_in_every_mode(

@@ -35,6 +35,36 @@ def test_varying_error_text_warns_once_per_cause_within_the_bound(
     assert len(warnings) == 1
 
 
+def warnings_in(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_drops_held_back_are_reported_at_the_last_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ledger = Ledger(lambda: None, clock=lambda: 0.0)
+    for _ in range(4):
+        ledger.dropped([call()], "queue_full", accepted=False)
+    ledger.report_held()
+    ledger.report_held()  # nothing more was held back
+    assert [w.split(" since")[0] for w in warnings_in(caplog)] == [
+        "flask-koala: dropped 1 call(s) (queue_full)",
+        "flask-koala: dropped 3 call(s) (queue_full)",
+    ]
+
+
+def test_failures_held_back_are_reported_at_the_last_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ledger = Ledger(lambda: None, clock=lambda: 0.0)
+    for _ in range(3):
+        ledger.failed([call()], "http_400", status=400, error="Koala ingest suspended")
+    ledger.report_held()
+    assert warnings_in(caplog)[1] == (
+        "flask-koala: 2 call(s) failed (http_400): Koala answered HTTP 400: Koala ingest suspended"
+    )
+
+
 EMAIL = "jane.doe@example.com"
 SECRETS = ("jane.doe", "example.com", PROFILE_ID, "pk_live123")
 
