@@ -352,6 +352,7 @@ def receiver_command(host: str, port: int) -> None:
     Point KOALA_API_URL at the URL it prints. Each call is checked against Koala's
     contract; violations are printed and answered 400, as a strict collector would.
     """
+    from ._loopback_http import is_loopback
     from ._receiver import KoalaReceiver  # a test server: loaded only when asked for
 
     printer = _Printer(click.echo)
@@ -364,7 +365,10 @@ def receiver_command(host: str, port: int) -> None:
         ) from None
     with _stopped_by_signals():
         try:
-            click.echo(f"Koala receiver listening on {receiver.url}")
+            listening = receiver.url
+            if not is_loopback(host):  # 0.0.0.0, say: the URL is how this machine reaches it
+                listening = f"{host}:{receiver.port} (from this machine, {receiver.url})"
+            click.echo(f"Koala receiver listening on {listening}")
             click.echo(f"Set KOALA_API_URL = {receiver.url!r} in your app. Ctrl-C stops.")
             while True:
                 time.sleep(3600)

@@ -531,11 +531,12 @@ def test_receiver_on_every_interface_warns_on_stderr(
 ) -> None:
     command = [sys.executable, "-m", "flask_koala.testing", "--host", "0.0.0.0", "--port", "0"]
     receiver = console(command)
-    receiver.read_until("listening on")
+    banner = receiver.read_until("listening on")[-1]
     code = receiver.stop(signal.SIGINT)
 
     assert code == 0
     assert "not a loopback address: other machines can send calls to it" in receiver.stderr
+    assert re.search(r"listening on 0\.0\.0\.0:\d+ \(from this machine, http://127", banner)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver
 
 from .celery_support import redis_client, wait_until
-from .support import PROFILE_ID, ROOT
+from .support import PROFILE_ID, ROOT, communicate
 from .test_celery_worker import redis_url
 from .test_cli import post_identify
 from .test_docs_blocks import BLOCKS, Block
@@ -124,7 +124,7 @@ def test_python_m_flask_koala_testing_prints_what_docs_cli_shows(
         lines += [process.stdout.readline().rstrip("\n") for _ in range(3)]
     finally:
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=10)
+        rest, _ = communicate(process, timeout=10)
     lines += rest.rstrip("\n").split("\n")
 
     assert steady(lines) == steady(printed)
