@@ -14,6 +14,11 @@ identify; celery mode: per *published* one), and how many calls per second the d
 reaches, as medians with the lowest and highest round; next to them, a loop of Celery's
 ``send_task`` (how 0.1.0 published each call).
 
+Last, the same per login at a login's pace: ``--paced`` logins per mode and round through the
+test client, each response closed as a WSGI server closes it, with a pause after each (1 ms
+and 10 ms). Each wake-up of a background thread then serves a login or a few, not a batch
+of thousands: this is what a call costs a web process whose logins come one by one.
+
 Needs ``redis-server`` (Debian package) or ``KOALA_BENCH_REDIS_URL``. The Koala receiver runs
 in a process of its own so that its work does not blur the figures; no Celery worker runs
 (tasks wait in Redis, in the queue ``koala-bench``, deleted at the end). Options:
@@ -246,11 +251,54 @@ def cpu_figures(
     )
 
 
+#: The pauses after each login of the paced figure, in seconds.
+PAUSES = (0.001, 0.01)
+
+
+def paced(app: Flask, koala: Koala, n: int, pause: float) -> float:
+    """CPU seconds of the whole process per login, logins ``pause`` apart, all delivered."""
+    client = app.test_client()
+    cpu = time.process_time()
+    for _ in range(n):
+        client.set_cookie("ko_id", str(uuid.uuid4()))
+        client.post("/login").close()  # a WSGI server closes it: the background thread wakes
+        time.sleep(pause)
+    with app.app_context():
+        assert koala.flush(120), "the calls did not end"
+    return (time.process_time() - cpu) / n
+
+
+def paced_figures(apps: dict[str, tuple[Flask, Koala]], logins: int, rounds: int) -> None:
+    """Print the CPU each mode adds per login at a login's pace, side by side."""
+    print()
+    print(f"web-process work per login, paced: median [lowest-highest] of {rounds} rounds")
+    print(f"{'':28} " + " ".join(f"{f'{p * 1e3:.0f} ms apart (µs)':>24}" for p in PAUSES))
+    added: dict[str, list[str]] = {name: [] for name in apps if name != BARE}
+    for pause in PAUSES:
+        cpu: dict[str, list[float]] = {name: [] for name in apps}
+        for app, koala in apps.values():
+            paced(app, koala, 20, pause)  # warm up
+        for _ in range(rounds):
+            for name, (app, koala) in apps.items():
+                cpu[name].append(paced(app, koala, logins, pause))
+        base = statistics.median(cpu[BARE])
+        for name in added:
+            added[name].append(spread([(c - base) * 1e6 for c in cpu[name]]))
+    for name, cells in added.items():
+        print(f"{name:28} " + " ".join(f"{cell:>24}" for cell in cells))
+    print(
+        "CPU per login: the whole process's CPU for the logins (a fresh ko_id each) and their\n"
+        "calls' ends, beyond the same logins with flask-koala disabled: the request side, the\n"
+        "wake-ups after each response and the delivery (thread) or the publish (celery)."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logins", type=int, default=500, help="logins per mode and round")
     parser.add_argument("--calls", type=int, default=3000, help="calls per mode and round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--paced", type=int, default=300, help="paced logins per mode and round")
     args = parser.parse_args()
     with redis() as broker, receiver() as koala_url:
         celery_app = Celery("bench", broker=broker)
@@ -299,6 +347,7 @@ def main() -> None:
             "send_task to Redis, what apply_async on the request thread would hold it for."
         )
         cpu_figures(apps, celery_app, endpoint, args.calls, args.rounds)
+        paced_figures(apps, args.paced, args.rounds)
         for app, koala in apps.values():
             with app.app_context():
                 koala.shutdown(10)

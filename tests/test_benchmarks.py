@@ -35,6 +35,31 @@ def test_benchmark_smoke_run_prints_every_figure() -> None:
     assert "load average" in result.stdout  # the run's conditions
 
 
+@pytest.mark.slow
+def test_celery_benchmark_prints_its_cpu_rate_and_paced_figures() -> None:
+    from .celery_support import skip_without_redis
+
+    skip_without_redis()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if os.environ.get("KOALA_TEST_REDIS_URL"):
+        env["KOALA_BENCH_REDIS_URL"] = os.environ["KOALA_TEST_REDIS_URL"]
+    small = ("--logins", "5", "--calls", "20", "--rounds", "1", "--paced", "5")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.celery_mode", *small],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^(thread|celery \(publish off-thread\)) +\S", result.stdout, re.M)
+    assert rows.count("thread") == 3, result.stdout  # logins, CPU and calls/s, paced
+    assert rows.count("celery (publish off-thread)") == 3, result.stdout
+    assert "1 ms apart" in result.stdout
+    assert "10 ms apart" in result.stdout
+
+
 @pytest.fixture
 def sink() -> Iterator[Sink]:
     server = Sink()
