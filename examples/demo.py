@@ -17,7 +17,7 @@ from typing import Any, Callable, TypeVar
 from werkzeug.serving import make_server
 
 from flask_koala import signals
-from flask_koala._cli import format_call
+from flask_koala._cli_receiver import format_call
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
 
 from .password_login import DEMO_EMAIL, DEMO_PASSWORD, create_app, koala

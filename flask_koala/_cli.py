@@ -15,24 +15,20 @@ as ``python -m flask_koala.testing``.
 
 Output goes to the terminal through click, which may be shared, recorded or pasted into a
 ticket: emails, visitor ids and keys are partly masked (``j***@example.com``, ``3f2504e0-…``,
-``pk_t…st``), enough to tell calls apart and never the whole value.
+``pk_t…st``), enough to tell calls apart and never the whole value. The receiver and
+how it prints a call live in ``_cli_receiver``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import http
-import json
-import signal
-import threading
-import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, ScriptInfo
 
+from ._cli_receiver import receiver_command, shorten
 from ._config import DEFAULT_API_URL, SUSPENDED_ERROR, KoalaConfig
 from ._delivery import attempt
 from ._exceptions import ConfigError
@@ -45,20 +41,17 @@ from ._transport import Response, Transport
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from types import FrameType
-
     from ._config import Timeout
-    from ._receiver import ReceivedCall
 
-__all__ = ["format_call", "koala_cli", "mask_key", "receiver_command"]
+__all__ = ["koala_cli", "mask_key"]
 
 _LABEL = 12  # width of the labels in `check`
-_MAX_SHOWN = 300  # characters of a body or an answer shown on one line
 
 koala_cli = AppGroup(
     "koala",
     help="Check the flask-koala setup, send a test identify, or run a loopback receiver.",
 )
+koala_cli.add_command(receiver_command)
 
 
 # -- check ---------------------------------------------------------------------------------
@@ -300,7 +293,7 @@ def _identify(email: str, profile_id: Optional[str], traits: dict[str, Any], for
         raise click.ClickException(
             mask(f"no answer from {config.api_url} ({outcome.reason}: {outcome.error})")
         )
-    click.echo(mask(f"HTTP {answer.status} {_shorten(answer.text) or '(empty body)'}"))
+    click.echo(mask(f"HTTP {answer.status} {shorten(answer.text) or '(empty body)'}"))
     if outcome.outcome == "sent":
         click.echo("Koala accepted the call.")
         return
@@ -332,159 +325,6 @@ class _KeepAnswer:
 
     def close(self) -> None:
         self._inner.close()
-
-
-# -- receiver ------------------------------------------------------------------------------
-
-
-@click.command("receiver")
-@click.option("--host", default="127.0.0.1", show_default=True, help="The interface to bind.")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8787,
-    show_default=True,
-    help="The port to listen on; 0 picks a free one.",
-)
-def receiver_command(host: str, port: int) -> None:
-    """Run a loopback Koala printing each call, until Ctrl-C.
-
-    Point KOALA_API_URL at the URL it prints. Each call is checked against Koala's
-    contract; violations are printed and answered 400, as a strict collector would.
-    """
-    from ._loopback_http import is_loopback
-    from ._receiver import KoalaReceiver  # a test server: loaded only when asked for
-
-    printer = _Printer(click.echo)
-    receiver = KoalaReceiver(host, port, on_call=printer)
-    try:
-        receiver.start()
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-        ) from None
-    with _stopped_by_signals():
-        try:
-            listening = receiver.url
-            if not is_loopback(host):  # 0.0.0.0, say: the URL is how this machine reaches it
-                listening = f"{host}:{receiver.port} (from this machine, {receiver.url})"
-            click.echo(f"Koala receiver listening on {listening}")
-            click.echo(f"Set KOALA_API_URL = {receiver.url!r} in your app. Ctrl-C stops.")
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits for stop()
-            receiver.stop()
-    with printer.lock:
-        click.echo(f"Stopped after {len(receiver.calls)} call(s).")
-
-
-@contextlib.contextmanager
-def _stopped_by_signals() -> Iterator[None]:
-    """Turn Ctrl-C and SIGTERM into ``KeyboardInterrupt`` while serving; restore after.
-
-    Explicitly, because a process started in the background by a shell inherits SIGINT
-    ignored, and ``docker stop`` or ``kill`` send SIGTERM, which would skip ``stop()``.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals are only delivered to the main thread
-        return
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:  # None: installed outside Python, cannot be put back
-                signal.signal(sig, handler)
-
-
-def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
-    raise KeyboardInterrupt
-
-
-koala_cli.add_command(receiver_command)
-
-
-class _Printer:
-    """Prints calls whole: they arrive on several connection threads at once."""
-
-    def __init__(self, echo: Callable[[str], Any]) -> None:
-        self._echo = echo
-        self.lock = threading.Lock()
-
-    def __call__(self, call: ReceivedCall) -> None:
-        text = format_call(call)
-        with self.lock:
-            self._echo(text)
-
-
-def format_call(call: ReceivedCall, *, clock: Callable[[], float] = time.time) -> str:
-    """A few lines about one received call: what came, who it is about, what it says.
-
-    The first line has the time, method, path and the status answered; then the person,
-    one line per entry, and one per contract violation.
-    """
-    stamp = time.strftime("%H:%M:%S", time.localtime(clock()))
-    lines = [f"{stamp} {call.method} {call.path} -> {_status(call.status)}"]
-    body = call.body
-    if isinstance(body, dict):
-        person = [f"{key} {body[key]}" for key in ("profile_id", "email") if key in body]
-        if person:
-            lines.append("  " + ", ".join(str(part) for part in person))
-        for name in ("identifies", "events", "page_views"):
-            entries = body.get(name)
-            if isinstance(entries, list):
-                lines.extend("  " + _entry(name, entry) for entry in entries)
-    elif call.raw:
-        lines.append(f"  body {_shorten(call.raw.decode('utf-8', 'replace'))}")
-    lines.extend(f"  violation: {violation}" for violation in call.violations)
-    return "\n".join(_printable(mask(line)) for line in lines)
-
-
-def _printable(text: str) -> str:
-    """The text with every character a terminal might act on escaped, as ``repr`` does.
-
-    A path, an email or a trait is whatever a client sent, and escape sequences in it could
-    retitle, clear or recolour the terminal, or reorder what it shows (bidi overrides).
-    """
-    if text.isprintable():
-        return text
-    return "".join(
-        char if char.isprintable() or char == " " else char.encode("unicode_escape").decode()
-        for char in text
-    )
-
-
-def _status(status: Optional[int]) -> str:
-    if status is None:
-        return "connection dropped, no answer"
-    try:
-        return f"{status} {http.HTTPStatus(status).phrase}"
-    except ValueError:
-        return str(status)
-
-
-def _entry(array: str, entry: object) -> str:
-    if not isinstance(entry, dict):
-        return f"{array}: {_shorten(_json(entry))}"
-    kind = entry.get("type", array)
-    if kind == "identify":
-        return f"identify traits {_shorten(_json(entry.get('traits')))}"
-    if kind == "track":
-        props = _shorten(_json(entry.get("properties")))
-        return f"track {_json(entry.get('event'))} properties {props}"
-    return f"{kind} {_shorten(_json(entry))}"
-
-
-def _json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def _shorten(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
 
 
 # -- plumbing ------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ __all__ = ["KoalaReceiver", "ReceivedCall", "check_body", "main", "record_calls"
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the loopback receiver until Ctrl-C: ``python -m flask_koala.testing``."""
-    from ._cli import receiver_command
+    from ._cli_receiver import receiver_command
 
     receiver_command.main(args=argv, prog_name="python -m flask_koala.testing")
 

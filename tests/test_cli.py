@@ -18,7 +18,8 @@ from flask import Flask
 from flask.cli import ScriptInfo
 
 from flask_koala import Koala
-from flask_koala._cli import format_call, koala_cli
+from flask_koala._cli import koala_cli
+from flask_koala._cli_receiver import format_call
 from flask_koala._receiver import KoalaReceiver, ReceivedCall
 from flask_koala._redact import mask_key
 from flask_koala._transport import Response
@@ -537,6 +538,19 @@ def test_receiver_on_every_interface_warns_on_stderr(
     assert code == 0
     assert "not a loopback address: other machines can send calls to it" in receiver.stderr
     assert re.search(r"listening on 0\.0\.0\.0:\d+ \(from this machine, http://127", banner)
+
+
+@pytest.mark.slow
+def test_receiver_stops_cleanly_when_sigterm_follows_ctrl_c(
+    console: Callable[[list[str]], Child],
+) -> None:
+    receiver = console([sys.executable, "-m", "flask_koala.testing", "--port", "0"])
+    receiver.read_until("listening on")
+    receiver.process.send_signal(signal.SIGINT)
+    code = receiver.stop(signal.SIGTERM)  # right behind it, as a supervisor may send
+
+    assert code == 0
+    assert "Stopped after 0 call(s)." in receiver.seen
 
 
 @pytest.mark.slow
