@@ -74,11 +74,9 @@ class AnswerReader:
         self._view = memoryview(bytearray(_MAX_TEXT))
         self._start()
         self._parser = httptools.HttpResponseParser(self)
-        # Folded header lines: httptools before 0.6.1 takes them as they come; later ones
-        # only with lenient header values (nothing here reads a value beyond two headers).
-        lenient = getattr(self._parser, "set_dangerous_leniencies", None)
-        if lenient is not None:
-            lenient(lenient_headers=True)
+        # A header folded over two lines (obs-fold) parses only with lenient header values;
+        # of the values, only Retry-After's and Connection's are ever read.
+        self._parser.set_dangerous_leniencies(lenient_headers=True)
 
     def _start(self) -> None:
         """Forget the last answer (or the interim one): the next message is the answer."""
