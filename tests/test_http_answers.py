@@ -123,3 +123,22 @@ def test_an_answer_arriving_a_byte_at_a_time_is_read_whole() -> None:
     first, _, connections = post_twice(*pieces, pause=0.001)
     assert first == Response(503, '{"a":1}', "7")
     assert connections == 1
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}x",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n",
+    ],
+    ids=["two-lengths", "bad-length", "length-and-chunked"],
+)
+def test_folded_headers_being_allowed_leaves_the_framing_strict(framing: bytes) -> None:
+    with sending(framing) as server:
+        transport = HTTPTransport()
+        with pytest.raises(TransportError) as raised:
+            transport.post(server.url, BODY, headers(), 5.0)
+        transport.close()
+    assert raised.value.reason == "connection_error"
