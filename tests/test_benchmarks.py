@@ -18,17 +18,21 @@ from benchmarks.sink import ANSWER, Sink
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_benchmark_smoke_run_prints_every_figure() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--smoke"],
+def run_benchmark(module: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks.<module> ARGS`` with this checkout importable; 2 minutes at most."""
+    return subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run_prints_every_figure() -> None:
+    result = run_benchmark("run", "--smoke")
     assert result.returncode == 0, result.stderr
     rows = re.findall(r"^([0-5]b?)\. .*(?:PASS|FAIL|n/a)$", result.stdout, re.MULTILINE)
     assert rows == ["0", "1", "1b", "2", "2b", "3", "4", "5"], result.stdout
@@ -40,18 +44,10 @@ def test_celery_benchmark_prints_its_cpu_rate_and_paced_figures() -> None:
     from .celery_support import skip_without_redis
 
     skip_without_redis()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if os.environ.get("KOALA_TEST_REDIS_URL"):
-        env["KOALA_BENCH_REDIS_URL"] = os.environ["KOALA_TEST_REDIS_URL"]
+    broker = os.environ.get("KOALA_TEST_REDIS_URL")
+    env = {"KOALA_BENCH_REDIS_URL": broker} if broker else {}
     small = ("--logins", "5", "--calls", "20", "--rounds", "1", "--paced", "5")
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.celery_mode", *small],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_benchmark("celery_mode", *small, **env)
     assert result.returncode == 0, result.stderr
     rows = re.findall(r"^(thread|celery \(publish off-thread\)) +\S", result.stdout, re.M)
     assert rows.count("thread") == 3, result.stdout  # logins, CPU and calls/s, paced
