@@ -27,6 +27,8 @@ from flask_koala._transport import Response
 from .support import PROFILE_ID, ROOT, Child, koala_of
 
 MASKED = "pk_t…st"  # pk_test, as `check` and `identify` print it
+#: The loopback receiver as `python -m flask_koala.testing`, on any free port.
+RECEIVER = [sys.executable, "-m", "flask_koala.testing", "--port", "0"]
 
 
 def invoke(app: Flask, *args: str) -> Result:
@@ -480,7 +482,7 @@ def listening_url(lines: list[str]) -> str:
 def test_python_m_testing_prints_calls_and_stops_on_ctrl_c(
     console: Callable[[list[str]], Child],
 ) -> None:
-    receiver = console([sys.executable, "-m", "flask_koala.testing", "--port", "0"])
+    receiver = console(RECEIVER)
     url = listening_url(receiver.read_until("listening on"))
 
     assert post_identify(url).status_code == 200
@@ -530,8 +532,7 @@ def test_flask_koala_receiver_prints_violations_and_stops_on_sigterm(
 def test_receiver_on_every_interface_warns_on_stderr(
     console: Callable[[list[str]], Child],
 ) -> None:
-    command = [sys.executable, "-m", "flask_koala.testing", "--host", "0.0.0.0", "--port", "0"]
-    receiver = console(command)
+    receiver = console([*RECEIVER, "--host", "0.0.0.0"])
     banner = receiver.read_until("listening on")[-1]
     code = receiver.stop(signal.SIGINT)
 
@@ -544,7 +545,7 @@ def test_receiver_on_every_interface_warns_on_stderr(
 def test_receiver_stops_cleanly_when_sigterm_follows_ctrl_c(
     console: Callable[[list[str]], Child],
 ) -> None:
-    receiver = console([sys.executable, "-m", "flask_koala.testing", "--port", "0"])
+    receiver = console(RECEIVER)
     receiver.read_until("listening on")
     receiver.process.send_signal(signal.SIGINT)
     code = receiver.stop(signal.SIGTERM)  # right behind it, as a supervisor may send
@@ -557,7 +558,7 @@ def test_receiver_stops_cleanly_when_sigterm_follows_ctrl_c(
 def test_receiver_on_loopback_says_nothing_on_stderr(
     console: Callable[[list[str]], Child],
 ) -> None:
-    receiver = console([sys.executable, "-m", "flask_koala.testing", "--port", "0"])
+    receiver = console(RECEIVER)
     receiver.read_until("listening on")
     code = receiver.stop(signal.SIGINT)
 
