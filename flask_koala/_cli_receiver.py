@@ -11,6 +11,7 @@ import contextlib
 import http
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -56,52 +57,84 @@ def receiver_command(host: str, port: int) -> None:
         raise click.ClickException(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}"
         ) from None
-    with _stopped_by_signals():
+    with _stopped_by_signals() as wait:
         try:
             listening = receiver.url
             if not is_loopback(host):  # 0.0.0.0, say: the URL is how this machine reaches it
                 listening = f"{host}:{receiver.port} (from this machine, {receiver.url})"
             click.echo(f"Koala receiver listening on {listening}")
             click.echo(f"Set KOALA_API_URL = {receiver.url!r} in your app. Ctrl-C stops.")
-            while True:
-                time.sleep(3600)
+            wait()
         except KeyboardInterrupt:
             pass
         finally:
-            _ignore_signals()  # a second Ctrl-C, or a SIGTERM after it, waits for stop()
+            _hold_signals()  # a second Ctrl-C, or a SIGTERM after it, waits for stop()
             receiver.stop()
     with printer.lock:
         click.echo(f"Stopped after {len(receiver.calls)} call(s).")
 
 
 @contextlib.contextmanager
-def _stopped_by_signals() -> Iterator[None]:
+def _stopped_by_signals() -> Iterator[Callable[[], None]]:
     """Turn Ctrl-C and SIGTERM into ``KeyboardInterrupt`` while serving; restore after.
 
     Explicitly, because a process started in the background by a shell inherits SIGINT
     ignored, and ``docker stop`` or ``kill`` send SIGTERM, which would skip ``stop()``.
+    Yields the wait for that interrupt.
     """
     if threading.current_thread() is not threading.main_thread():
-        yield  # signals are only delivered to the main thread
+        yield _sleep_forever  # signals are only handled on the main thread
         return
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield _wait_for_signal
     finally:
         for sig, handler in previous.items():
             if handler is not None:  # None: installed outside Python, cannot be put back
                 signal.signal(sig, handler)
 
 
+def _sleep_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def _wait_for_signal() -> None:
+    """Block the main thread until a signal handler raises.
+
+    Not ``time.sleep()``: the kernel may hand a signal sent to the process to any thread
+    (the receiver's own, say), and then a sleeping main thread would not wake to run the
+    handler. Every caught signal writes to the wakeup socket, whichever thread caught it.
+    """
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        writer.setblocking(False)
+        previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        try:
+            while True:
+                reader.recv(64)  # the handler runs (and raises) once this returns
+        finally:
+            signal.set_wakeup_fd(previous)
+
+
 def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
-    _ignore_signals()  # before raising: a signal right behind this one must not cut stop()
+    _hold_signals()  # before raising: a signal right behind this one must not cut stop()
     raise KeyboardInterrupt
 
 
-def _ignore_signals() -> None:
+def _hold_signals() -> None:
+    """Let Ctrl-C and SIGTERM do nothing until the handlers are put back.
+
+    A handler that does nothing, not ``SIG_IGN``: a signal already caught but not yet
+    handled when the handler changes would otherwise print "ignored due to race condition".
+    """
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, _do_nothing)
+
+
+def _do_nothing(signum: int, frame: Optional[FrameType]) -> None:
+    pass
 
 
 class _Printer:

@@ -552,6 +552,29 @@ def test_receiver_stops_cleanly_when_sigterm_follows_ctrl_c(
 
     assert code == 0
     assert "Stopped after 0 call(s)." in receiver.seen
+    assert receiver.stderr == ""
+
+
+def other_threads(pid: int) -> list[int]:
+    """The ids of a process's threads other than its main one (Linux's /proc)."""
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_receiver_stops_when_another_thread_catches_the_signal(
+    console: Callable[[list[str]], Child], signum: int
+) -> None:
+    receiver = console(RECEIVER)
+    receiver.read_until("listening on")
+    # kill() with a thread's id hands the signal to that thread, as the kernel may do with
+    # any signal sent to the process while the main thread sleeps.
+    os.kill(other_threads(receiver.process.pid)[0], signum)
+    code = receiver.wait(timeout=10)
+
+    assert code == 0
+    assert "Stopped after 0 call(s)." in receiver.seen
 
 
 @pytest.mark.slow
