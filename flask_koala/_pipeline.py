@@ -54,7 +54,9 @@ Environ = MutableMapping[str, Any]
 WAKE_KEY = "flask_koala.wake"
 #: The visitor id minted for this request (``KOALA_MISSING_COOKIE = "mint"``).
 MINTED_KEY = "flask_koala.minted_profile_id"
+#: The (visitor id, email) pairs this request's accepted identifies were about.
 _IDENTIFIED_KEY = "flask_koala.identified"
+_new_tuple = tuple.__new__
 
 
 def default_identity_loader(user: Any) -> Optional[dict[str, Any]]:
@@ -239,18 +241,22 @@ class Pipeline:
             if isinstance(handled, bool):
                 return handled
             resolved = handled
-        if _identified(environ, resolved, clean):
+        seen = _identified(environ)
+        if seen is not None and (resolved, clean) in seen:
             ledger.skipped("duplicate", email=clean, profile_id=resolved)
             return False
         plain["email"] = clean
         bound = body_bound("identify", clean, None, size)
-        # Positionally, as Call.identify would: this is the request thread's hottest line.
+        # The tuple made directly, fields in order: this is the request thread's hottest
+        # line, and Call(...) would add a Python-level __new__ to it.
         prefix, number = next_message_id()
-        call = Call("identify", prefix, number, resolved, clean, time(), plain, None, None, bound)
+        call: Call = _new_tuple(
+            Call, ("identify", prefix, number, resolved, clean, time(), plain, None, None, bound)
+        )
         if bound > MAX_BODY_BYTES and not fits(call, size):  # only then encode to measure
             ledger.skipped("too_large", email=clean, profile_id=resolved)
             return False
-        return self._submit(dispatcher, call, environ)
+        return self._submit_identify(dispatcher, call, environ, seen)
 
     def track(
         self,
@@ -309,7 +315,8 @@ class Pipeline:
         if dispatcher is None:
             ledger.skipped("disabled", email=email, profile_id=profile_id)
             return False
-        if _identified(environ, profile_id, email):
+        seen = _identified(environ)
+        if seen is not None and call.person in seen:
             ledger.skipped("duplicate", email=email, profile_id=profile_id)
             return False
         traits_bound = _traits_size(call.traits)
@@ -317,7 +324,7 @@ class Pipeline:
             ledger.skipped("too_large", email=email, profile_id=profile_id)
             return False
         call = call._replace(size=size_bound(call, traits_bound))
-        return self._submit(dispatcher, call, environ)
+        return self._submit_identify(dispatcher, call, environ, seen)
 
     def profile_id(self, environ: Optional[Environ], cookie: Optional[str]) -> Optional[str]:
         """The request's validated visitor id (or the one minted for it), or ``None``."""
@@ -372,24 +379,29 @@ class Pipeline:
             if wake is None:
                 wake = environ[WAKE_KEY] = set()
             wake.add(dispatcher)
-            if call.kind == "identify":
-                _mark_identified(environ, call.profile_id or "", call.email or "")
         return accepted
 
+    def _submit_identify(
+        self,
+        dispatcher: Dispatcher,
+        call: Call,
+        environ: Optional[Environ],
+        seen: Optional[set[tuple[Optional[str], Optional[str]]]],
+    ) -> bool:
+        """:meth:`_submit` for an identify; once accepted, another identify of the same
+        person in this request is a duplicate. ``seen`` is :func:`_identified`'s answer."""
+        if not self._submit(dispatcher, call, environ):
+            return False
+        if environ is not None:
+            if seen is None:
+                seen = environ[_IDENTIFIED_KEY] = set()
+            seen.add(call.person)
+        return True
 
-def _identified(environ: Optional[Environ], profile_id: str, email: str) -> bool:
-    """Whether this request already had an identify of (visitor, email) accepted."""
-    if environ is None:
-        return False
-    seen: Optional[set[tuple[str, str]]] = environ.get(_IDENTIFIED_KEY)
-    return seen is not None and (profile_id, email) in seen
 
-
-def _mark_identified(environ: Environ, profile_id: str, email: str) -> None:
-    seen = environ.get(_IDENTIFIED_KEY)
-    if seen is None:
-        seen = environ[_IDENTIFIED_KEY] = set()
-    seen.add((profile_id, email))
+def _identified(environ: Optional[Environ]) -> Optional[set[tuple[Optional[str], Optional[str]]]]:
+    """The (visitor id, email) pairs of this request's accepted identifies, if any."""
+    return None if environ is None else environ.get(_IDENTIFIED_KEY)
 
 
 def _traits_size(traits: Optional[Mapping[str, Any]]) -> int:
