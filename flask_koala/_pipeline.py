@@ -393,8 +393,8 @@ class Pipeline:
         if not self._submit(dispatcher, call, environ):
             return False
         if environ is not None:
-            if seen is None:
-                seen = environ[_IDENTIFIED_KEY] = set()
+            if seen is None:  # a call_accepted receiver may have made the set meanwhile
+                seen = environ.setdefault(_IDENTIFIED_KEY, set())
             seen.add(call.person)
         return True
 

@@ -277,6 +277,29 @@ def test_queue_full_identify_can_be_retried_in_the_same_request(
         assert koala.stats.get("skipped.duplicate", 0) == 0
 
 
+def test_identify_of_the_same_person_twice_in_a_request_is_a_duplicate(
+    app: Flask, koala: Koala
+) -> None:
+    with app.test_request_context(headers={"Cookie": f"ko_id={PROFILE_ID}"}):
+        assert koala.identify("jane@example.com")
+        assert not koala.identify("jane@example.com")
+        assert koala.stats["skipped.duplicate"] == 1
+
+
+def test_identify_made_while_another_is_accepted_is_remembered_too(
+    app: Flask, koala: Koala
+) -> None:
+    def identify_bob(sender: Any, email: str = "", **extra: Any) -> None:
+        if email == "jane@example.com":
+            koala.identify("bob@example.com")  # inside jane's submit, before it returns
+
+    cookie = {"Cookie": f"ko_id={PROFILE_ID}"}
+    with signals.call_accepted.connected_to(identify_bob), app.test_request_context(headers=cookie):
+        assert koala.identify("jane@example.com")
+        assert not koala.identify("bob@example.com")
+        assert not koala.identify("jane@example.com")
+
+
 def test_shutdown_reports_the_drops_its_warnings_held_back(
     make_app: Callable[..., Flask], koala: Koala, caplog: pytest.LogCaptureFixture
 ) -> None:
