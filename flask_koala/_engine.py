@@ -156,8 +156,7 @@ class Engine:
         checked without the lock (racing threads may overfill it by a call each, each call
         still counted once).
         """
-        if self._pid != os.getpid() or self._lock_type is not threading.Lock:
-            self._check_process()  # inlined test: this is the request thread's path
+        self._check_process()
         if self._closed or self._unfinished.count + self._ledger.arriving >= self.max_queue_size:
             reason = "shutdown" if self._closed else "queue_full"
             self._ledger.dropped([call], reason, accepted=False)

@@ -241,8 +241,7 @@ class Pipeline:
             if isinstance(handled, bool):
                 return handled
             resolved = handled
-        seen = _identified(environ)
-        if seen is not None and (resolved, clean) in seen:
+        if _identified(environ, resolved, clean):
             ledger.skipped("duplicate", email=clean, profile_id=resolved)
             return False
         plain["email"] = clean
@@ -256,7 +255,7 @@ class Pipeline:
         if bound > MAX_BODY_BYTES and not fits(call, size):  # only then encode to measure
             ledger.skipped("too_large", email=clean, profile_id=resolved)
             return False
-        return self._submit_identify(dispatcher, call, environ, seen)
+        return self._submit(dispatcher, call, environ)
 
     def track(
         self,
@@ -315,8 +314,7 @@ class Pipeline:
         if dispatcher is None:
             ledger.skipped("disabled", email=email, profile_id=profile_id)
             return False
-        seen = _identified(environ)
-        if seen is not None and call.person in seen:
+        if _identified(environ, profile_id, email):
             ledger.skipped("duplicate", email=email, profile_id=profile_id)
             return False
         traits_bound = _traits_size(call.traits)
@@ -324,7 +322,7 @@ class Pipeline:
             ledger.skipped("too_large", email=email, profile_id=profile_id)
             return False
         call = call._replace(size=size_bound(call, traits_bound))
-        return self._submit_identify(dispatcher, call, environ, seen)
+        return self._submit(dispatcher, call, environ)
 
     def profile_id(self, environ: Optional[Environ], cookie: Optional[str]) -> Optional[str]:
         """The request's validated visitor id (or the one minted for it), or ``None``."""
@@ -379,29 +377,24 @@ class Pipeline:
             if wake is None:
                 wake = environ[WAKE_KEY] = set()
             wake.add(dispatcher)
+            if call.kind == "identify":
+                _mark_identified(environ, call.profile_id or "", call.email or "")
         return accepted
 
-    def _submit_identify(
-        self,
-        dispatcher: Dispatcher,
-        call: Call,
-        environ: Optional[Environ],
-        seen: Optional[set[tuple[Optional[str], Optional[str]]]],
-    ) -> bool:
-        """:meth:`_submit` for an identify; once accepted, another identify of the same
-        person in this request is a duplicate. ``seen`` is :func:`_identified`'s answer."""
-        if not self._submit(dispatcher, call, environ):
-            return False
-        if environ is not None:
-            if seen is None:  # a call_accepted receiver may have made the set meanwhile
-                seen = environ.setdefault(_IDENTIFIED_KEY, set())
-            seen.add(call.person)
-        return True
+
+def _identified(environ: Optional[Environ], profile_id: str, email: str) -> bool:
+    """Whether this request already had an identify of (visitor, email) accepted."""
+    if environ is None:
+        return False
+    seen: Optional[set[tuple[str, str]]] = environ.get(_IDENTIFIED_KEY)
+    return seen is not None and (profile_id, email) in seen
 
 
-def _identified(environ: Optional[Environ]) -> Optional[set[tuple[Optional[str], Optional[str]]]]:
-    """The (visitor id, email) pairs of this request's accepted identifies, if any."""
-    return None if environ is None else environ.get(_IDENTIFIED_KEY)
+def _mark_identified(environ: Environ, profile_id: str, email: str) -> None:
+    seen = environ.get(_IDENTIFIED_KEY)
+    if seen is None:
+        seen = environ[_IDENTIFIED_KEY] = set()
+    seen.add((profile_id, email))
 
 
 def _traits_size(traits: Optional[Mapping[str, Any]]) -> int:
