@@ -547,8 +547,13 @@ def test_receiver_stops_cleanly_when_sigterm_follows_ctrl_c(
 ) -> None:
     receiver = console(RECEIVER)
     receiver.read_until("listening on")
+    # Both land while it is stopped, so the SIGTERM is right behind the Ctrl-C (as a
+    # supervisor may send it) however this test is scheduled: not after the receiver has
+    # stopped and put the default SIGTERM back, which would end it with -15.
+    receiver.process.send_signal(signal.SIGSTOP)
     receiver.process.send_signal(signal.SIGINT)
-    code = receiver.stop(signal.SIGTERM)  # right behind it, as a supervisor may send
+    receiver.process.send_signal(signal.SIGTERM)
+    code = receiver.stop(signal.SIGCONT)
 
     assert code == 0
     assert "Stopped after 0 call(s)." in receiver.seen
