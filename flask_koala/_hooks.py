@@ -3,24 +3,36 @@
 Flask-Login's signals and the wake after the response are connected here, with module-level
 receivers and ``sender=app``: blinker holds receivers weakly, and a closure made in
 ``init_app`` would silently stop firing once collected.
+
+The wake is a thin WSGI layer around ``app.wsgi_app`` rather than ``after_request`` and
+``teardown_request`` hooks: Flask runs every hook on every request (and checks each one for
+a coroutine first), while the layer costs a request that queued nothing one call and two
+dict operations.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any, Optional
+import functools
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Optional
 
 from blinker import ANY
-from flask import Flask, Response, current_app, has_request_context, request
+from flask import Flask, current_app, has_request_context, request
 from flask_login import current_user as proxy
 from flask_login import user_loaded_from_cookie, user_logged_in
+from werkzeug.wsgi import ClosingIterator
 
 from . import signals
 from ._config import KoalaConfig
 from ._ledger import internal_error
 from ._pipeline import WAKE_KEY, Environ
 from ._state import state_of
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from ._dispatchers import Dispatcher
 
 __all__ = ["HELD_KEY", "connect", "current_user", "record_calls", "request_scope"]
 
@@ -36,8 +48,7 @@ def connect(app: Flask, config: KoalaConfig) -> None:
     if config.identify_on_remember:
         user_loaded_from_cookie.connect(_on_login, sender=app)
     if config.mode not in ("disabled", "sync"):
-        app.after_request(_wake_after_response)
-        app.teardown_request(_wake_at_teardown)
+        app.wsgi_app = _waking_after_response(app.wsgi_app)  # type: ignore[method-assign,assignment]
 
 
 def request_scope(cookie_name: str) -> tuple[Optional[Environ], Optional[str]]:
@@ -79,18 +90,32 @@ def _on_login(sender: Any, user: Any = None, **extra: Any) -> None:
         internal_error(None if state is None else state.ledger, exc, "identifying a login")
 
 
-def _wake_after_response(response: Response) -> Response:
-    """Wake the workers once the server has sent the response and closed it."""
-    dispatchers = request.environ.pop(WAKE_KEY, None)
-    if dispatchers:
-        for dispatcher in dispatchers:
-            response.call_on_close(dispatcher.wake)
-    return response
+def _waking_after_response(wsgi_app: WSGIApplication) -> WSGIApplication:
+    """``wsgi_app``, waking the workers a request queued calls on once the server has sent
+    its response and closed it (or at once, when the app raised instead of answering).
+
+    While the app runs, ``environ[WAKE_KEY]`` collects those dispatchers (the pipeline
+    adds them); once it has answered, the key is gone, and a call made later (a streamed
+    body, a request context pushed by hand) wakes the workers itself.
+    """
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        environ[WAKE_KEY] = set()
+        try:
+            body = wsgi_app(environ, start_response)
+        except BaseException:
+            _wake(environ.pop(WAKE_KEY, ()))
+            raise
+        dispatchers = environ.pop(WAKE_KEY, None)
+        if not dispatchers:
+            return body
+        return ClosingIterator(body, functools.partial(_wake, dispatchers))
+
+    return serve
 
 
-def _wake_at_teardown(exc: Optional[BaseException]) -> None:
-    """A request that skipped ``after_request`` (an unhandled error) wakes them here."""
-    for dispatcher in request.environ.pop(WAKE_KEY, ()):
+def _wake(dispatchers: Iterable[Dispatcher]) -> None:
+    for dispatcher in dispatchers:
         dispatcher.wake()
 
 

@@ -50,7 +50,8 @@ Environ = MutableMapping[str, Any]
 
 # Per-request marks live in the WSGI environ rather than ``g``: ``g`` belongs to the app
 # context, which several requests share when one was pushed around them.
-#: The dispatchers a request queued calls on, to wake once its response is out.
+#: The dispatchers a request queued calls on, to wake once its response is out: a set while
+#: the app answers the request (``_hooks`` puts it there), absent otherwise.
 WAKE_KEY = "flask_koala.wake"
 #: The visitor id minted for this request (``KOALA_MISSING_COOKIE = "mint"``).
 MINTED_KEY = "flask_koala.minted_profile_id"
@@ -367,18 +368,18 @@ class Pipeline:
         return found.email, ""
 
     def _submit(self, dispatcher: Dispatcher, call: Call, environ: Optional[Environ]) -> bool:
-        """The one submit path. Inside a request the workers are woken only once the
-        response has gone out: a worker woken mid-request would take the GIL from it."""
-        if environ is None:
-            return dispatcher.submit(call)
-        accepted = dispatcher.submit(call, wake=False)
-        if accepted:
-            wake = environ.get(WAKE_KEY)
-            if wake is None:
-                wake = environ[WAKE_KEY] = set()
-            wake.add(dispatcher)
-            if call.kind == "identify":
-                _mark_identified(environ, call.profile_id or "", call.email or "")
+        """The one submit path. While the app answers a request the workers are woken only
+        once the response has gone out: a worker woken mid-request would take the GIL from
+        it. Elsewhere (no request, or no response to wait for) they are woken at once."""
+        wake = None if environ is None else environ.get(WAKE_KEY)
+        if wake is None:
+            accepted = dispatcher.submit(call)
+        else:
+            accepted = dispatcher.submit(call, wake=False)
+            if accepted:
+                wake.add(dispatcher)
+        if accepted and environ is not None and call.kind == "identify":
+            _mark_identified(environ, call.profile_id or "", call.email or "")
         return accepted
 
 

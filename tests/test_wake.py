@@ -68,3 +68,23 @@ def test_a_login_starts_at_most_one_worker(make_app: Callable[..., Flask]) -> No
     client.set_cookie("ko_id", PROFILE_ID)
     client.post("/login/jane").close()
     assert len(koala_threads()) <= 1
+
+
+def test_the_wake_adds_no_hook_that_every_request_would_run(app: Flask) -> None:
+    # Flask runs every after_request and teardown_request function on every request, page
+    # views included; the wake is a WSGI layer that a request queuing nothing barely touches.
+    hooks = [*app.after_request_funcs.values(), *app.teardown_request_funcs.values()]
+    assert not [f for funcs in hooks for f in funcs if f.__module__.startswith("flask_koala")]
+
+
+def test_a_middleware_wrapped_around_the_app_later_keeps_the_wake(
+    make_app: Callable[..., Flask], receiver: KoalaReceiver
+) -> None:
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    app = make_app()
+    app.wsgi_app = ProxyFix(app.wsgi_app)  # type: ignore[method-assign]
+    client = app.test_client()
+    client.set_cookie("ko_id", PROFILE_ID)
+    client.post("/login/jane").close()
+    assert receiver.wait_for(1, timeout=5)
