@@ -54,6 +54,8 @@ class Profile:
     repeats: int = 3  # figures 3 to 5: fresh processes, for the spread
     request_calls: int = 1000  # figure 0: identifies per round
     request_rounds: int = 15
+    page_requests: int = 300  # figure 0b: page views per app and round
+    page_rounds: int = 40
 
 
 PROFILES = {
@@ -92,6 +94,8 @@ PROFILES = {
         repeats=1,
         request_calls=50,
         request_rounds=2,
+        page_requests=20,
+        page_rounds=2,
     ),
 }
 
@@ -146,6 +150,25 @@ def figure_0(profile: Profile) -> Row:
         f"{held:.1f} µs (rounds {result['min'] * 1e6:.1f}-{result['max'] * 1e6:.1f})",
         "≤ 8 µs",
         held <= 8,
+    )
+
+
+def figure_0b(profile: Profile) -> Row:
+    result = _child("page_view", profile.page_requests, profile.page_rounds)
+    koala, control = result["koala"], result["control"]
+    spread = f"middle half {koala['q1'] * 1e6:+.1f} to {koala['q3'] * 1e6:+.1f}"
+    _say(
+        f"  {result['rounds']} rounds of {result['requests']} page views per app, through WSGI:"
+        f" bare {result['bare'] * 1e6:.0f} µs CPU each; flask-koala adds"
+        f" {koala['median'] * 1e6:+.1f} µs ({spread}); bare vs bare"
+        f" {control['median'] * 1e6:+.1f} µs"
+    )
+    return Row(
+        "0b. time added to a page view",
+        f"{koala['median'] * 1e6:+.1f} µs ({spread}); bare vs bare"
+        f" {control['median'] * 1e6:+.1f} µs",
+        "(none)",
+        None,
     )
 
 
@@ -374,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if "0" in args.figures:
         _say("0. what identify() holds the request (fresh process, CPU time)")
         rows.append(figure_0(profile))
+        _say("0b. what flask-koala adds to a page view (fresh process, CPU time, through WSGI)")
+        rows.append(figure_0b(profile))
     with ReceiverProcess() as receiver:
         if "1" in args.figures:
             _say("1. login time over HTTP (gunicorn gthread per variant, keep-alive client)")
