@@ -29,7 +29,6 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import statistics
 import sys
 import time
 import uuid
@@ -41,21 +40,13 @@ from flask import Flask
 from flask_koala._transport import HTTPTransport
 
 from .apps import PUBLIC_KEY, USER, build, koala_body
-from .stats import median
+from .stats import median, rounds_spread
 
 
 def _pending(app: Flask) -> int:
     """Calls the app's engine has not ended yet."""
     with app.app_context():
         return int(app.extensions["koala"].pipeline.dispatcher.pending)
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    """Median, quartiles and extremes of the rounds."""
-    if len(values) < 2:
-        return dict.fromkeys(("median", "q1", "q3", "min", "max"), values[0])
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return {"median": median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -136,8 +127,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     for name in apps:
         added = [k - b for k, b in zip(cpu[name], cpu["bare"])]
         result[name] = {
-            "per_call": _spread(added),
-            "ratio": _spread([a / r for a, r in zip(added, cpu["raw"])]),
+            "per_call": rounds_spread(added),
+            "ratio": rounds_spread([a / r for a, r in zip(added, cpu["raw"])]),
             "left_for_flush": median(left[name]),
         }
     return result

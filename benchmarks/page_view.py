@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import statistics
 import sys
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from flask import Flask
 
 from .apps import build
+from .stats import median, rounds_spread
 
 VARIANTS = ("bare", "bare_again", "koala")
 
@@ -62,14 +62,6 @@ def _round(app: Flask, requests: int) -> float:
     return (time.process_time() - start) / requests
 
 
-def _quartiles(values: list[float]) -> dict[str, float]:
-    """The median and the middle half's bounds (all three the one value, for one round)."""
-    if len(values) < 2:
-        return dict.fromkeys(("median", "q1", "q3"), values[0])
-    q1, median, q3 = statistics.quantiles(values, n=4)
-    return {"median": median, "q1": q1, "q3": q3}
-
-
 def measure(requests: int, rounds: int) -> dict[str, Any]:
     apps = {variant: _app(variant) for variant in VARIANTS}
     for app in apps.values():
@@ -84,9 +76,9 @@ def measure(requests: int, rounds: int) -> dict[str, Any]:
     return {
         "requests": requests,
         "rounds": rounds,
-        "bare": statistics.median(bare),
-        "koala": _quartiles([k - b for k, b in zip(per_round["koala"], bare)]),
-        "control": _quartiles([c - b for c, b in zip(per_round["bare_again"], bare)]),
+        "bare": median(bare),
+        "koala": rounds_spread([k - b for k, b in zip(per_round["koala"], bare)]),
+        "control": rounds_spread([c - b for c, b in zip(per_round["bare_again"], bare)]),
     }
 
 

@@ -156,20 +156,15 @@ def figure_0(profile: Profile) -> Row:
 def figure_0b(profile: Profile) -> Row:
     result = _child("page_view", profile.page_requests, profile.page_rounds)
     koala, control = result["koala"], result["control"]
-    spread = f"middle half {koala['q1'] * 1e6:+.1f} to {koala['q3'] * 1e6:+.1f}"
+    measured = (
+        f"{koala['median'] * 1e6:+.1f} µs (middle half {koala['q1'] * 1e6:+.1f} to"
+        f" {koala['q3'] * 1e6:+.1f}); bare vs bare {control['median'] * 1e6:+.1f} µs"
+    )
     _say(
         f"  {result['rounds']} rounds of {result['requests']} page views per app, through WSGI:"
-        f" bare {result['bare'] * 1e6:.0f} µs CPU each; flask-koala adds"
-        f" {koala['median'] * 1e6:+.1f} µs ({spread}); bare vs bare"
-        f" {control['median'] * 1e6:+.1f} µs"
+        f" bare {result['bare'] * 1e6:.0f} µs CPU each; flask-koala adds {measured}"
     )
-    return Row(
-        "0b. time added to a page view",
-        f"{koala['median'] * 1e6:+.1f} µs ({spread}); bare vs bare"
-        f" {control['median'] * 1e6:+.1f} µs",
-        "(none)",
-        None,
-    )
+    return Row("0b. time added to a page view", measured, "(none)", None)
 
 
 def figure_1(

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import pytest
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from flask_koala import Koala
 from flask_koala._receiver import KoalaReceiver
@@ -80,8 +81,6 @@ def test_the_wake_adds_no_hook_that_every_request_would_run(app: Flask) -> None:
 def test_a_middleware_wrapped_around_the_app_later_keeps_the_wake(
     make_app: Callable[..., Flask], receiver: KoalaReceiver
 ) -> None:
-    from werkzeug.middleware.proxy_fix import ProxyFix
-
     app = make_app()
     app.wsgi_app = ProxyFix(app.wsgi_app)  # type: ignore[method-assign]
     client = app.test_client()
