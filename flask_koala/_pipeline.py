@@ -23,6 +23,7 @@ from ._payload import (
     clean_email,
     clean_event,
     clean_traits,
+    dates_as_text,
     fits,
     size_bound,
 )
@@ -93,14 +94,15 @@ class Resolver:
             return "loader_error"
         if traits is None:
             return "no_email" if self.loader is default_identity_loader else "excluded"
-        if not isinstance(traits, Mapping):
+        # type() first: isinstance() against an ABC runs Python code, and traits are dicts.
+        if type(traits) is not dict and not isinstance(traits, Mapping):
             return "bad_traits"
         email = _email_in(traits)
         if email is None:
             return "bad_traits"
         if not email:
             return "no_email"
-        return Identity(email, traits)
+        return _new_tuple(Identity, (email, traits))  # Identity(...) is a Python-level __new__
 
     def result(self, found: object) -> Union[Identity, str, None]:
         """What a ``get_user`` getter returned: a user, an email, a traits dict or ``None``."""
@@ -232,13 +234,13 @@ class Pipeline:
         if clean is None:
             ledger.skipped("bad_email", profile_id=resolved)
             return False
-        plain, size = clean_traits(traits)
+        plain, size = clean_traits(traits, keep_dates=True)
         if plain is None:
             ledger.skipped("bad_traits", email=clean, profile_id=resolved)
             return False
         if resolved is None:
             assert environ is not None
-            handled = policy.handle(clean, plain, environ)
+            handled = policy.handle(clean, dates_as_text(plain), environ)
             if isinstance(handled, bool):
                 return handled
             resolved = handled
@@ -293,7 +295,7 @@ class Pipeline:
             if clean is None:
                 ledger.skipped("bad_email", kind="track", profile_id=resolved)
                 return False
-        plain, size = clean_traits(properties)
+        plain, size = clean_traits(properties, keep_dates=True)
         if plain is None:
             ledger.skipped("bad_properties", kind="track", email=clean, profile_id=resolved)
             return False

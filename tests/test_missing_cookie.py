@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from http.cookies import SimpleCookie
 from typing import Any, Callable
 
@@ -117,6 +117,22 @@ def test_defer_keeps_traits(
     client.get("/whoami")
     traits = delivered(app, receiver)[0]["identifies"][0]["traits"]
     assert traits == {"email": "jane@example.com", "name": "Jane Doe"}
+
+
+def test_defer_parks_a_datetime_trait_as_iso_text(
+    make_app: Callable[..., Flask], koala: Koala, receiver: KoalaReceiver
+) -> None:
+    # The request thread keeps a datetime as it is; the session can only take its text.
+    when = datetime(2026, 11, 28, 12, 0, 0, 250000, tzinfo=timezone.utc)
+    koala.identity_loader(lambda user: {"email": user.email, "since": when})
+    app = make_app({"KOALA_MISSING_COOKIE": "defer"}, koala=koala)
+    client = app.test_client()
+    client.post("/login/jane")
+    assert pending(client)[0]["traits"] == {"since": "2026-11-28T12:00:00.250000+00:00"}
+    client.set_cookie("ko_id", PROFILE_ID)
+    client.get("/whoami")
+    traits = delivered(app, receiver)[0]["identifies"][0]["traits"]
+    assert traits["since"] == "2026-11-28T12:00:00.250000+00:00"
 
 
 def test_defer_leaves_large_traits_out_of_the_session(

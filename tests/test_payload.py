@@ -27,6 +27,8 @@ from flask_koala._payload import (
 from flask_koala._receiver import check_body
 
 PROFILE_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
+#: The longest offset a ``timezone`` can have in ISO text: seconds and microseconds.
+SECOND_OFFSET = dt.timezone(-dt.timedelta(hours=23, minutes=59, seconds=59, microseconds=9))
 
 
 def test_email_is_stripped() -> None:
@@ -84,6 +86,76 @@ def test_traits_convert_dates_decimals_uuids() -> None:
         "amount": "1.50",
         "id": PROFILE_ID,
     }
+
+
+class Zone(dt.tzinfo):
+    """A time zone of the app's own: its methods are the app's code."""
+
+    def utcoffset(self, when: dt.datetime | None) -> dt.timedelta:
+        return dt.timedelta(hours=1)
+
+    def dst(self, when: dt.datetime | None) -> dt.timedelta:
+        return dt.timedelta(0)
+
+    def tzname(self, when: dt.datetime | None) -> str:
+        return "APP"
+
+
+KEPT_DATES = {
+    "at": dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone.utc),
+    "naive": dt.datetime(2026, 11, 28, 12, 0, 0, 5),
+    "day": dt.date(2026, 11, 28),
+    "time": dt.time(9, 30, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+}
+
+
+def test_traits_keep_dates_as_they_are_when_asked() -> None:
+    traits, _ = clean_traits(KEPT_DATES, keep_dates=True)
+    assert traits == KEPT_DATES
+    assert all(traits[key] is value for key, value in KEPT_DATES.items())
+
+
+def test_kept_dates_become_the_same_text_in_the_body() -> None:
+    kept, _ = clean_traits(KEPT_DATES, keep_dates=True)
+    written, _ = clean_traits(KEPT_DATES)
+    assert kept is not None
+    assert written is not None
+    (entry,) = build_body([identify(kept)])["identifies"]
+    assert entry["traits"] == {**written, "email": "jane@example.com"}
+
+
+def test_kept_dates_become_text_in_a_tracks_properties() -> None:
+    kept, _ = clean_traits(KEPT_DATES, keep_dates=True)
+    assert kept is not None
+    (entry,) = build_body([track_call(None, kept)])["events"]
+    assert entry["properties"]["day"] == "2026-11-28"
+
+
+def test_building_the_body_leaves_the_kept_dates_in_the_call() -> None:
+    kept, _ = clean_traits(KEPT_DATES, keep_dates=True)
+    assert kept is not None
+    call = identify(kept)
+    build_body([call])
+    assert call.traits is not None
+    assert call.traits["at"] is KEPT_DATES["at"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        dt.datetime(2026, 11, 28, tzinfo=Zone()),  # writing it would run the app's code
+        dt.time(9, 30, tzinfo=Zone()),
+        type("Moment", (dt.datetime,), {})(2026, 11, 28),  # a subclass: its own isoformat
+    ],
+)
+def test_dates_the_worker_cannot_write_safely_are_written_at_once(value: Any) -> None:
+    traits, _ = clean_traits({"at": value}, keep_dates=True)
+    assert traits == {"at": value.isoformat()}
+
+
+def test_dates_inside_a_trait_are_written_at_once() -> None:
+    traits, _ = clean_traits({"history": [dt.date(2026, 1, 2)]}, keep_dates=True)
+    assert traits == {"history": ["2026-01-02"]}
 
 
 def test_unencodable_trait_drops_only_that_key() -> None:
@@ -159,10 +231,20 @@ def test_size_bound_of_printable_ascii_is_at_most_twice_its_length() -> None:
     assert bound <= 2 * 3000 + 100
 
 
-def test_size_bound_covers_a_datetime_with_a_second_offset() -> None:
-    zone = dt.timezone(dt.timedelta(hours=5, minutes=30, seconds=15, microseconds=1))
-    traits, bound = clean_traits({"": dt.datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=zone)})
-    assert bound >= len(json.dumps(traits, separators=(",", ":")).encode())
+@pytest.mark.parametrize("keep_dates", [False, True])
+@pytest.mark.parametrize(
+    "value",
+    [
+        dt.datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=SECOND_OFFSET),
+        dt.time(0, 0, 0, 1, tzinfo=SECOND_OFFSET),
+        dt.date(2026, 1, 1),
+    ],
+)
+def test_size_bound_covers_a_date_at_its_longest(value: Any, keep_dates: bool) -> None:
+    traits, bound = clean_traits({"": value}, keep_dates=keep_dates)
+    assert traits is not None
+    written = _payload.dates_as_text(traits)
+    assert bound >= len(json.dumps(written, separators=(",", ":")).encode())
 
 
 def test_calls_with_one_size_bound_share_one_int() -> None:
@@ -198,10 +280,13 @@ def track_call(email: str | None, properties: dict[str, Any], event: str = "e") 
     return Call.track(profile_id=PROFILE_ID, email=email, event=event, properties=properties)
 
 
+@pytest.mark.parametrize("keep_dates", [False, True])
 @pytest.mark.parametrize("email", [EMOJI_EMAIL, '"\\"@example.com' * 15, "a@b"])
 @pytest.mark.parametrize("kind", ["identify", "track"])
-def test_size_bound_is_an_upper_bound_of_the_encoded_body(email: str, kind: str) -> None:
-    traits, traits_bound = clean_traits(traits_of_every_kind())
+def test_size_bound_is_an_upper_bound_of_the_encoded_body(
+    email: str, kind: str, keep_dates: bool
+) -> None:
+    traits, traits_bound = clean_traits(traits_of_every_kind(), keep_dates=keep_dates)
     assert traits is not None
     if kind == "identify":
         call = identify(traits, email=email)
