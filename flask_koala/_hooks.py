@@ -13,7 +13,6 @@ dict operations.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -21,7 +20,6 @@ from blinker import ANY
 from flask import Flask, current_app, has_request_context, request
 from flask_login import current_user as proxy
 from flask_login import user_loaded_from_cookie, user_logged_in
-from werkzeug.wsgi import ClosingIterator
 
 from . import signals
 from ._config import KoalaConfig
@@ -109,9 +107,35 @@ def _waking_after_response(wsgi_app: WSGIApplication) -> WSGIApplication:
         dispatchers = environ.pop(WAKE_KEY, None)
         if not dispatchers:
             return body
-        return ClosingIterator(body, functools.partial(_wake, dispatchers))
+        return _WakingBody(body, dispatchers)
 
     return serve
+
+
+class _WakingBody:
+    """A response body that wakes the workers once the server has closed it.
+
+    Iterating it iterates the app's own body, so a chunk costs nothing more; werkzeug's
+    ``ClosingIterator`` would add a Python call a chunk, and evaluates typing hints each
+    time one is made, on the way out of every login.
+    """
+
+    __slots__ = ("_body", "_dispatchers")
+
+    def __init__(self, body: Iterable[bytes], dispatchers: Iterable[Dispatcher]) -> None:
+        self._body = body
+        self._dispatchers = dispatchers
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            _wake(self._dispatchers)
 
 
 def _wake(dispatchers: Iterable[Dispatcher]) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
 import pytest
-from flask import Flask
+from flask import Flask, make_response
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from flask_koala import Koala
+from flask_koala._hooks import _waking_after_response
+from flask_koala._pipeline import WAKE_KEY
 from flask_koala._receiver import KoalaReceiver
 
 from .support import PROFILE_ID, koala_threads
@@ -87,3 +90,52 @@ def test_a_middleware_wrapped_around_the_app_later_keeps_the_wake(
     client.set_cookie("ko_id", PROFILE_ID)
     client.post("/login/jane").close()
     assert receiver.wait_for(1, timeout=5)
+
+
+def test_an_identifying_response_still_closes_the_apps_body(
+    make_app: Callable[..., Flask], koala: Koala
+) -> None:
+    app = make_app(koala=koala)
+    closed: list[bool] = []
+
+    @app.post("/login-and-close")
+    def login_and_close() -> Any:
+        koala.identify("jane@example.com", profile_id=PROFILE_ID)
+        response = make_response("ok")
+        response.call_on_close(lambda: closed.append(True))
+        return response
+
+    app.test_client().post("/login-and-close").close()
+    assert closed == [True]
+
+
+class FailingClose:
+    """A response body whose ``close()`` raises, as a buggy middleware's might."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter([b"ok"])
+
+    def close(self) -> None:
+        raise OSError("the body could not close")
+
+
+class Woken:
+    def __init__(self) -> None:
+        self.wakes = 0
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+def test_the_workers_wake_even_when_the_apps_body_fails_to_close() -> None:
+    dispatcher = Woken()
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        environ[WAKE_KEY].add(dispatcher)  # what the pipeline does for a queued call
+        return FailingClose()
+
+    body = _waking_after_response(wsgi_app)({}, None)  # type: ignore[arg-type]
+    assert list(body) == [b"ok"]
+    with pytest.raises(OSError, match="could not close"):
+        body.close()  # type: ignore[attr-defined]
+    assert dispatcher.wakes == 1
