@@ -198,21 +198,21 @@ def figure_1(
     koala = result.added("koala")
     low, high = result.spread("koala")
     share = koala / bare
-    measured = f"+{koala * 1e6:.0f} µs (groups {low * 1e6:.0f}-{high * 1e6:.0f}) = {share:.1%}"
+    measured = f"{koala * 1e6:+.0f} µs (groups {_between(low, high)}) = {share:+.1%}"
     saturated = result.added("koala", "saturated")
     s_low, s_high = result.spread("koala", "saturated")
-    measured_saturated = f"+{saturated * 1e6:.0f} µs (groups {s_low * 1e6:.0f}-{s_high * 1e6:.0f})"
+    measured_saturated = f"{saturated * 1e6:+.0f} µs (groups {_between(s_low, s_high)})"
     paced_ok = share <= 0.02
     saturated_ok: bool | None = None
     if "segment" in variants:
         segment = result.added("segment")
         segment_saturated = result.added("segment", "saturated")
         if segment > 0:
-            measured += f"; {koala / segment:.2f}x Segment's +{segment * 1e6:.0f} µs"
+            measured += f"; {koala / segment:.2f}x Segment's {segment * 1e6:+.0f} µs"
             paced_ok = paced_ok and koala <= 0.2 * segment
         else:
             measured += "; Segment's lost in noise"
-        measured_saturated += f"; Segment's +{segment_saturated * 1e6:.0f} µs"
+        measured_saturated += f"; Segment's {segment_saturated * 1e6:+.0f} µs"
         saturated_ok = saturated <= segment_saturated
     else:
         measured += "; Segment not installed"
@@ -224,6 +224,11 @@ def figure_1(
         Row("1. time added to a paced login", measured, "≤ 2% of bare, ≤ 0.2x Segment's", paced_ok),
         Row("1b. time added, saturated", measured_saturated, "≤ Segment's", saturated_ok),
     ]
+
+
+def _between(low: float, high: float) -> str:
+    """A spread of added times (seconds) in signed microseconds: "-108 to +65"."""
+    return f"{low * 1e6:+.0f} to {high * 1e6:+.0f}"
 
 
 def _rounds(spread: dict[str, float]) -> str:
