@@ -27,7 +27,6 @@ Only the request thread runs here; nothing leaves the process.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -43,7 +42,7 @@ from ._config import KoalaConfig
 from ._exceptions import ConfigError
 from ._ids import WHOLE_ID, mint_profile_id, new_uuid, parse_profile_id
 from ._ledger import Ledger, log_unexpected
-from ._payload import Call, clean_email, clean_traits
+from ._payload import Call, clean_email, clean_traits, dates_as_text, encode_body
 from ._pipeline import MINTED_KEY, SKIP, Environ, MissingCookiePolicy, Pipeline
 from ._state import state_of
 
@@ -208,8 +207,9 @@ class DeferPolicy:
         if any(entry.email == email for entry in pending):
             ledger.skipped("duplicate", email=email)
             return False
-        extra = {key: value for key, value in traits.items() if key != "email"}
-        trimmed = bool(extra) and len(_encode(extra)) > MAX_DEFERRED_TRAITS_BYTES
+        # The session takes only JSON: the dates the request thread kept are written here.
+        extra = {key: value for key, value in dates_as_text(traits).items() if key != "email"}
+        trimmed = bool(extra) and len(encode_body(extra)) > MAX_DEFERRED_TRAITS_BYTES
         if trimmed:
             extra = {}
         pending.append(_Deferred(email, extra, time.time(), new_uuid()))
@@ -329,7 +329,3 @@ def _entry(item: object) -> Optional[_Deferred]:
     if not 0 <= at <= time.time() + _MAX_CLOCK_SKEW:
         return None  # would never expire, or become a sent_at no collector takes
     return _Deferred(email, traits, float(at), str(message_id))
-
-
-def _encode(value: Mapping[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -23,7 +23,6 @@ from ._payload import (
     clean_email,
     clean_event,
     clean_traits,
-    dates_as_text,
     fits,
     size_bound,
 )
@@ -133,7 +132,11 @@ class MissingCookiePolicy(Protocol):
     takes_over: bool
 
     def handle(self, email: str, traits: dict[str, Any], environ: Environ) -> Union[str, bool]:
-        """A visitor id to send with (``"mint"``), or the call's end (``"defer"``)."""
+        """A visitor id to send with (``"mint"``), or the call's end (``"defer"``).
+
+        ``traits`` are as :func:`clean_traits` copies them on the request thread, dates kept
+        (``keep_dates``); a policy that stores them writes them first (``dates_as_text``).
+        """
         ...
 
 
@@ -240,7 +243,7 @@ class Pipeline:
             return False
         if resolved is None:
             assert environ is not None
-            handled = policy.handle(clean, dates_as_text(plain), environ)
+            handled = policy.handle(clean, plain, environ)
             if isinstance(handled, bool):
                 return handled
             resolved = handled
